@@ -1,0 +1,1 @@
+"""The PinkyBrain node service. Layers point one way: api -> services -> core."""

@@ -1,0 +1,1 @@
+"""The node's signed HTTP API (FastAPI on uvicorn)."""

@@ -1,0 +1,369 @@
+"""The node's HTTP API: every endpoint of the seed's API reference, signed with PB1 HMAC.
+
+Routes stay thin: they translate HTTP to runtime/service calls and errors to JSON with a clear detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pinkybrain.node.api.auth import SignedRequestMiddleware
+from pinkybrain.node.core.auth import NonceCache, RequestVerifier
+from pinkybrain.node.core.identity import IdentityError, validate_node_id
+from pinkybrain.node.services.models import ModelNotFound, ModelPathError
+from pinkybrain.node.services.runtime import NodeRuntime
+from pydantic import BaseModel, Field
+
+from pinkybrain import __version__
+
+MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
+PRIVACY_LEVELS = ("private", "peers-only", "public")
+
+
+class QueryRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=200_000)
+    mode: str = "single"
+    specialists: list[str] = Field(default_factory=list)
+    specialist: str | None = None
+    session_id: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+
+
+class MemorySetRequest(BaseModel):
+    key: str
+    value: Any
+
+
+class PrivacyRequest(BaseModel):
+    privacy: Literal["private", "peers-only", "public"]
+
+
+def error(status: int, code: str, detail: str, **extra) -> HTTPException:
+    return HTTPException(status_code=status, detail={"error": code, "detail": detail, **extra})
+
+
+def get_runtime(request: Request) -> NodeRuntime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
+router = APIRouter()
+
+
+# -- node ---------------------------------------------------------------------------------------
+@router.get("/api/ping", summary="Health check")
+async def ping(runtime: RuntimeDep):
+    return {
+        "pong": True,
+        "node_id": runtime.identity.node_id,
+        "name": runtime.cfg.node_name,
+        "version": runtime.version,
+    }
+
+
+@router.get("/api/status", summary="Node status, resource guard, mesh state")
+async def status(runtime: RuntimeDep):
+    return {
+        "node_id": runtime.identity.node_id,
+        "name": runtime.cfg.node_name,
+        "version": runtime.version,
+        "uptime_secs": runtime.uptime(),
+        "started_at": runtime.started_at,
+        "listen": f"{runtime.bind_host}:{runtime.port}",
+        "start_mode": runtime.start_mode,
+        "mesh": runtime.mesh_state(),
+        "resource_guard": runtime.guard_state(),
+        "sharing": {
+            "enabled": runtime.cfg["sharing.enabled"],
+            "active": runtime.sharing_active,
+            "models_shared": len(runtime.models.shared_entries()),
+            "shared_models_dir": str(runtime.cfg.path("sharing.shared_models_dir")),
+            "cloud_models": runtime.cfg["sharing.cloud_models"],
+        },
+        "credit": {
+            "balance": runtime.cfg["credit.initial_balance"],
+            "earn_per_query": runtime.cfg["credit.earn_per_query"],
+            "receipts": 0,
+        },
+    }
+
+
+@router.get("/api/capabilities", summary="Hardware capabilities report")
+async def capabilities(runtime: RuntimeDep):
+    from pinkybrain.node.services.capabilities import collect_capabilities
+
+    return await asyncio.to_thread(collect_capabilities, runtime.data_dir)
+
+
+@router.get("/api/daemon", summary="Daemon process status")
+async def daemon(runtime: RuntimeDep):
+    proc = runtime._process
+    with proc.oneshot():
+        mem = proc.memory_info().rss
+        threads = proc.num_threads()
+    return {
+        "pid": runtime.pid,
+        "running": True,
+        "start_mode": runtime.start_mode,
+        "uptime_secs": runtime.uptime(),
+        "started_at": runtime.started_at,
+        "pid_file": str(runtime.home / "pinkybrain.pid"),
+        "log_file": str(runtime.home / "pinkybrain.log") if runtime.start_mode == "daemon" else None,
+        "rss_bytes": mem,
+        "threads": threads,
+        "python": platform.python_version(),
+        "version": runtime.version,
+    }
+
+
+@router.get("/api/update", summary="Check for available updates")
+async def update(runtime: RuntimeDep):
+    return {
+        "current": runtime.version,
+        "latest": None,
+        "update_available": False,
+        "feed": None,
+        "detail": "no update feed is configured for this node",
+    }
+
+
+# -- queries ------------------------------------------------------------------------------------
+@router.post("/api/query", summary="Submit an AI query")
+async def query(runtime: RuntimeDep, body: QueryRequest):
+    if body.mode not in MODES:
+        raise error(
+            400,
+            "unknown_mode",
+            f"unknown mode {body.mode!r}; valid modes: {', '.join(MODES)}",
+            valid=list(MODES),
+        )
+    raise error(
+        503,
+        "no_inference_engine",
+        "this node has no inference engine loaded yet; no model can answer the query",
+    )
+
+
+# -- peers and mesh -----------------------------------------------------------------------------
+@router.get("/api/peers", summary="Connected peers")
+async def peers(runtime: RuntimeDep):
+    return {"peers": [], "count": 0}
+
+
+@router.get("/api/discover", summary="Auto-discovered nodes (mDNS, Tailscale)")
+async def discover(runtime: RuntimeDep):
+    from pinkybrain.node.services.discovery import tailscale_peers
+
+    mdns = list(runtime.mdns.found.values()) if runtime.mdns else []
+    tailscale = await asyncio.to_thread(tailscale_peers)
+    return {
+        "mdns": {"available": runtime.mdns is not None, "nodes": mdns},
+        "tailscale": tailscale,
+        "count": len(mdns) + len(tailscale["peers"]),
+    }
+
+
+@router.post("/api/network/mesh/join", summary="Join the public mesh")
+async def mesh_join(runtime: RuntimeDep):
+    raise error(
+        503,
+        "tracker_unavailable",
+        f"cannot join the public mesh: this node has no tracker client yet (tracker: "
+        f"{runtime.cfg['p2p.tracker']})",
+    )
+
+
+@router.post("/api/update/apply", summary="Apply an available update")
+async def update_apply(runtime: RuntimeDep):
+    raise error(409, "no_update", "no update feed is configured for this node; nothing to apply")
+
+
+@router.post("/api/network/mesh/leave", summary="Leave the public mesh")
+async def mesh_leave(runtime: RuntimeDep):
+    return {"joined": False, "detail": "this node is not on the public mesh"}
+
+
+@router.get("/api/score/{peer}", summary="Credit score for a peer")
+async def score(runtime: RuntimeDep, peer: str):
+    try:
+        peer_id = validate_node_id(peer)
+    except IdentityError as exc:
+        raise error(400, "bad_node_id", str(exc)) from None
+    return {
+        "peer": peer_id,
+        "score": 0.0,
+        "inputs": {"receipts": 0, "queries_served": 0, "success_rate": None, "median_latency_ms": None},
+        "formula": "no receipts held for this peer: score 0",
+    }
+
+
+# -- memory -------------------------------------------------------------------------------------
+def memory_call(fn, *args):
+    from pinkybrain.node.core.memory_doc import MemoryLimitError
+
+    try:
+        return fn(*args)
+    except MemoryLimitError as exc:
+        raise error(413, "too_large", str(exc)) from None
+    except KeyError as exc:
+        raise error(404, "not_found", f"no memory key {args[0]!r}" if args else str(exc)) from None
+    except ValueError as exc:
+        raise error(400, "bad_key", str(exc)) from None
+
+
+@router.get("/api/memory", summary="List memory keys")
+async def memory_list(runtime: RuntimeDep, prefix: str = ""):
+    keys = await asyncio.to_thread(memory_call, runtime.memory.list, prefix)
+    return {"keys": keys, "count": len(keys), "prefix": prefix}
+
+
+@router.get("/api/memory/{key:path}", summary="Read a CRDT memory value")
+async def memory_get(runtime: RuntimeDep, key: str):
+    value = await asyncio.to_thread(memory_call, runtime.memory.get, key)
+    return {"key": key, "value": value}
+
+
+@router.post("/api/memory/set", summary="Write a CRDT memory value")
+async def memory_set(runtime: RuntimeDep, body: MemorySetRequest):
+    await asyncio.to_thread(memory_call, runtime.memory.set, body.key, body.value)
+    return {"key": body.key, "stored": True}
+
+
+@router.delete("/api/memory/{key:path}", summary="Delete a CRDT memory key")
+async def memory_delete(runtime: RuntimeDep, key: str):
+    await asyncio.to_thread(memory_call, runtime.memory.delete, key)
+    return {"key": key, "deleted": True}
+
+
+# -- models -------------------------------------------------------------------------------------
+@router.get("/api/models", summary="List available models")
+async def models(runtime: RuntimeDep):
+    items = await asyncio.to_thread(runtime.models.list)
+    return {
+        "models": items,
+        "count": len(items),
+        "shared_models_dir": str(runtime.cfg.path("sharing.shared_models_dir")),
+    }
+
+
+def model_call(fn, name):
+    try:
+        return fn(name)
+    except ModelPathError as exc:
+        raise error(400, "refused_path", str(exc)) from None
+    except ModelNotFound as exc:
+        raise error(404, "not_found", str(exc)) from None
+
+
+@router.post("/api/models/{name}/share", summary="Share a model to the mesh")
+async def model_share(runtime: RuntimeDep, name: str):
+    entry = await asyncio.to_thread(model_call, runtime.models.share, name)
+    return {"shared": True, "entry": entry}
+
+
+@router.post("/api/models/{name}/unshare", summary="Stop sharing a model")
+async def model_unshare(runtime: RuntimeDep, name: str):
+    entry = await asyncio.to_thread(model_call, runtime.models.unshare, name)
+    return {"shared": False, "name": entry["name"]}
+
+
+# -- conversations ------------------------------------------------------------------------------
+def conversation_call(fn, *args):
+    try:
+        return fn(*args)
+    except KeyError as exc:
+        raise error(404, "not_found", str(exc.args[0]) if exc.args else "no such conversation") from None
+    except ValueError as exc:
+        raise error(400, "invalid_request", str(exc)) from None
+
+
+@router.get("/api/conversations", summary="List conversations")
+async def conversations_list(
+    runtime: RuntimeDep, limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)
+):
+    items = await asyncio.to_thread(conversation_call, runtime.conversations.list_sessions, limit, offset)
+    return {"conversations": items, "count": len(items)}
+
+
+@router.post("/api/conversations/search", summary="Search conversation history")
+async def conversations_search(
+    runtime: RuntimeDep, q: str = Query(min_length=1, max_length=1000), limit: int = Query(20, ge=1, le=200)
+):
+    hits = await asyncio.to_thread(conversation_call, runtime.conversations.search, q, limit)
+    return {"query": q, "results": hits, "count": len(hits)}
+
+
+@router.post("/api/conversations/{session_id}/export", summary="Export a conversation")
+async def conversations_export(
+    runtime: RuntimeDep, session_id: str, format: Literal["json", "markdown"] = "json"
+):
+    text = await asyncio.to_thread(conversation_call, runtime.conversations.export, session_id, format)
+    media = "application/json" if format == "json" else "text/markdown; charset=utf-8"
+    return PlainTextResponse(text, media_type=media)
+
+
+@router.post("/api/conversations/{session_id}/privacy", summary="Set a conversation's privacy level")
+async def conversations_privacy(runtime: RuntimeDep, session_id: str, body: PrivacyRequest):
+    await asyncio.to_thread(conversation_call, runtime.conversations.set_privacy, session_id, body.privacy)
+    return {"session_id": session_id, "privacy": body.privacy}
+
+
+def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_lifecycle:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await runtime.stop()
+
+    app = _new_app(lifespan)
+    app.state.runtime = runtime
+    verifier = RequestVerifier(secret=runtime.cfg["p2p.secret"], nonces=NonceCache())
+    app.add_middleware(SignedRequestMiddleware, verifier_factory=lambda: verifier)
+    return app
+
+
+def _new_app(lifespan=None) -> FastAPI:
+    app = FastAPI(
+        title="PinkyBrain node API",
+        version=__version__,
+        description=(
+            "Every request carries an HMAC-SHA256 signature (scheme PB1-HMAC-SHA256) keyed by the network "
+            "secret, over method, path, raw query, timestamp, nonce and the body's SHA-256, in "
+            "X-PinkyBrain-Sig with X-PinkyBrain-Timestamp (Unix seconds, ±60 s) and X-PinkyBrain-Nonce "
+            "(single use). Failures are 401 with {error, detail}."
+        ),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+    app.include_router(router)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        body = (
+            exc.detail if isinstance(exc.detail, dict) else {"error": "http_error", "detail": str(exc.detail)}
+        )
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"error": "invalid_request", "detail": "; ".join(problems)}, status_code=422)
+
+    return app
+
+
+def describe_api() -> dict:
+    """The OpenAPI description, without a running node (for docs/openapi.json)."""
+    return _new_app().openapi()

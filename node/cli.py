@@ -1,0 +1,308 @@
+"""Node-local commands (they act on this machine's files and processes, not through the API):
+`serve` (foreground, --daemon, --stop), `identity init/show`, `config init/set/show`, `openapi`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ConfigOpt = Annotated[
+    Optional[str], typer.Option("--config", help="pinkybrain.yaml to use (else the lookup order)")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"pinkybrain: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def emit(data, as_json: bool, human: str) -> None:
+    typer.echo(json.dumps(data, indent=2) if as_json else human)
+
+
+def _load(config: str | None):
+    from pinkybrain.node.core.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+# -- serve ------------------------------------------------------------------------------------------
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address (overrides p2p.listen)")] = None,
+    port: Annotated[
+        Optional[int], typer.Option(help="port (overrides node.port / p2p.listen)", min=1, max=65535)
+    ] = None,
+    daemon: Annotated[
+        bool, typer.Option("--daemon", help="run in the background; returns once the API answers")
+    ] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="stop the background node of this home")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the node (foreground by default)."""
+    from pinkybrain.node.services.daemon import DaemonError, start_daemon, stop_daemon
+
+    if daemon and stop:
+        fail("--daemon and --stop exclude each other")
+    cfg = _load(config)
+    if stop:
+        try:
+            info = stop_daemon(cfg.home)
+        except DaemonError as exc:
+            fail(str(exc), 1)
+        emit(info, as_json, f"stopped node (pid {info['pid']})")
+        return
+    if daemon:
+        from pinkybrain.node.core.secrets import WeakSecretError, check_secret
+
+        try:
+            check_secret(cfg["p2p.secret"])
+            bind_host, bind_port = cfg.listen_address()
+            info = start_daemon(cfg, config, host or bind_host, port or bind_port)
+        except WeakSecretError as exc:
+            fail(f"refusing to start: {exc}")
+        except DaemonError as exc:
+            fail(str(exc), 1)
+        emit(
+            info,
+            as_json,
+            f"node running in the background (pid {info['pid']}) at {info['url']}; log: {info['log_file']}",
+        )
+        return
+    from pinkybrain.node.server import serve as run
+
+    raise typer.Exit(run(config, host, port))
+
+
+# -- identity ---------------------------------------------------------------------------------------
+identity_app = typer.Typer(help="This node's Ed25519 identity.", no_args_is_help=True)
+
+
+@identity_app.command("init")
+def identity_init(
+    config: ConfigOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing key (the node id changes)")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the Ed25519 key (mode 0600); refuses to overwrite one without --force."""
+    from pinkybrain.node.core.identity import Identity, IdentityError, save_identity
+
+    cfg = _load(config)
+    identity = Identity.generate()
+    try:
+        save_identity(identity, cfg.identity_path, force=force)
+    except IdentityError as exc:
+        fail(str(exc))
+    emit(
+        {"node_id": identity.node_id, "key_file": str(cfg.identity_path)},
+        as_json,
+        f"created identity {identity.node_id}\nkey: {cfg.identity_path}",
+    )
+
+
+@identity_app.command("show")
+def identity_show(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Print this node's id (derived from its public key, with check characters)."""
+    from pinkybrain.node.core.identity import IdentityError, load_identity
+
+    cfg = _load(config)
+    try:
+        identity = load_identity(cfg.identity_path)
+    except IdentityError as exc:
+        fail(str(exc))
+    emit(
+        {
+            "node_id": identity.node_id,
+            "public_key": identity.public_key.hex(),
+            "key_file": str(cfg.identity_path),
+        },
+        as_json,
+        identity.node_id,
+    )
+
+
+# -- config -----------------------------------------------------------------------------------------
+config_app = typer.Typer(help="pinkybrain.yaml: create, edit, show.", no_args_is_help=True)
+
+
+def _target_file(config: str | None) -> Path:
+    from pinkybrain.node.core.config import CONFIG_FILENAME, find_config_file, pinkybrain_home
+
+    return find_config_file(config) or pinkybrain_home() / CONFIG_FILENAME
+
+
+@config_app.command("init")
+def config_init(
+    path: Annotated[
+        Optional[Path],
+        typer.Option("--path", help="where to write (default: $PINKYBRAIN_HOME/pinkybrain.yaml)"),
+    ] = None,
+    secret: Annotated[
+        Optional[str], typer.Option("--secret", help="network secret (default: generate a strong one)")
+    ] = None,
+    name: Annotated[Optional[str], typer.Option("--name")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", min=1, max=65535)] = None,
+    listen: Annotated[Optional[str], typer.Option("--listen", help="bind host[:port]")] = None,
+    shared_models_dir: Annotated[Optional[str], typer.Option("--shared-models-dir")] = None,
+    public: Annotated[
+        Optional[bool], typer.Option("--public/--private", help="join the public mesh at start")
+    ] = None,
+    stealth: Annotated[Optional[bool], typer.Option("--stealth/--no-stealth")] = None,
+    peers: Annotated[Optional[list[str]], typer.Option("--peer", help="static peer URL (repeatable)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
+    interactive: Annotated[
+        Optional[bool],
+        typer.Option("--interactive/--no-interactive", help="ask questions (default: when on a terminal)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a new pinkybrain.yaml; asks on a terminal, takes flags otherwise. Generates a strong secret."""
+    from pinkybrain.node.core.config import (
+        CONFIG_FILENAME,
+        KEYS,
+        ConfigError,
+        coerce,
+        pinkybrain_home,
+        write_config,
+    )
+    from pinkybrain.node.core.secrets import WeakSecretError, check_secret, generate_secret
+
+    target = path or pinkybrain_home() / CONFIG_FILENAME
+    if target.exists() and not force:
+        fail(f"{target} exists; edit it with `pinkybrain config set` or pass --force to overwrite")
+    if interactive is None:
+        interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    values: dict = {}
+    if interactive:
+        import socket
+
+        name = name or typer.prompt("Node name", default=socket.gethostname())
+        port = port or typer.prompt("API port", default=8080, type=int)
+        if secret is None:
+            entered = typer.prompt(
+                "Network secret (empty: generate a strong one)",
+                default="",
+                hide_input=True,
+                show_default=False,
+            )
+            secret = entered or None
+        if public is None:
+            public = typer.confirm("Join the public mesh at start?", default=False)
+        if stealth is None:
+            stealth = typer.confirm("Stealth (hidden from trackers and peer lists)?", default=False)
+    generated = secret is None
+    secret = secret or generate_secret()
+    try:
+        check_secret(secret)
+    except WeakSecretError as exc:
+        fail(str(exc))
+    values["p2p.secret"] = secret
+    for key, value in (
+        ("node.name", name),
+        ("node.port", port),
+        ("p2p.listen", listen),
+        ("sharing.shared_models_dir", shared_models_dir),
+        ("mesh.public", public),
+        ("mesh.stealth", stealth),
+        ("p2p.peers", peers or None),
+    ):
+        if value is not None:
+            try:
+                values[key] = coerce(KEYS[key], value)
+            except ConfigError as exc:
+                fail(str(exc))
+    write_config(target, values)
+    emit(
+        {"path": str(target), "secret_generated": generated},
+        as_json,
+        f"wrote {target}" + (" (with a newly generated secret)" if generated else ""),
+    )
+
+
+@config_app.command("set")
+def config_set(
+    key: Annotated[str, typer.Argument(help="dotted key (mesh.stealth) or short form (stealth)")],
+    value: Annotated[str, typer.Argument(help="new value (true/false, numbers, text, a,b lists)")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set one key in pinkybrain.yaml (validated; the file is rewritten atomically)."""
+    from pinkybrain.node.core.config import ConfigError, set_values
+
+    target = _target_file(config)
+    try:
+        changed = set_values(target, [(key, value)])
+    except ConfigError as exc:
+        fail(str(exc))
+    shown = {k: ("<hidden>" if k == "p2p.secret" else v) for k, v in changed.items()}
+    emit(
+        {"path": str(target), "set": shown},
+        as_json,
+        "\n".join(f"{k} = {json.dumps(v)}" for k, v in shown.items()) + f"  ({target})",
+    )
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigOpt = None,
+    keys: Annotated[bool, typer.Option("--keys", help="list every key with its type and default")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the effective configuration (the secret is never printed)."""
+    import yaml
+    from pinkybrain.node.core.config import SCHEMA, SHORT_FORMS
+
+    if keys:
+        rows = [
+            {
+                "key": k.path,
+                "type": k.type if not k.choices else "|".join(k.choices),
+                "default": k.default,
+                "help": k.help,
+            }
+            for k in SCHEMA
+        ]
+        if as_json:
+            emit({"keys": rows, "short_forms": SHORT_FORMS}, True, "")
+        else:
+            for r in rows:
+                typer.echo(f"{r['key']:<34} {r['type']:<22} {json.dumps(r['default']):<30} {r['help']}")
+        return
+    cfg = _load(config)
+    data = {"file": str(cfg.file) if cfg.file else None, "home": str(cfg.home), "config": cfg.redacted()}
+    if as_json:
+        emit(data, True, "")
+    else:
+        typer.echo(f"# file: {data['file'] or '(none: defaults)'}\n# home: {data['home']}")
+        typer.echo(yaml.safe_dump(data["config"], sort_keys=False).rstrip())
+
+
+# -- openapi ----------------------------------------------------------------------------------------
+def openapi() -> None:
+    """Print the OpenAPI description of the node API."""
+    from pinkybrain.node.api.app import describe_api
+
+    typer.echo(json.dumps(describe_api(), indent=2, sort_keys=True))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.add_typer(identity_app, name="identity")
+    app.add_typer(config_app, name="config")
+    app.command("openapi", hidden=True)(openapi)
+
+
+def main() -> None:
+    app = typer.Typer(help="PinkyBrain node.", no_args_is_help=True, add_completion=False)
+    register(app)
+    app()

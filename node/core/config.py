@@ -1,0 +1,355 @@
+"""pinkybrain.yaml: schema, lookup, validation and atomic edits.
+
+Every key of the seed's configuration reference is here, plus a few of our own (marked), each with
+its type, default and bounds. Unknown keys and wrong types are errors naming the key, never ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_FILENAME = "pinkybrain.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() names the key or file at fault."""
+
+
+@dataclass(frozen=True)
+class Key:
+    path: str
+    type: str  # str | int | float | bool | list | path | choice
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    secret: bool = False
+
+
+SCHEMA: tuple[Key, ...] = (
+    Key("node.name", "str", None, "name shown to peers (default: host name)"),
+    Key("node.port", "int", 8080, "HTTP API and peer port", minimum=1, maximum=65535),
+    Key("identity.ed25519_key", "path", None, "Ed25519 key file (default: $PINKYBRAIN_HOME/identity.key)"),
+    Key("p2p.secret", "str", None, "network secret (P2P_SECRET overrides); must be strong", secret=True),
+    Key("p2p.listen", "str", None, "bind address host[:port] (default: 0.0.0.0:<node.port>)"),
+    Key("p2p.tracker", "str", "wss://tracker.pinkybrain.ai", "public-mesh tracker URL"),
+    Key("p2p.peers", "list", [], "static peer URLs"),
+    Key("p2p.mdns", "bool", True, "advertise and browse on the LAN with mDNS (ours)"),
+    Key("mesh.public", "bool", False, "join the public mesh at start"),
+    Key("mesh.stealth", "bool", False, "hide this node from trackers, peer lists and mDNS"),
+    Key("sharing.enabled", "bool", True, "share this node's compute and models with peers"),
+    Key("sharing.shared_models_dir", "path", "./shared_models/", "the only folder the mesh may read"),
+    Key("sharing.cloud_models", "bool", False, "allow cloud models to be shared (still needs force)"),
+    Key(
+        "resource_guard.cpu_threshold",
+        "float",
+        80.0,
+        "pause sharing above this CPU %",
+        minimum=0,
+        maximum=100,
+    ),
+    Key(
+        "resource_guard.ram_threshold",
+        "float",
+        85.0,
+        "pause sharing above this RAM %",
+        minimum=0,
+        maximum=100,
+    ),
+    Key(
+        "resource_guard.cooldown_secs",
+        "float",
+        300.0,
+        "time back under thresholds before resuming",
+        minimum=0,
+    ),
+    # ours: how long a threshold must be exceeded before pausing, and how often to sample
+    Key("resource_guard.sustain_secs", "float", 10.0, "time over a threshold before pausing", minimum=0),
+    Key("resource_guard.sample_secs", "float", 2.0, "seconds between CPU/RAM samples", minimum=0.05),
+    Key("credit.earn_per_query", "float", 1.0, "credits earned per query served", minimum=0),
+    Key("credit.initial_balance", "float", 10.0, "starting credit balance", minimum=0),
+    Key("conversations.storage", "path", "./conversations/", "conversation store folder"),
+    Key(
+        "conversations.default_privacy",
+        "choice",
+        "private",
+        "privacy of new conversations",
+        choices=("private", "peers-only", "public"),
+    ),
+    Key(
+        "conversations.retention_days", "int", 90, "purge conversations older than this (0: keep)", minimum=0
+    ),
+    Key(
+        "logging.public_mesh",
+        "bool",
+        False,
+        "log operational public-mesh events (query text is never logged, whatever this says)",
+    ),
+    # ours
+    Key("logging.level", "choice", "info", "log level", choices=("debug", "info", "warning", "error")),
+)
+KEYS: dict[str, Key] = {k.path: k for k in SCHEMA}
+
+# The seed's short forms (`pinkybrain config set stealth true`, `stealth: true` at the top of the file).
+SHORT_FORMS: dict[str, str] = {
+    "stealth": "mesh.stealth",
+    "public": "mesh.public",
+    "secret": "p2p.secret",
+    "port": "node.port",
+    "name": "node.name",
+    "listen": "p2p.listen",
+    "tracker": "p2p.tracker",
+    "peers": "p2p.peers",
+}
+
+
+def pinkybrain_home() -> Path:
+    return Path(os.environ.get("PINKYBRAIN_HOME") or "~/.pinkybrain").expanduser()
+
+
+def find_config_file(explicit: str | os.PathLike | None = None) -> Path | None:
+    """Lookup order: --config, PINKYBRAIN_CONFIG, ./pinkybrain.yaml, $PINKYBRAIN_HOME/pinkybrain.yaml."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from --config) does not exist")
+        return path
+    env = os.environ.get("PINKYBRAIN_CONFIG")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from PINKYBRAIN_CONFIG) does not exist")
+        return path
+    for candidate in (Path.cwd() / CONFIG_FILENAME, pinkybrain_home() / CONFIG_FILENAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_key(name: str) -> Key:
+    path = SHORT_FORMS.get(name, name)
+    key = KEYS.get(path)
+    if key is None:
+        close = difflib.get_close_matches(path, list(KEYS) + list(SHORT_FORMS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown config key {name!r}{hint} (see `pinkybrain config show --keys`)")
+    return key
+
+
+def coerce(key: Key, value: Any) -> Any:
+    """Check and convert one value for its key; raise ConfigError naming the key."""
+    if value is None:
+        if key.default is None:
+            return None
+        raise ConfigError(f"{key.path} must not be empty")
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{key.path} must be {expected}, got {value!r}")
+
+    if key.type in ("str", "path"):
+        if isinstance(value, (bool, dict, list)):
+            raise bad("a string")
+        value = str(value)
+    elif key.type == "choice":
+        if str(value) not in key.choices:
+            raise bad("one of " + ", ".join(key.choices))
+        value = str(value)
+    elif key.type == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif key.type == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+    elif key.type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif key.type == "list":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"{key.path} must be at least {key.minimum:g}, got {value!r}")
+    if key.maximum is not None and value > key.maximum:
+        raise ConfigError(f"{key.path} must be at most {key.maximum:g}, got {value!r}")
+    return value
+
+
+def parse_cli_value(key: Key, text: str) -> Any:
+    """`config set` values arrive as text: read them the way YAML would, then check the type."""
+    if key.type in ("str", "path", "choice"):
+        return coerce(key, text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    return coerce(key, value)
+
+
+def flatten(raw: dict, *, source: str) -> dict[str, Any]:
+    """Nested YAML mapping -> {dotted key: value}, accepting the seed's top-level short forms."""
+    out: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for section, body in raw.items():
+        if section in SHORT_FORMS and not isinstance(body, dict):
+            out[resolve_key(section).path] = body
+            continue
+        if not isinstance(body, dict):
+            if not any(k.startswith(f"{section}.") for k in KEYS):
+                resolve_key(str(section))  # names the unknown key
+            raise ConfigError(f"{source}: {section} must be a section (a mapping), got {body!r}")
+        for name, value in body.items():
+            out[resolve_key(f"{section}.{name}").path] = value
+    return out
+
+
+def unflatten(values: dict[str, Any]) -> dict:
+    out: dict = {}
+    for path, value in values.items():
+        section, name = path.split(".", 1)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+@dataclass
+class Config:
+    """Validated settings. Index by dotted key: cfg["mesh.stealth"]."""
+
+    values: dict[str, Any]
+    file: Path | None
+    home: Path
+    secret_from_env: bool = False
+    explicit: set[str] = field(default_factory=set)
+
+    def __getitem__(self, path: str) -> Any:
+        return self.values[KEYS[path].path]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent if self.file else self.home
+
+    def path(self, key: str) -> Path:
+        """A path-valued key, relative paths taken from the config file's folder."""
+        value = self[key]
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def identity_path(self) -> Path:
+        return (
+            self.path("identity.ed25519_key") if self["identity.ed25519_key"] else self.home / "identity.key"
+        )
+
+    @property
+    def node_name(self) -> str:
+        return self["node.name"] or socket.gethostname()
+
+    def listen_address(self) -> tuple[str, int]:
+        """Bind address: p2p.listen's host; its port if given, else node.port (they may not disagree)."""
+        port = self["node.port"]
+        listen = self["p2p.listen"]
+        if not listen:
+            return "0.0.0.0", port
+        host, sep, port_text = listen.rpartition(":")
+        if not sep or host.endswith(":") or (listen.startswith("[") and not host.endswith("]")):
+            host, port_text = listen, ""  # bare host, IPv6 included
+        if port_text:
+            try:
+                listen_port = int(port_text)
+            except ValueError:
+                raise ConfigError(f"p2p.listen must be host[:port], got {listen!r}") from None
+            if not 1 <= listen_port <= 65535:
+                raise ConfigError(f"p2p.listen port must be 1-65535, got {listen_port}")
+            if "node.port" in self.explicit and listen_port != port:
+                raise ConfigError(
+                    f"p2p.listen says port {listen_port} but node.port says {port}: make them agree"
+                )
+            port = listen_port
+        return host.strip("[]") or "0.0.0.0", port
+
+    def redacted(self) -> dict:
+        shown = dict(self.values)
+        for key in SCHEMA:
+            if key.secret and shown.get(key.path):
+                origin = "from P2P_SECRET" if self.secret_from_env else "set"
+                shown[key.path] = f"<{origin}, {len(shown[key.path])} characters, hidden>"
+        return unflatten(shown)
+
+
+def load_config(explicit: str | os.PathLike | None = None, *, env: dict | None = None) -> Config:
+    env = os.environ if env is None else env
+    file = find_config_file(explicit)
+    raw_values: dict[str, Any] = {}
+    if file is not None:
+        raw_values = flatten(read_yaml(file), source=str(file))
+    values = {}
+    for key in SCHEMA:
+        values[key.path] = coerce(key, raw_values[key.path]) if key.path in raw_values else key.default
+    secret_from_env = bool(env.get("P2P_SECRET"))
+    if secret_from_env:
+        values["p2p.secret"] = env["P2P_SECRET"]
+    cfg = Config(
+        values=values,
+        file=file,
+        home=pinkybrain_home(),
+        secret_from_env=secret_from_env,
+        explicit=set(raw_values),
+    )
+    cfg.listen_address()  # validate the combination early
+    return cfg
+
+
+def read_yaml(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{file} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return data or {}
+
+
+def write_config(file: Path, values: dict[str, Any]) -> None:
+    """Write atomically (temp file, fsync, rename), mode 0600 since it may hold the secret."""
+    for path, value in values.items():
+        coerce(KEYS[path], value)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    text = "# PinkyBrain node configuration; `pinkybrain config show --keys` lists every key.\n"
+    text += yaml.safe_dump(unflatten(values), sort_keys=False, default_flow_style=False)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def set_values(file: Path, updates: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Apply `config set` edits (textual values) to a file, validating each; returns what was set."""
+    current = flatten(read_yaml(file), source=str(file)) if file.exists() else {}
+    changed = {}
+    for name, text in updates:
+        key = resolve_key(name)
+        current[key.path] = changed[key.path] = parse_cli_value(key, text)
+    write_config(file, current)
+    return changed

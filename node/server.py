@@ -1,0 +1,113 @@
+"""Running a node: check the secret, take the pid lock, serve the API with uvicorn, stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import uvicorn
+from pinkybrain.node.core.config import Config, ConfigError, load_config
+from pinkybrain.node.core.identity import Identity, IdentityError, load_identity, save_identity
+from pinkybrain.node.core.secrets import WeakSecretError, check_secret
+from pinkybrain.node.services.process import AlreadyRunning, PidFile, sd_notify
+
+log = logging.getLogger("pinkybrain.node")
+
+
+class StartupError(RuntimeError):
+    """The node cannot start; str() is one line saying why and how to fix it."""
+
+
+def prepare(cfg: Config) -> Identity:
+    try:
+        check_secret(cfg["p2p.secret"])
+    except WeakSecretError as exc:
+        raise StartupError(f"refusing to start: {exc}") from None
+    path = cfg.identity_path
+    if not path.exists():
+        identity = Identity.generate()
+        save_identity(identity, path)
+        log.info("created identity %s at %s", identity.node_id, path)
+        return identity
+    try:
+        return load_identity(path)
+    except IdentityError as exc:
+        raise StartupError(f"refusing to start: {exc}") from None
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(cfg: Config, identity: Identity, host: str, port: int, config_source: str | None) -> None:
+    from pinkybrain.node.api.app import create_app
+    from pinkybrain.node.services.runtime import NodeRuntime
+
+    runtime = NodeRuntime(cfg, identity, bind_host=host, port=port)
+    app = create_app(runtime)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=20,
+        )
+    )
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        try:
+            runtime.reload_guard(load_config(config_source))
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running settings: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    async def announce_ready() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.05)
+        log.info("node %s (%s) listening on %s:%d", identity.node_id, cfg.node_name, host, port)
+        sd_notify("READY=1\nSTATUS=serving")
+
+    ready_task = asyncio.create_task(announce_ready())
+    try:
+        await server.serve()
+    finally:
+        sd_notify("STOPPING=1")
+        ready_task.cancel()
+    if not server.started:
+        raise StartupError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+
+
+def serve(config_source: str | None, host: str | None, port: int | None) -> int:
+    """Run a node in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    try:
+        cfg = load_config(config_source)
+        bind_host, bind_port = cfg.listen_address()
+        host, port = host or bind_host, port or bind_port
+        configure_logging(cfg["logging.level"])
+        identity = prepare(cfg)
+        pid_file = PidFile(cfg.home / "pinkybrain.pid")
+        pid_file.acquire()
+    except (ConfigError, StartupError, AlreadyRunning, IdentityError) as exc:
+        print(f"pinkybrain: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(cfg, identity, host, port, config_source))
+    except StartupError as exc:
+        print(f"pinkybrain: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        pid_file.release()
+    return 0

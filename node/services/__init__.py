@@ -1,0 +1,1 @@
+"""Services that touch the machine: hardware probes, stores, mDNS, the daemon."""

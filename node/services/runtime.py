@@ -1,0 +1,172 @@
+"""Everything a running node holds: config, identity, guard, stores, discovery; started and stopped once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+
+import psutil
+from pinkybrain.node.core.config import Config
+from pinkybrain.node.core.guard import GuardSettings, ResourceGuard
+from pinkybrain.node.core.identity import Identity
+from pinkybrain.node.services.discovery import MdnsService
+from pinkybrain.node.services.models import ModelRegistry
+
+from pinkybrain import __version__
+
+log = logging.getLogger("pinkybrain.node")
+
+
+def guard_settings(cfg: Config) -> GuardSettings:
+    return GuardSettings(
+        cpu_threshold=cfg["resource_guard.cpu_threshold"],
+        ram_threshold=cfg["resource_guard.ram_threshold"],
+        cooldown_secs=cfg["resource_guard.cooldown_secs"],
+        sustain_secs=cfg["resource_guard.sustain_secs"],
+    )
+
+
+def detect_start_mode() -> str:
+    mode = os.environ.get("PINKYBRAIN_START_MODE")
+    if mode in ("daemon", "foreground", "systemd", "launchd"):
+        return mode
+    if os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET"):
+        return "systemd"
+    if os.environ.get("XPC_SERVICE_NAME", "0") not in ("0", ""):
+        return "launchd"
+    return "foreground"
+
+
+class NodeRuntime:
+    def __init__(self, cfg: Config, identity: Identity, *, bind_host: str, port: int):
+        self.cfg = cfg
+        self.identity = identity
+        self.bind_host = bind_host
+        self.port = port
+        self.version = __version__
+        self.started_at = time.time()
+        self.start_mode = detect_start_mode()
+        self.pid = os.getpid()
+        self.home = cfg.home
+        self.data_dir = cfg.home
+        self.guard = ResourceGuard(guard_settings(cfg))
+        self.mesh_public_requested = cfg["mesh.public"]
+        self.models = ModelRegistry(
+            cfg.path("sharing.shared_models_dir"), self.data_dir / "shares.json", identity
+        )
+        self.memory = None
+        self.conversations = None
+        self.mdns: MdnsService | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._process = psutil.Process()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        from pinkybrain.node.services.memory_store import MemoryStore
+
+        self.memory = await asyncio.to_thread(MemoryStore.open, self.data_dir / "memory", "private")
+        from pinkybrain.node.services.conversations import ConversationStore
+
+        self.conversations = await asyncio.to_thread(
+            ConversationStore.open,
+            self.cfg.path("conversations.storage"),
+            self.storage_key(b"conversations"),
+            default_privacy=self.cfg["conversations.default_privacy"],
+            retention_days=self.cfg["conversations.retention_days"],
+        )
+        psutil.cpu_percent(None)  # prime: the first reading is meaningless
+        self._tasks.append(asyncio.create_task(self._sample_loop(), name="resource-guard"))
+        self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        if not self.cfg["p2p.mdns"]:
+            return
+        self.mdns = MdnsService(
+            node_id=self.identity.node_id,
+            name=self.cfg.node_name,
+            version=self.version,
+            bind_host=self.bind_host,
+            port=self.port,
+            advertise=not self.cfg["mesh.stealth"],
+        )
+        try:
+            await self.mdns.start()
+        except OSError as exc:  # no multicast route (containers): discovery degrades, the node still serves
+            log.warning("mDNS unavailable: %s", exc)
+            self.mdns = None
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.mdns is not None:
+            await self.mdns.stop()
+        if self.memory is not None:
+            self.memory.close()
+        if self.conversations is not None:
+            self.conversations.close()
+
+    def storage_key(self, purpose: bytes) -> bytes:
+        """A per-purpose key for data at rest, derived from the identity so the files are bound to it."""
+        return hashlib.blake2b(
+            bytes(self.identity.signing_key), key=b"pinkybrain-at-rest", person=purpose[:16], digest_size=32
+        ).digest()
+
+    def reload_guard(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.guard.settings = guard_settings(cfg)
+        log.info(
+            "resource guard thresholds reloaded: cpu %.0f%% ram %.0f%% cooldown %.0fs",
+            cfg["resource_guard.cpu_threshold"],
+            cfg["resource_guard.ram_threshold"],
+            cfg["resource_guard.cooldown_secs"],
+        )
+
+    async def _sample_loop(self) -> None:
+        while True:
+            cpu = psutil.cpu_percent(None)
+            ram = psutil.virtual_memory().percent
+            was = self.guard.paused
+            paused = self.guard.observe(cpu, ram, time.monotonic())
+            if paused != was:
+                log.warning(
+                    "sharing %s (%s)",
+                    "paused" if paused else "resumed",
+                    self.guard.reason or "back under thresholds",
+                )
+            await asyncio.sleep(self.cfg["resource_guard.sample_secs"])
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(3600)
+            removed = await asyncio.to_thread(self.conversations.purge_expired)
+            if removed:
+                log.info("retention: purged %d conversations", removed)
+
+    # -- views -------------------------------------------------------------------------------------
+    @property
+    def sharing_active(self) -> bool:
+        return self.cfg["sharing.enabled"] and not self.guard.paused
+
+    def uptime(self) -> float:
+        return round(time.time() - self.started_at, 3)
+
+    def mesh_state(self) -> dict:
+        return {
+            "private": {"peers": 0, "links_up": 0, "links_down": 0, "bytes_in": 0, "bytes_out": 0},
+            "public": {
+                "joined": False,
+                "requested": self.mesh_public_requested,
+                "tracker": self.cfg["p2p.tracker"],
+            },
+            "stealth": self.cfg["mesh.stealth"],
+            "static_peers": list(self.cfg["p2p.peers"]),
+        }
+
+    def guard_state(self) -> dict:
+        snap = self.guard.snapshot(time.monotonic())
+        snap["sharing_enabled"] = self.cfg["sharing.enabled"]
+        snap["sharing_active"] = self.sharing_active
+        return snap

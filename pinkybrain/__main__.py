@@ -1,0 +1,3 @@
+from pinkybrain.cli import main
+
+main()

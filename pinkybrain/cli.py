@@ -1,0 +1,39 @@
+"""The `pinkybrain` command: the skill's client commands plus the node's local ones, in one CLI.
+
+Client commands (status, query, memory, ...) live in pinkybrain.skill and talk HTTP only; node-local
+commands (serve, identity, config) live in pinkybrain.node. Heavy imports happen inside commands, so
+`pinkybrain status` starts fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from pinkybrain import __version__
+
+
+def build_app() -> typer.Typer:
+    from pinkybrain.node import cli as node_cli
+    from pinkybrain.skill import cli as skill_cli
+
+    app = typer.Typer(
+        name="pinkybrain",
+        help="PinkyBrain: a P2P distributed AI network node and its client.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback(invoke_without_command=True)
+    def _root(version: bool = typer.Option(False, "--version", help="print the version and exit")) -> None:
+        if version:
+            typer.echo(__version__)
+            raise typer.Exit(0)
+
+    skill_cli.register(app)
+    node_cli.register(app)
+    return app
+
+
+def main() -> None:
+    build_app()(prog_name="pinkybrain")
