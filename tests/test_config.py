@@ -151,3 +151,44 @@ def test_cli_config_init_set_show(tmp_path):
     assert secret not in human.stdout and "hidden" in human.stdout
     env_secret = dict(env, P2P_SECRET="e" * 10 + secret)
     assert env_secret["P2P_SECRET"] not in run_cli("config", "show", env=env_secret).stdout
+
+
+def test_config_init_asks_on_a_terminal(tmp_path):
+    """On a TTY, `config init` asks; an empty secret answer generates a strong one."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    master, slave = pty.openpty()
+    exe = [str(__import__("pathlib").Path(sys.executable).with_name("pinkybrain")), "config", "init"]
+    import fcntl
+    import termios
+
+    def own_terminal():  # a real session: the pty becomes the controlling terminal (getpass needs it)
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(exe, stdin=slave, stdout=slave, stderr=slave, env=node_env(home), close_fds=True,
+                            preexec_fn=own_terminal)
+    os.close(slave)
+    answers = [("Node name", "attic-box"), ("API port", "8282"), ("Network secret", ""),
+               ("public mesh", "n"), ("Stealth", "y")]
+    seen = ""
+    try:
+        for prompt, answer in answers:
+            while prompt not in seen:
+                ready, _, _ = select.select([master], [], [], 30)
+                assert ready, f"no prompt {prompt!r}; got {seen!r}"
+                seen += os.read(master, 4096).decode(errors="replace")
+            os.write(master, (answer + "\n").encode())
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    data = yaml.safe_load((home / "pinkybrain.yaml").read_text())
+    assert data["node"] == {"name": "attic-box", "port": 8282}
+    assert data["mesh"] == {"public": False, "stealth": True}
+    assert len(data["p2p"]["secret"]) >= 32
