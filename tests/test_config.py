@@ -177,12 +177,20 @@ def test_config_init_asks_on_a_terminal(tmp_path):
     answers = [("Node name", "attic-box"), ("API port", "8282"), ("Network secret", ""),
                ("public mesh", "n"), ("Stealth", "y")]
     seen = ""
+    pending = None  # getpass flushes input typed before it switches echo off: resend until the next prompt
     try:
         for prompt, answer in answers:
+            waited = 0.0
             while prompt not in seen:
-                ready, _, _ = select.select([master], [], [], 30)
-                assert ready, f"no prompt {prompt!r}; got {seen!r}"
-                seen += os.read(master, 4096).decode(errors="replace")
+                ready, _, _ = select.select([master], [], [], 0.5)
+                waited += 0.5
+                assert waited < 30, f"no prompt {prompt!r}; got {seen!r}"
+                if ready:
+                    seen += os.read(master, 4096).decode(errors="replace")
+                elif pending is not None:
+                    os.write(master, pending)
+            seen = seen[seen.index(prompt):]
+            pending = (answer + "\n").encode() if prompt == "Network secret" else None
             os.write(master, (answer + "\n").encode())
         assert proc.wait(30) == 0
     finally:

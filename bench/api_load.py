@@ -1,0 +1,502 @@
+"""Signed API throughput and latency: `GET /api/status` on a real node vs a bare uvicorn+Starlette app.
+
+One run starts, on 127.0.0.1 only:
+  * a node (`python -m pinkybrain.node serve`) in a throw-away PINKYBRAIN_HOME with a random secret,
+  * a baseline server: the same uvicorn settings serving a trivial, unsigned Starlette endpoint,
+then drives both from a separate load-generator process (httpx, HMAC-signed for the node) at each
+concurrency level, and prints req/s, p50 and p99 with the node's ratio to the baseline. The ratio is
+what our auth middleware + FastAPI + the status handler cost over bare ASGI on this machine.
+
+    python bench/api_load.py [--requests 2000] [--concurrency 1,8,32] [--rounds 3] [--max-seconds 60] [--json]
+
+Exit status: 0 when every request succeeded, 1 when any failed (e.g. a signature refused), 2 when a
+server did not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+SECRET_ENV = "PB_BENCH_SECRET"  # the secret reaches the load generator by environment, never argv (ps)
+STATUS_PATH = "/api/status"
+START_TIMEOUT_SECS = 60.0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of an ascending list."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _auth(secret: str | None) -> httpx.Auth | None:
+    if not secret:
+        return None
+    from pinkybrain.skill.signing import HmacAuth
+
+    return HmacAuth(secret)
+
+
+# --------------------------------------------------------------------------------- baseline server
+
+
+def run_baseline_server(port: int) -> None:
+    """Bare ASGI: Starlette + uvicorn with the node's uvicorn settings, a constant JSON answer."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def status(_request):
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route(STATUS_PATH, status)])
+    uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
+        )
+    ).run()
+
+
+# ---------------------------------------------------------------------------------- load generator
+
+
+async def _drive(
+    url: str,
+    secret: str | None,
+    concurrency: int,
+    requests: int,
+    warmup: int,
+    max_seconds: float,
+    server_pid: int | None,
+) -> dict:
+    import psutil
+
+    # One client (one keep-alive connection) per concurrent worker: a single httpx pool shared by 32
+    # tasks spends most of its time in pool bookkeeping, and the numbers would describe httpx, not us.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [httpx.AsyncClient(auth=_auth(secret), limits=limits, timeout=30.0) for _ in range(concurrency)]
+    server = psutil.Process(server_pid) if server_pid else None
+
+    async def phase(count: int, deadline: float, latencies: list[float] | None) -> tuple[int, int]:
+        remaining = count
+        ok = errors = 0
+
+        async def worker(client: httpx.AsyncClient) -> None:
+            nonlocal remaining, ok, errors
+            while remaining > 0 and time.monotonic() < deadline:
+                remaining -= 1
+                start = time.perf_counter()
+                try:
+                    response = await client.get(url)
+                    good = response.status_code == 200
+                except httpx.HTTPError:
+                    good = False
+                elapsed = time.perf_counter() - start
+                if good:
+                    ok += 1
+                    if latencies is not None:
+                        latencies.append(elapsed)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker(c) for c in clients))
+        return ok, errors
+
+    def cpu_seconds(proc) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    try:
+        # Warm-up opens the connections and warms caches; it is not measured.
+        await phase(warmup, time.monotonic() + max_seconds, None)
+        latencies: list[float] = []
+        me = psutil.Process()
+        server_cpu0 = cpu_seconds(server) if server else 0.0
+        client_cpu0 = cpu_seconds(me)
+        started = time.perf_counter()
+        ok, errors = await phase(requests, time.monotonic() + max_seconds, latencies)
+        wall = time.perf_counter() - started
+        client_cpu = cpu_seconds(me) - client_cpu0
+        server_cpu = cpu_seconds(server) - server_cpu0 if server else math.nan
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    latencies.sort()
+    done = ok + errors
+    return {
+        "concurrency": concurrency,
+        "requests": done,
+        "ok": ok,
+        "errors": errors,
+        "seconds": wall,
+        "rps": ok / wall if wall > 0 else 0.0,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        # Server CPU per request does not depend on how fast the client is: the cleanest cost figure.
+        "server_cpu_us_per_req": server_cpu / done * 1e6 if done else math.nan,
+        # Near 100 %: the load generator, not the server, set the pace.
+        "client_cpu_pct": client_cpu / wall * 100 if wall > 0 else math.nan,
+        "truncated": done < requests,
+    }
+
+
+def run_load_worker(args: argparse.Namespace) -> None:
+    result = asyncio.run(
+        _drive(
+            args.url,
+            os.environ.get(SECRET_ENV),
+            args.level,
+            args.requests,
+            args.warmup,
+            args.max_seconds,
+            args.server_pid,
+        )
+    )
+    print(json.dumps(result))
+
+
+def median_round(rounds: list[dict]) -> dict:
+    return sorted(rounds, key=lambda r: r["rps"])[(len(rounds) - 1) // 2]
+
+
+def measure(
+    url: str, secret: str | None, level: int, args: argparse.Namespace, cpu: int | None, server_pid: int
+) -> dict:
+    """One level against one server, in a separate process (so client CPU is not the server's)."""
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    if secret:
+        env[SECRET_ENV] = secret
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--load-worker",
+        "--url",
+        url,
+        "--level",
+        str(level),
+        "--requests",
+        str(args.requests),
+        "--warmup",
+        str(args.warmup),
+        "--max-seconds",
+        str(args.max_seconds),
+        "--server-pid",
+        str(server_pid),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=_pinned(cpu))
+    try:
+        out, _ = proc.communicate(timeout=2 * args.max_seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"load generator for {url} at concurrency {level} did not finish") from None
+    finally:
+        if proc.poll() is None:  # timed out, or we are being interrupted: leave nothing behind
+            proc.kill()
+            proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator for {url} exited {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ orchestration
+
+
+def _pinned(cpu: int | None):
+    """A preexec_fn keeping server and client off each other's core: steadier numbers. Set before
+    exec, so every thread the child later starts inherits it."""
+    if cpu is None:
+        return None
+
+    def pin() -> None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError:
+            pass
+
+    return pin
+
+
+def _stop(proc: subprocess.Popen | None, name: str) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    # Each server runs in its own session: signalling its process group also reaches any children.
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        print(f"{name} ignored SIGTERM for 30 s; killing it", file=sys.stderr)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class NotReady(RuntimeError):
+    """A server did not start answering; str() says which and why, with its log tail."""
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, secret: str | None, name: str, log: Path | None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECS
+    last = "no answer"
+    with httpx.Client(auth=_auth(secret), timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                response = client.get(url)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}"
+            time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    state = (
+        f"exited {proc.returncode}"
+        if proc.poll() is not None
+        else f"not ready after {START_TIMEOUT_SECS:.0f} s"
+    )
+    raise NotReady(f"{name} {state} ({last})\n{tail}")
+
+
+def _bench_env(home: Path) -> dict:
+    env = dict(os.environ)
+    # A P2P_SECRET or PINKYBRAIN_CONFIG from the caller's shell would override the bench's own files.
+    for key in ("P2P_SECRET", "PINKYBRAIN_CONFIG", SECRET_ENV):
+        env.pop(key, None)
+    env["PINKYBRAIN_HOME"] = str(home)
+    return env
+
+
+def _write_config(home: Path, secret: str, port: int) -> Path:
+    import yaml
+
+    config = {
+        "node": {"name": "bench"},
+        "p2p": {"secret": secret, "listen": f"127.0.0.1:{port}", "mdns": False},
+        "mesh": {"public": False, "stealth": True},
+        "logging": {"level": "warning"},
+    }
+    path = home / "pinkybrain.yaml"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    return path
+
+
+TABLE_HEADER = (
+    f"{'server':<9} {'conc':>4} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>7} "
+    f"{'p99 ms':>7} {'srv us/req':>10} {'client cpu':>10} {'req/s ratio':>11} {'p50 ratio':>9} "
+    f"{'cpu ratio':>9}"
+)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else math.nan
+
+
+def format_row(name: str, r: dict, base: dict) -> str:
+    return (
+        f"{name:<9} {r['concurrency']:>4} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} "
+        f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['server_cpu_us_per_req']:>10.0f} "
+        f"{r['client_cpu_pct']:>9.0f}% {_ratio(r['rps'], base['rps']):>10.2f}x "
+        f"{_ratio(r['p50_ms'], base['p50_ms']):>8.2f}x "
+        f"{_ratio(r['server_cpu_us_per_req'], base['server_cpu_us_per_req']):>8.2f}x"
+        + ("  (time cap hit)" if r["truncated"] else "")
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise SystemExit("--concurrency needs positive integers, e.g. 1,8,32")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server_cpu, client_cpu = (cpus[0], cpus[1]) if args.pin and len(cpus) >= 2 else (None, None)
+
+    home = Path(tempfile.mkdtemp(prefix="pinkybrain-bench-"))
+    node = baseline = None
+    # SIGTERM would otherwise end this process without its `finally`, orphaning both servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        secret = secrets.token_urlsafe(32)
+        node_port, base_port = free_port(), free_port()
+        config = _write_config(home, secret, node_port)
+        env = _bench_env(home)
+        node_cmd = [sys.executable, "-m", "pinkybrain.node"]
+        subprocess.run(
+            [*node_cmd, "identity", "init", "--config", str(config)],
+            env=env,
+            cwd=home,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=120,
+        )
+
+        node_log = home / "node.log"
+        with node_log.open("wb") as log_fh:
+            node = subprocess.Popen(
+                [
+                    *node_cmd,
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(node_port),
+                ],
+                env=env,
+                cwd=home,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_pinned(server_cpu),
+            )
+            baseline = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--baseline-server",
+                    "--port",
+                    str(base_port),
+                ],
+                env=env,
+                cwd=home,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_pinned(server_cpu),
+            )
+        node_url = f"http://127.0.0.1:{node_port}{STATUS_PATH}"
+        base_url = f"http://127.0.0.1:{base_port}{STATUS_PATH}"
+        try:
+            _wait_ready(node, node_url, secret, "node", node_log)
+            _wait_ready(baseline, base_url, None, "baseline server", None)
+        except NotReady as exc:
+            print(f"api_load: {exc}", file=sys.stderr)
+            return 2
+
+        results = []
+        if not args.json:
+            print(f"{TABLE_HEADER}\n{'-' * len(TABLE_HEADER)}", flush=True)
+        for level in levels:
+            # Rounds alternate baseline and node so background noise and drift hit both alike; the
+            # median round (by req/s) of each is reported.
+            base_rounds, node_rounds = [], []
+            for _ in range(args.rounds):
+                base_rounds.append(measure(base_url, None, level, args, client_cpu, baseline.pid))
+                node_rounds.append(measure(node_url, secret, level, args, client_cpu, node.pid))
+            base, mine = median_round(base_rounds), median_round(node_rounds)
+            results.append(
+                {
+                    "concurrency": level,
+                    "baseline": base,
+                    "node": mine,
+                    "rounds": {"baseline": base_rounds, "node": node_rounds},
+                }
+            )
+            if not args.json:
+                print(
+                    format_row("baseline", base, base), format_row("node", mine, base), sep="\n", flush=True
+                )
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "requests_per_level": args.requests,
+                        "rounds": args.rounds,
+                        "cpus": len(cpus) or os.cpu_count(),
+                        "pinned": server_cpu is not None,
+                        "results": results,
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            print(
+                f"\n{len(cpus) or os.cpu_count()} CPUs; servers and load generator "
+                f"{'pinned to separate cores' if server_cpu is not None else 'not pinned'}. Ratios are "
+                "node / baseline at the same concurrency.\nsrv us/req: server CPU time per request "
+                "(independent of client speed). client cpu near 100%: the load generator set the pace, "
+                "so req/s understates what that server could do."
+            )
+        failed = sum(x["errors"] for r in results for side in r["rounds"].values() for x in side)
+        if failed:
+            tail = node_log.read_text(errors="replace")[-2000:]
+            print(f"{failed} requests failed; node log tail:\n{tail}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        _stop(node, "node")
+        _stop(baseline, "baseline server")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests per level and server")
+    parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests before each measurement")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="time cap per level and server (fewer requests are reported if hit)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating baseline/node rounds per level; the median round is shown",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin servers and load generator to separate CPU cores",
+    )
+    # internal: the same file plays the load generator and the baseline server
+    parser.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--level", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.requests < 1 or args.warmup < 0 or args.max_seconds <= 0 or args.rounds < 1:
+        parser.error("--requests and --rounds must be >= 1, --warmup >= 0, --max-seconds > 0")
+    if args.baseline_server:
+        run_baseline_server(args.port)
+    elif args.load_worker:
+        run_load_worker(args)
+    else:
+        sys.exit(run_bench(args))
+
+
+if __name__ == "__main__":
+    main()

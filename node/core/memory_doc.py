@@ -1,0 +1,262 @@
+"""The node's key-value memory as one Yjs document (pycrdt), with no I/O.
+
+All entries live in a single root `Map` named "memory". Each value is stored as JSON text, so any JSON
+value (not just what Yjs can type natively) round-trips exactly and a peer's value can be checked
+without trusting its shape. Every local write returns the incremental Yjs update for exactly that write,
+ready to persist and to send to peers; remote updates are validated on a scratch copy before they touch
+the real document, so a garbage or hostile update changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from pycrdt import Array, Doc, Map, MapEvent, TransactionEvent
+
+ROOT = "memory"
+DEFAULT_MAX_KEY_BYTES = 256
+DEFAULT_MAX_VALUE_BYTES = 64 * 1024
+_MISSING = object()  # a Yjs map can hold a JSON null, so "absent" needs its own marker
+
+
+class MemoryDocError(Exception):
+    """Base class for memory document errors."""
+
+
+class MemoryLimitError(MemoryDocError, ValueError):
+    """A key or value is over its size limit; str() names the limit and the actual size."""
+
+
+class MemoryUpdateError(MemoryDocError, ValueError):
+    """A remote update was refused (undecodable, or it would store invalid data); nothing was applied."""
+
+
+def encode_value(value: Any) -> str:
+    """The canonical JSON text stored for `value` (ValueError if it is not JSON-serialisable)."""
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON, and a peer with a strict parser would choke on them.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"memory value is not JSON-serialisable: {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_value(text: str) -> Any:
+    """Parse stored JSON text strictly (no NaN/Infinity), raising ValueError on anything else."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+class MemoryDoc:
+    """A CRDT key-value map. Not thread-safe on its own: callers serialise access (MemoryStore does)."""
+
+    def __init__(
+        self,
+        max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        *,
+        client_id: int | None = None,
+    ):
+        if max_key_bytes < 1 or max_value_bytes < 1:
+            raise ValueError("max_key_bytes and max_value_bytes must be positive")
+        self.max_key_bytes = max_key_bytes
+        self.max_value_bytes = max_value_bytes
+        self._doc: Doc = Doc(client_id=client_id)
+        self._map: Map = self._doc.get(ROOT, type=Map)
+        self._last_update: bytes | None = None
+        # The transaction observer hands over the exact update of each commit; local writes read it back.
+        self._doc.observe(self._on_commit)
+
+    def _on_commit(self, event: TransactionEvent) -> None:
+        self._last_update = event.update
+
+    @classmethod
+    def from_updates(
+        cls,
+        updates: Iterable[bytes],
+        max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+    ) -> MemoryDoc:
+        """Rebuild a document from trusted, previously accepted updates (a store's snapshot and log).
+
+        Raises MemoryUpdateError if one fails to decode or the result holds entries that are not JSON
+        text. Sizes are not re-checked: they were enforced when each write was accepted, and lowering a
+        limit in the configuration must not make existing data unreadable.
+        """
+        doc = cls(max_key_bytes, max_value_bytes)
+        for index, update in enumerate(updates):
+            try:
+                doc._doc.apply_update(bytes(update))
+            except Exception as exc:  # pycrdt raises ValueError; anything else is just as fatal here
+                raise MemoryUpdateError(f"update at position {index} cannot be decoded: {exc}") from exc
+        _check_roots(doc._doc)
+        for key in doc._map.keys():
+            _check_entry(key, doc._map.get(key, _MISSING), None, None)
+        return doc
+
+    # -- validation ---------------------------------------------------------------------------------
+    def check_key(self, key: str) -> None:
+        """Raise unless `key` may be written: a non-empty str of at most max_key_bytes UTF-8 bytes."""
+        _check_type(key)
+        if not key:
+            raise ValueError("memory key must not be empty")
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError("memory key is not valid Unicode text (lone surrogate)") from None
+        if size > self.max_key_bytes:
+            raise MemoryLimitError(
+                f"memory key is {size} bytes (UTF-8); the limit is {self.max_key_bytes} bytes"
+            )
+
+    def _encode_checked(self, key: str, value: Any) -> str:
+        text = encode_value(value)
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError(f"value for memory key {key!r} contains a lone surrogate") from None
+        if size > self.max_value_bytes:
+            raise MemoryLimitError(
+                f"value for memory key {key!r} is {size} bytes as JSON; the limit is {self.max_value_bytes} bytes"
+            )
+        return text
+
+    # -- local reads and writes ---------------------------------------------------------------------
+    def set(self, key: str, value: Any) -> bytes:
+        """Store `value` under `key`; returns the Yjs update of exactly this write."""
+        self.check_key(key)
+        text = self._encode_checked(key, value)
+        return self._commit(lambda: self._map.__setitem__(key, text))
+
+    def delete(self, key: str) -> bytes:
+        """Remove `key` (KeyError if absent); returns the Yjs update of exactly this delete."""
+        _check_type(key)
+        if key not in self._map:
+            raise KeyError(key)
+        return self._commit(lambda: self._map.pop(key))
+
+    def _commit(self, write) -> bytes:
+        self._last_update = None
+        with self._doc.transaction():
+            write()
+        update = self._last_update
+        if update is None:  # every set/delete creates or removes an item, so a commit always has one
+            raise RuntimeError("pycrdt did not report the update of a local write")
+        return update
+
+    def get(self, key: str) -> Any:
+        """The value under `key`; KeyError if absent."""
+        _check_type(key)
+        text = self._map.get(key, _MISSING)
+        if text is _MISSING:
+            raise KeyError(key)
+        return decode_value(text)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._map
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys starting with `prefix`, sorted."""
+        return sorted(k for k in self._map.keys() if k.startswith(prefix))
+
+    def items(self, prefix: str = "") -> list[tuple[str, Any]]:
+        """(key, value) pairs for keys starting with `prefix`, sorted by key."""
+        return [(k, decode_value(self._map[k])) for k in self.list(prefix)]
+
+    # -- sync ---------------------------------------------------------------------------------------
+    def state_vector(self) -> bytes:
+        """This document's Yjs state vector (sync step 1: send it so a peer can answer with a diff)."""
+        return self._doc.get_state()
+
+    def diff(self, remote_state_vector: bytes) -> bytes:
+        """The update holding everything a peer with `remote_state_vector` lacks (sync step 2)."""
+        try:
+            return self._doc.get_update(bytes(remote_state_vector))
+        except Exception as exc:  # a peer's malformed state vector is its error, not ours
+            raise MemoryUpdateError(f"cannot decode remote state vector: {exc}") from exc
+
+    def full_update(self) -> bytes:
+        """The whole document as one update (a snapshot)."""
+        return self._doc.get_update()
+
+    def apply_remote(self, update: bytes) -> bool:
+        """Validate a peer's update and apply it; returns whether it changed anything.
+
+        The update is first applied to a scratch document rebuilt from the full state, and every entry
+        it touches is checked (string key within the key limit, JSON text within the value limit, no other
+        root types). Only then is it applied to the real document, so a refused update (MemoryUpdateError)
+        leaves it exactly as it was.
+        """
+        if not isinstance(update, (bytes, bytearray, memoryview)):
+            raise TypeError(f"update must be bytes, not {type(update).__name__}")
+        update = bytes(update)
+        base = self._doc.get_update()
+        scratch = Doc()
+        scratch_map = scratch.get(ROOT, type=Map)
+        scratch.apply_update(base)
+        touched: set[str] = set()
+
+        def on_change(event: MapEvent) -> None:
+            touched.update(event.keys)
+
+        scratch_map.observe(on_change)
+        try:
+            scratch.apply_update(update)
+        except Exception as exc:  # pycrdt raises ValueError; anything else is just as much a refusal
+            raise MemoryUpdateError(f"remote update cannot be decoded: {exc}") from exc
+        _check_roots(scratch)
+        # A peer treating "memory" as a Text/Array adds sequence content the Map view never shows; it
+        # would sit in every copy of the document, so it is refused like any other invalid data.
+        if len(scratch.get(ROOT, type=Array)):
+            raise MemoryUpdateError(f"update adds list or text content to the {ROOT!r} root, which is a map")
+        for key in touched:
+            _check_entry(key, scratch_map.get(key, _MISSING), self.max_key_bytes, self.max_value_bytes)
+        # Yrs encodes equal states to equal bytes, so this spots a duplicate (already known) update.
+        if scratch.get_update() == base:
+            return False
+        self._doc.apply_update(update)
+        return True
+
+
+def _check_type(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"memory key must be a str, not {type(key).__name__}")
+
+
+def _check_roots(doc: Doc) -> None:
+    extra = sorted(set(doc.keys()) - {ROOT})
+    if extra:
+        raise MemoryUpdateError(f"update adds root types other than {ROOT!r}: {extra}")
+
+
+def _check_entry(key: str, value: Any, max_key_bytes: int | None, max_value_bytes: int | None) -> None:
+    """Raise MemoryUpdateError unless `value` (_MISSING: deleted) is valid JSON text under a valid key."""
+    if value is _MISSING:
+        return
+    if not key:
+        raise MemoryUpdateError("update writes an empty memory key")
+    key_size = len(key.encode("utf-8"))
+    if max_key_bytes is not None and key_size > max_key_bytes:
+        raise MemoryUpdateError(
+            f"update writes a memory key of {key_size} bytes; the limit is {max_key_bytes} bytes"
+        )
+    if not isinstance(value, str):
+        raise MemoryUpdateError(
+            f"update writes a {type(value).__name__} under memory key {key!r}; values must be JSON text"
+        )
+    size = len(value.encode("utf-8"))
+    if max_value_bytes is not None and size > max_value_bytes:
+        raise MemoryUpdateError(
+            f"update writes {size} bytes under memory key {key!r}; the limit is {max_value_bytes} bytes"
+        )
+    try:
+        decode_value(value)
+    except ValueError as exc:
+        raise MemoryUpdateError(f"update writes non-JSON text under memory key {key!r}: {exc}") from None

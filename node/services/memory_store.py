@@ -1,0 +1,447 @@
+"""Durable CRDT memory: a MemoryDoc whose every accepted update is in SQLite before the write returns.
+
+One SQLite file per network namespace (memory-private.sqlite3, memory-public.sqlite3, ...), in WAL mode
+with synchronous=FULL so a committed row survives a crash or power loss. The file holds at most one
+snapshot (the whole document as one Yjs update) plus the log of updates accepted since, each with its
+SHA-256. Opening replays snapshot + log; compaction folds the log into the snapshot every N updates.
+
+A damaged file is never silently replaced by an empty store: opening it raises MemoryStoreCorrupt,
+naming the file and the way out (move it aside, restart, let peers resync it), and leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from pinkybrain.node.core.memory_doc import (
+    DEFAULT_MAX_KEY_BYTES,
+    DEFAULT_MAX_VALUE_BYTES,
+    MemoryDoc,
+    MemoryUpdateError,
+)
+
+log = logging.getLogger("pinkybrain.memory")
+
+FORMAT_VERSION = 1
+DEFAULT_COMPACT_EVERY = 1000
+_NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+_TABLES = ("meta", "snapshot", "updates")
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE snapshot (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    data BLOB NOT NULL,
+    sha256 BLOB NOT NULL
+);
+CREATE TABLE updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    data BLOB NOT NULL,
+    sha256 BLOB NOT NULL,
+    origin TEXT NOT NULL CHECK (origin IN ('local', 'remote'))
+);
+"""
+
+Listener = Callable[[bytes], None]
+
+
+class MemoryStoreError(Exception):
+    """The memory store cannot be used; str() says which file and why."""
+
+
+class MemoryStoreCorrupt(MemoryStoreError):
+    """The store file is damaged. It has not been modified; str() says how to recover."""
+
+    def __init__(self, path: Path, detail: str):
+        self.path = path
+        self.detail = detail
+        wal = _wal_path(path)
+        if path.exists():
+            how = f"move it aside (mv {path} {path}.corrupt"
+            if wal.exists() and wal.stat().st_size > 0:  # SQLite keeps an empty one while it is open
+                how += f" && mv {wal} {path}.corrupt-wal"
+            how += ") and restart; peers will resync it"
+        else:
+            how = f"move the leftover log aside (mv {wal} {wal}.corrupt) and restart; peers will resync it"
+        super().__init__(f"memory store {path} is corrupt: {detail}. The file was left as it is; {how}.")
+
+
+class MemoryStoreLocked(MemoryStoreError):
+    """Another process (normally a running node) has the store open."""
+
+
+def store_path(directory: Path, namespace: str) -> Path:
+    """The database file of `namespace` under `directory` (ValueError for an unsafe namespace)."""
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+        raise ValueError(f"memory namespace must match [a-z0-9][a-z0-9_-]{{0,63}}, got {namespace!r}")
+    return Path(directory) / f"memory-{namespace}.sqlite3"
+
+
+def _wal_path(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _sqlite_failure(path: Path, exc: sqlite3.Error) -> MemoryStoreError:
+    """Map an sqlite3 error to corrupt / locked / other, so only real damage says 'corrupt'."""
+    name = getattr(exc, "sqlite_errorname", "") or ""  # Python 3.11+; older ones only have the message
+    text = str(exc)
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text:
+        return MemoryStoreCorrupt(path, f"SQLite reports {text!r}")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
+        return MemoryStoreLocked(
+            f"memory store {path} is open in another process or connection (is a node already running?)"
+        )
+    return MemoryStoreError(f"memory store {path}: {text}")
+
+
+class MemoryStore:
+    """Thread-safe (one lock) durable memory. Open with MemoryStore.open(); call from a thread pool."""
+
+    def __init__(self, path: Path, namespace: str, conn: sqlite3.Connection, doc: MemoryDoc, pending: int,
+                 compact_every: int):
+        self.path = path
+        self.namespace = namespace
+        self.compact_every = compact_every
+        self._conn = conn
+        self._doc = doc
+        self._pending = pending
+        self._lock = threading.RLock()  # re-entrant so a listener may read the store it is called from
+        self._listeners: list[Listener] = []
+        self._closed = False
+        self._failed: MemoryStoreError | None = None
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        namespace: str,
+        max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        *,
+        compact_every: int = DEFAULT_COMPACT_EVERY,
+    ) -> MemoryStore:
+        """Open (creating if absent) the store of `namespace` in `directory`.
+
+        Raises MemoryStoreCorrupt for a damaged file, MemoryStoreLocked if another process has it open.
+        """
+        if compact_every < 1:
+            raise ValueError("compact_every must be at least 1")
+        path = store_path(directory, namespace)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            wal = _wal_path(path)
+            if wal.exists() and wal.stat().st_size > 0:
+                # SQLite would replay a stray log into a fresh file: someone removed the database only.
+                raise MemoryStoreCorrupt(path, f"the database file is missing but its write-ahead log {wal} "
+                                               "is still there")
+            _create(path, namespace)
+        conn = _connect(path)
+        try:
+            doc, pending = _load(conn, path, max_key_bytes, max_value_bytes)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _sqlite_failure(path, exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        store = cls(path, namespace, conn, doc, pending, compact_every)
+        if pending >= compact_every:
+            store._auto_compact()
+        return store
+
+    # -- reads --------------------------------------------------------------------------------------
+    def get(self, key: str) -> Any:
+        """The value under `key`; KeyError if absent."""
+        with self._lock:
+            self._check_usable()
+            return self._doc.get(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            self._check_usable()
+            return self._doc.list(prefix)
+
+    def items(self, prefix: str = "") -> list[tuple[str, Any]]:
+        with self._lock:
+            self._check_usable()
+            return self._doc.items(prefix)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            self._check_usable()
+            return key in self._doc
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._check_usable()
+            return len(self._doc)
+
+    @property
+    def update_count(self) -> int:
+        """Updates logged since the last snapshot (compaction resets it to 0)."""
+        with self._lock:
+            return self._pending
+
+    # -- local writes -------------------------------------------------------------------------------
+    def set(self, key: str, value: Any) -> bytes:
+        """Store `value` under `key`; returns once durable, with the Yjs update to send to peers."""
+        with self._lock:
+            self._check_usable()
+            update = self._doc.set(key, value)
+            self._persist(update, "local")
+            self._notify(update)
+            return update
+
+    def delete(self, key: str) -> bytes:
+        """Remove `key` (KeyError if absent); returns once durable, with the Yjs update."""
+        with self._lock:
+            self._check_usable()
+            update = self._doc.delete(key)
+            self._persist(update, "local")
+            self._notify(update)
+            return update
+
+    # -- sync ---------------------------------------------------------------------------------------
+    def add_listener(self, callback: Listener) -> Callable[[], None]:
+        """Call `callback(update)` after each durable local write; returns a function that removes it.
+
+        It runs on the writing thread with the store locked, so updates arrive in write order: keep it
+        short (hand the bytes to an event loop with call_soon_threadsafe, say). Its errors are logged.
+        """
+        with self._lock:
+            self._listeners.append(callback)
+        return lambda: self.remove_listener(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        with self._lock:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+    def apply_remote(self, update: bytes) -> bool:
+        """Validate, apply and persist a peer's update; returns whether it changed anything.
+
+        Raises MemoryUpdateError (nothing applied or stored) for an invalid update. Already-known
+        updates are not logged again.
+        """
+        with self._lock:
+            self._check_usable()
+            changed = self._doc.apply_remote(update)
+            if changed:
+                self._persist(bytes(update), "remote")
+            return changed
+
+    def state_vector(self) -> bytes:
+        with self._lock:
+            self._check_usable()
+            return self._doc.state_vector()
+
+    def diff(self, remote_state_vector: bytes) -> bytes:
+        with self._lock:
+            self._check_usable()
+            return self._doc.diff(remote_state_vector)
+
+    def full_update(self) -> bytes:
+        with self._lock:
+            self._check_usable()
+            return self._doc.full_update()
+
+    # -- maintenance --------------------------------------------------------------------------------
+    def compact(self) -> None:
+        """Fold the snapshot and all logged updates into one snapshot row, in one transaction."""
+        with self._lock:
+            self._check_usable()
+            snapshot = self._doc.full_update()
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO snapshot (id, data, sha256) VALUES (1, ?, ?)",
+                    (snapshot, _digest(snapshot)),
+                )
+                # The file is locked to this connection, so every logged row is already in the document.
+                self._conn.execute("DELETE FROM updates")
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise _sqlite_failure(self.path, exc) from exc
+            self._pending = 0
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()  # the last connection checkpoints the WAL into the file
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise MemoryStoreError(f"memory store {self.path} is closed")
+        if self._failed is not None:
+            raise self._failed
+
+    def _persist(self, update: bytes, origin: str) -> None:
+        try:
+            # Autocommit: with WAL + synchronous=FULL the row is fsynced before execute() returns.
+            self._conn.execute(
+                "INSERT INTO updates (data, sha256, origin) VALUES (?, ?, ?)", (update, _digest(update), origin)
+            )
+        except sqlite3.Error as exc:
+            failure = _sqlite_failure(self.path, exc)
+            self._reload_after_failed_write()
+            raise failure from exc
+        self._pending += 1
+        if self._pending >= self.compact_every:
+            self._auto_compact()
+
+    def _reload_after_failed_write(self) -> None:
+        # The document already holds the write the disk refused; rebuild it from what is durable so
+        # readers and peers never see a value that a restart would lose.
+        try:
+            self._doc, self._pending = _load(self._conn, self.path, self._doc.max_key_bytes,
+                                             self._doc.max_value_bytes)
+        except (sqlite3.Error, MemoryStoreError) as exc:
+            self._failed = (_sqlite_failure(self.path, exc) if isinstance(exc, sqlite3.Error) else exc)
+            log.error("memory store %s unusable after a failed write: %s", self.path, self._failed)
+
+    def _auto_compact(self) -> None:
+        try:
+            self.compact()
+        except MemoryStoreError as exc:  # the write itself is durable; a later compaction can retry
+            log.warning("memory store %s: compaction failed: %s", self.path, exc)
+
+    def _notify(self, update: bytes) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(update)
+            except Exception:
+                log.exception("memory store %s: listener %r failed", self.path, callback)
+
+
+def _create(path: Path, namespace: str) -> None:
+    """Build a new store under a temporary name and rename it into place.
+
+    An empty or table-less file at `path` can then only be damage, never a half-made store.
+    """
+    tmp = path.with_name(f"{path.name}.new-{os.getpid()}")
+    for leftover in (tmp, _wal_path(tmp), tmp.with_name(tmp.name + "-shm"), tmp.with_name(tmp.name + "-journal")):
+        leftover.unlink(missing_ok=True)
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        # Before any table exists: compaction then gives the log's pages back instead of leaving stale
+        # free pages in the file.
+        conn.execute("PRAGMA auto_vacuum=FULL")
+        conn.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file header
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript("BEGIN;" + _SCHEMA)  # the transaction stays open for the meta rows
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                         [("format", str(FORMAT_VERSION)), ("namespace", namespace)])
+        conn.execute("COMMIT")
+    finally:
+        conn.close()  # checkpoints the WAL into the file and removes it
+    os.chmod(tmp, 0o600)  # memory can be private: keep it from other local users
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file that is not SQLite at all before SQLite opens it: it would write a fresh header."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as exc:
+        raise MemoryStoreError(f"memory store {path} cannot be read: {exc}") from exc
+    if not header:
+        raise MemoryStoreCorrupt(path, "the file is empty (truncated)")
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        raise MemoryStoreCorrupt(path, "the file does not start with an SQLite header (overwritten or truncated)")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    _check_header(path)
+    # mode=rw: never let SQLite create an empty database in place of one that vanished.
+    uri = f"file:{quote(str(path))}?mode=rw"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=2.0)
+    except sqlite3.Error as exc:
+        raise _sqlite_failure(path, exc) from exc
+    try:
+        # Exclusive: one process owns the file (its in-memory document is the truth), and in WAL mode
+        # no -shm file is needed. The empty write transaction takes the lock now, so a second node
+        # fails here instead of on its first write.
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("COMMIT")
+        rows = conn.execute("PRAGMA quick_check").fetchall()
+        if rows != [("ok",)]:
+            problems = "; ".join(str(r[0]) for r in rows[:3])
+            raise MemoryStoreCorrupt(path, f"SQLite integrity check failed ({problems})")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [t for t in _TABLES if t not in tables]
+        if missing:
+            raise MemoryStoreCorrupt(path, f"not a memory store: table(s) {', '.join(missing)} missing")
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("format") != str(FORMAT_VERSION):
+            if meta.get("format", "").isdigit() and int(meta["format"]) > FORMAT_VERSION:
+                raise MemoryStoreError(f"memory store {path} was written by a newer PinkyBrain "
+                                       f"(format {meta['format']}); upgrade this node")
+            raise MemoryStoreCorrupt(path, f"unknown store format {meta.get('format')!r}")
+        # Only now, with the file known to be ours and sound, change anything about the connection.
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _sqlite_failure(path, exc) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _load(conn: sqlite3.Connection, path: Path, max_key_bytes: int, max_value_bytes: int) -> tuple[MemoryDoc, int]:
+    """The document from snapshot + log, and how many log rows there were."""
+    count = 0
+
+    def blobs() -> Iterator[bytes]:
+        nonlocal count
+        # CAST: a damaged row may come back as (undecodable) text; as bytes it fails the digest instead.
+        row = conn.execute("SELECT CAST(data AS BLOB), sha256 FROM snapshot WHERE id = 1").fetchone()
+        if row is not None:
+            if _digest(row[0]) != row[1]:
+                raise MemoryStoreCorrupt(path, "the snapshot fails its SHA-256 check")
+            yield row[0]
+        rows = conn.execute("SELECT seq, CAST(data AS BLOB), sha256 FROM updates ORDER BY seq").fetchall()
+        for seq, data, digest in rows:
+            if _digest(data) != digest:
+                raise MemoryStoreCorrupt(path, f"logged update #{seq} fails its SHA-256 check")
+            count += 1
+            yield data
+
+    try:
+        doc = MemoryDoc.from_updates(blobs(), max_key_bytes, max_value_bytes)
+    except MemoryUpdateError as exc:
+        raise MemoryStoreCorrupt(path, f"stored updates do not form a valid document ({exc})") from exc
+    return doc, count
