@@ -260,6 +260,7 @@ def config_show(
 ) -> None:
     """Show the effective configuration (the secret is never printed)."""
     import yaml
+
     from pinkybrain.node.core.config import SCHEMA, SHORT_FORMS
 
     if keys:

@@ -9,6 +9,7 @@ import signal
 import sys
 
 import uvicorn
+
 from pinkybrain.node.core.config import Config, ConfigError, load_config
 from pinkybrain.node.core.identity import Identity, IdentityError, load_identity, save_identity
 from pinkybrain.node.core.secrets import WeakSecretError, check_secret

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+
 from pinkybrain.skill.signing import HmacAuth
 
 

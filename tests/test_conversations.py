@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from pinkybrain.node.services import conversations as conv
 from pinkybrain.node.services.conversations import (
     DAY_SECS,

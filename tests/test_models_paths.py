@@ -5,7 +5,13 @@ import os
 import pytest
 
 from pinkybrain.node.core.identity import Identity
-from pinkybrain.node.services.models import ModelNotFound, ModelPathError, ModelRegistry, resolve_shared, verify_entry
+from pinkybrain.node.services.models import (
+    ModelNotFound,
+    ModelPathError,
+    ModelRegistry,
+    resolve_shared,
+    verify_entry,
+)
 
 GGUF = b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64
 

@@ -13,14 +13,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from pinkybrain import __version__
 from pinkybrain.node.api.auth import SignedRequestMiddleware
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
 from pinkybrain.node.core.identity import IdentityError, validate_node_id
 from pinkybrain.node.services.models import ModelNotFound, ModelPathError
 from pinkybrain.node.services.runtime import NodeRuntime
-from pydantic import BaseModel, Field
-
-from pinkybrain import __version__
 
 MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
 PRIVACY_LEVELS = ("private", "peers-only", "public")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from pinkybrain.node.core.auth import NONCE_HEADER, SIG_HEADER, TS_HEADER, sign
 from pinkybrain.node.core.config import Config
 from pinkybrain.node.services.process import running_pid

@@ -9,13 +9,13 @@ import os
 import time
 
 import psutil
+
+from pinkybrain import __version__
 from pinkybrain.node.core.config import Config
 from pinkybrain.node.core.guard import GuardSettings, ResourceGuard
 from pinkybrain.node.core.identity import Identity
 from pinkybrain.node.services.discovery import MdnsService
 from pinkybrain.node.services.models import ModelRegistry
-
-from pinkybrain import __version__
 
 log = logging.getLogger("pinkybrain.node")
 
