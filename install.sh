@@ -39,10 +39,10 @@ if [[ $SYSTEM == 1 ]]; then
   fi
   id pinkybrain >/dev/null 2>&1 || useradd --system --home-dir /var/lib/pinkybrain --shell /usr/sbin/nologin pinkybrain
   (cd "$DEST" && PYTHON="$PYTHON" ./install.sh --no-start)
-  install -d -m 0750 -o pinkybrain -g pinkybrain /var/lib/pinkybrain
+  install -d -m 0700 -o pinkybrain -g pinkybrain /var/lib/pinkybrain
   install -d -m 0750 /etc/pinkybrain
   if [[ ! -f /var/lib/pinkybrain/pinkybrain.yaml ]]; then
-    sudo -u pinkybrain env PINKYBRAIN_HOME=/var/lib/pinkybrain "$DEST/.venv/bin/pinkybrain" config init \
+    runuser -u pinkybrain -- env PINKYBRAIN_HOME=/var/lib/pinkybrain "$DEST/.venv/bin/pinkybrain" config init \
       --no-interactive --shared-models-dir "$DEST/shared_models" --path /var/lib/pinkybrain/pinkybrain.yaml
   fi
   sed "s#/opt/pinkybrain#$DEST#g" "$DEST/systemd/pinkybrain.service" > /etc/systemd/system/pinkybrain.service
