@@ -1,0 +1,204 @@
+"""The skill's node discovery, end to end: the `pinkybrain` CLI as a subprocess against real nodes.
+
+Each step of the seed's order is shown to be taken, and taken in order. The localhost ports are
+redirected with PINKYBRAIN_DISCOVERY_PORTS so nothing on the machine's real 8080/8081 interferes, and
+PATH holds only a folder of our own, so a real `tailscale` can never answer for the fake one.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nodes import RunningNode, free_port, node_env, run_cli, start_node, strong_secret, wait_until_up
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    """Three nodes sharing one secret: two on localhost ports, one on another loopback address."""
+    base = tmp_path_factory.mktemp("discovery")
+    secret = strong_secret()
+    started: dict[str, RunningNode] = {}
+    try:
+        # Started together, then awaited: the three start-ups overlap.
+        started["first"] = start_node(base / "first", secret=secret, wait=False)
+        started["second"] = start_node(base / "second", secret=secret, wait=False)
+        started["other"] = start_node(base / "other", host="127.0.0.2", secret=secret, wait=False)
+        for node in started.values():
+            wait_until_up(node)
+        yield started
+    finally:
+        for node in started.values():
+            node.stop()
+
+
+def node_id(node: RunningNode) -> str:
+    return node.get("/api/ping").json()["node_id"]
+
+
+def unused_port() -> int:
+    """A port nothing listens on at 127.0.0.1 (nor at 127.0.0.2, where the 'other' node lives)."""
+    while True:
+        port = free_port()
+        if not listening("127.0.0.2", port):
+            return port
+
+
+def listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
+
+
+def cli_env(tmp_path: Path, *, secret: str | None, ports: list[int], mdns_secs: float = 0, **extra: str) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    env = node_env(tmp_path / "cli-home", {
+        "PINKYBRAIN_DISCOVERY_PORTS": ",".join(str(p) for p in ports),
+        "PINKYBRAIN_MDNS_TIMEOUT": str(mdns_secs),
+        "PATH": str(bin_dir),
+        **extra,
+    })
+    if secret is not None:
+        env["P2P_SECRET"] = secret
+    return env
+
+
+def ping(tmp_path: Path, env: dict, *args: str) -> dict:
+    result = run_cli("ping", "--json", *args, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def fake_tailscale(tmp_path: Path, status: dict) -> None:
+    script = tmp_path / "bin" / "tailscale"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\n"
+        f"assert sys.argv[1:] == ['status', '--json'], sys.argv\n"
+        f"print({json.dumps(json.dumps(status))})\n"
+    )
+    script.chmod(0o755)
+
+
+def test_env_var_wins_over_localhost(nodes, tmp_path):
+    first, other = nodes["first"], nodes["other"]
+    env = cli_env(tmp_path, secret=first.secret, ports=[first.port], PINKYBRAIN_URL=f"{other.url}/")
+    answer = ping(tmp_path, env)
+    assert answer["discovered_via"] == "env"
+    assert answer["node_id"] == node_id(other)
+    assert answer["url"] == other.url
+
+
+def test_dead_env_url_falls_through_to_localhost(nodes, tmp_path):
+    first = nodes["first"]
+    env = cli_env(tmp_path, secret=first.secret, ports=[first.port],
+                  PINKYBRAIN_URL=f"http://127.0.0.1:{unused_port()}")
+    answer = ping(tmp_path, env)
+    assert answer["discovered_via"] == f"localhost:{first.port}"
+    assert answer["node_id"] == node_id(first)
+
+
+def test_first_localhost_port_wins(nodes, tmp_path):
+    first, second = nodes["first"], nodes["second"]
+    answer = ping(tmp_path, cli_env(tmp_path, secret=first.secret, ports=[first.port, second.port]))
+    assert answer["discovered_via"] == f"localhost:{first.port}"
+    assert answer["node_id"] == node_id(first)
+
+
+def test_second_localhost_port_when_first_is_free(nodes, tmp_path):
+    second = nodes["second"]
+    answer = ping(tmp_path, cli_env(tmp_path, secret=second.secret, ports=[unused_port(), second.port]))
+    assert answer["discovered_via"] == f"localhost:{second.port}"
+    assert answer["node_id"] == node_id(second)
+
+
+def test_configured_port_and_secret_from_the_config_file(nodes, tmp_path):
+    """No P2P_SECRET: the secret comes from pinkybrain.yaml, whose port is probed before the default ones."""
+    first, second = nodes["first"], nodes["second"]
+    env = cli_env(tmp_path, secret=None, ports=[first.port])
+    home = Path(env["PINKYBRAIN_HOME"])
+    home.mkdir(parents=True)
+    (home / "pinkybrain.yaml").write_text(yaml.safe_dump({"node": {"port": second.port},
+                                                          "p2p": {"secret": second.secret}}))
+    answer = ping(tmp_path, env)
+    assert answer["discovered_via"] == f"localhost:{second.port}"
+    assert answer["node_id"] == node_id(second)
+
+    # A node bound to one address is looked for there (here 127.0.0.2), not on localhost.
+    other = nodes["other"]
+    (home / "pinkybrain.yaml").write_text(yaml.safe_dump({"p2p": {"secret": other.secret,
+                                                                  "listen": f"127.0.0.2:{other.port}"}}))
+    answer = ping(tmp_path, env)
+    assert answer["discovered_via"] == f"127.0.0.2:{other.port}"
+    assert answer["node_id"] == node_id(other)
+
+
+def test_tailscale_peer(nodes, tmp_path):
+    other = nodes["other"]
+    assert not listening("127.0.0.1", other.port), "the port must be free on localhost for this test"
+    fake_tailscale(tmp_path, {
+        "Self": {"HostName": "me", "TailscaleIPs": ["127.0.0.9", "fd7a:115c:a1e0::9"], "Online": True},
+        "Peer": {
+            "nodekey:aaa": {"HostName": "asleep", "TailscaleIPs": ["127.0.0.1"], "Online": False},
+            "nodekey:bbb": {"HostName": "box", "TailscaleIPs": ["127.0.0.2", "fd7a:115c:a1e0::2"], "Online": True},
+        },
+    })
+    answer = ping(tmp_path, cli_env(tmp_path, secret=other.secret, ports=[other.port]))
+    assert answer["discovered_via"] == "tailscale"
+    assert answer["node_id"] == node_id(other)
+    assert answer["url"] == other.url
+
+
+def test_mdns(node_factory, tmp_path):
+    advertised = node_factory(host="127.0.0.3", extra={"p2p.mdns": True})
+    env = cli_env(tmp_path, secret=advertised.secret, ports=[unused_port()], mdns_secs=10,
+                  PINKYBRAIN_MDNS_INTERFACES="127.0.0.1")
+    assert not (Path(env["PATH"]) / "tailscale").exists()
+    answer = ping(tmp_path, env)
+    assert answer["discovered_via"] == "mdns"
+    assert answer["node_id"] == node_id(advertised)
+    assert answer["url"] == advertised.url
+
+
+def test_wrong_secret_is_reported_not_skipped(nodes, tmp_path):
+    first = nodes["first"]
+    env = cli_env(tmp_path, secret=strong_secret(), ports=[first.port], mdns_secs=0.3)
+    result = run_cli("status", env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        f"pinkybrain: found a node at http://localhost:{first.port}, but the secret does not match (P2P_SECRET)"
+    )
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_no_node_at_all(tmp_path):
+    ports = [unused_port(), unused_port()]
+    result = run_cli("ping", env=cli_env(tmp_path, secret=strong_secret(), ports=ports, mdns_secs=0.3),
+                     cwd=tmp_path)
+    assert result.returncode != 0
+    line = result.stderr.strip()
+    assert line.startswith("pinkybrain: no PinkyBrain node found; tried: ")
+    assert "\n" not in line
+    assert f"localhost:{ports[0]}" in line and f"localhost:{ports[1]}" in line
+    assert "tailscale (not installed)" in line
+
+
+def test_no_secret_at_all(tmp_path):
+    result = run_cli("ping", env=cli_env(tmp_path, secret=None, ports=[unused_port()]), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "set P2P_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_url_flag_skips_discovery(nodes, tmp_path):
+    first, other = nodes["first"], nodes["other"]
+    env = cli_env(tmp_path, secret=first.secret, ports=[first.port], PINKYBRAIN_URL=first.url)
+    answer = ping(tmp_path, env, "--url", other.url.removeprefix("http://"))
+    assert answer["discovered_via"] == "url-flag"
+    assert answer["node_id"] == node_id(other)
