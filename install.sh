@@ -61,8 +61,26 @@ VPY="$ROOT/.venv/bin/python"
 "$VPY" -m pip install --quiet --upgrade pip
 EXTRAS="inference"
 [[ $DEV == 1 ]] && EXTRAS="inference,dev"
-say "installing PinkyBrain [$EXTRAS] (llama-cpp-python compiles on first install: several minutes)"
-"$VPY" -m pip install --quiet -e ".[$EXTRAS]"
+
+# llama-cpp-python compiles llama.cpp. pip's default build targets this exact CPU ("native"), which
+# produced binaries that crash on CPUs advertising AMX under virtualisation, and pip's wheel cache
+# would hand such a build to any other machine sharing the cache. So we build a portable wheel once
+# (AVX2 class on x86-64; override with CMAKE_ARGS, e.g. -DGGML_CUDA=on) and keep it in our own cache.
+LLAMA_VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+if [[ -z "${CMAKE_ARGS:-}" ]]; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF"
+  [[ $(uname -m) == x86_64 ]] && CMAKE_ARGS+=" -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+fi
+WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/pinkybrain/wheels/$(printf '%s|%s|%s' "$LLAMA_VERSION" "$CMAKE_ARGS" "$(uname -m)" | sha256sum | cut -c1-16)"
+if ! compgen -G "$WHEELS/llama_cpp_python-$LLAMA_VERSION-*.whl" >/dev/null; then
+  say "building llama-cpp-python $LLAMA_VERSION ($CMAKE_ARGS): several minutes, once"
+  mkdir -p "$WHEELS"
+  CMAKE_ARGS="$CMAKE_ARGS" "$VPY" -m pip wheel --quiet --no-deps --no-cache-dir -w "$WHEELS.partial" \
+    "llama-cpp-python==$LLAMA_VERSION"
+  mv "$WHEELS.partial"/llama_cpp_python-*.whl "$WHEELS/" && rmdir "$WHEELS.partial"
+fi
+say "installing PinkyBrain [$EXTRAS]"
+"$VPY" -m pip install --quiet --find-links "$WHEELS" -e ".[$EXTRAS]"
 
 MODEL="$ROOT/shared_models/gemma3-270m-q4-k-m.gguf"
 if [[ ! -s "$MODEL" ]]; then

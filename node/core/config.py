@@ -96,6 +96,30 @@ SCHEMA: tuple[Key, ...] = (
     ),
     # ours
     Key("logging.level", "choice", "info", "log level", choices=("debug", "info", "warning", "error")),
+    # ours: signed self-update
+    Key("update.url", "str", None, "URL of the signed release manifest (default: no feed) (ours)"),
+    Key(
+        "update.public_key",
+        "str",
+        None,
+        "Ed25519 release public key, hex or base64, for self-hosted feeds (default: the pinned key) (ours)",
+    ),
+    Key("update.allow_downgrade", "bool", False, "let `update apply` install an older version (ours)"),
+    Key(
+        "update.health_timeout_secs",
+        "float",
+        60.0,
+        "time the new version has to answer before it is rolled back (ours)",
+        minimum=1,
+    ),
+    # ours: the brain (inference, specialists, cloud models)
+    Key("inference.n_ctx", "int", 4096, "context window for local models (ours)", minimum=256, maximum=262144),
+    Key("inference.n_threads", "int", 0, "CPU threads for local inference, 0 = all cores (ours)", minimum=0),
+    Key("inference.max_loaded_models", "int", 2, "models kept warm at once (ours)", minimum=1),
+    Key("inference.default_model", "str", None, "model used when a specialist has no preference (ours)"),
+    Key("specialists.profiles", "mapping", {}, "add or override specialist profiles: name -> fields (ours)"),
+    Key("cloud.models", "mappings", [],
+        "cloud models: [{name, provider: openai|anthropic, model, base_url, api_key_env}] (ours)"),
 )
 KEYS: dict[str, Key] = {k.path: k for k in SCHEMA}
 
@@ -173,6 +197,12 @@ def coerce(key: Key, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)
+    elif key.type == "mapping":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of names to settings")
+    elif key.type == "mappings":
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise bad("a list of mappings")
     elif key.type == "list":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
