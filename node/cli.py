@@ -288,6 +288,20 @@ def config_show(
         typer.echo(yaml.safe_dump(data["config"], sort_keys=False).rstrip())
 
 
+# -- openai-key -------------------------------------------------------------------------------------
+def openai_key(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the API key OpenAI clients use with this node's /v1 endpoints (derived from the secret)."""
+    from pinkybrain.node.core.auth import openai_api_key
+
+    cfg = _load(config)
+    if not cfg["p2p.secret"]:
+        fail("no P2P secret is configured")
+    key = openai_api_key(cfg["p2p.secret"])
+    host, port = cfg.listen_address()
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
+    emit({"api_key": key, "base_url": base}, as_json, f"OPENAI_API_KEY={key}\nOPENAI_BASE_URL={base}")
+
+
 # -- openapi ----------------------------------------------------------------------------------------
 def openapi() -> None:
     """Print the OpenAPI description of the node API."""
@@ -301,6 +315,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(identity_app, name="identity")
     app.add_typer(config_app, name="config")
     app.command("openapi", hidden=True)(openapi)
+    app.command("openai-key")(openai_key)
 
 
 def main() -> None:

@@ -10,29 +10,21 @@ import platform
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from pinkybrain import __version__
 from pinkybrain.node.api.auth import SignedRequestMiddleware
+from pinkybrain.node.api.query import router as query_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
 from pinkybrain.node.core.identity import IdentityError, validate_node_id
-from pinkybrain.node.services.models import ModelNotFound, ModelPathError
+from pinkybrain.node.services import updater
+from pinkybrain.node.services.models import CloudShareRefused, ModelNotFound, ModelPathError
 from pinkybrain.node.services.runtime import NodeRuntime
 
-MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
 PRIVACY_LEVELS = ("private", "peers-only", "public")
-
-
-class QueryRequest(BaseModel):
-    prompt: str = Field(min_length=1, max_length=200_000)
-    mode: str = "single"
-    specialists: list[str] = Field(default_factory=list)
-    specialist: str | None = None
-    session_id: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
 
 
 class MemorySetRequest(BaseModel):
@@ -123,34 +115,19 @@ async def daemon(runtime: RuntimeDep):
 
 
 @router.get("/api/update", summary="Check for available updates")
-async def update(runtime: RuntimeDep):
-    return {
-        "current": runtime.version,
-        "latest": None,
-        "update_available": False,
-        "feed": None,
-        "detail": "no update feed is configured for this node",
-    }
+async def update(
+    runtime: RuntimeDep,
+    fetch: Annotated[bool, Query(description="false: only the last attempt and its progress")] = True,
+):
+    try:
+        return await asyncio.to_thread(
+            updater.check, runtime.cfg, runtime.version, home=runtime.home, fetch=fetch
+        )
+    except updater.UpdateError as exc:
+        raise error(exc.status, exc.code, exc.detail) from None
 
 
 # -- queries ------------------------------------------------------------------------------------
-@router.post("/api/query", summary="Submit an AI query")
-async def query(runtime: RuntimeDep, body: QueryRequest):
-    if body.mode not in MODES:
-        raise error(
-            400,
-            "unknown_mode",
-            f"unknown mode {body.mode!r}; valid modes: {', '.join(MODES)}",
-            valid=list(MODES),
-        )
-    raise error(
-        503,
-        "no_inference_engine",
-        "this node has no inference engine loaded yet; no model can answer the query",
-    )
-
-
-# -- peers and mesh -----------------------------------------------------------------------------
 @router.get("/api/peers", summary="Connected peers")
 async def peers(runtime: RuntimeDep):
     return {"peers": [], "count": 0}
@@ -179,9 +156,16 @@ async def mesh_join(runtime: RuntimeDep):
     )
 
 
-@router.post("/api/update/apply", summary="Apply an available update")
-async def update_apply(runtime: RuntimeDep):
-    raise error(409, "no_update", "no update feed is configured for this node; nothing to apply")
+@router.post("/api/update/apply", summary="Apply an available update", status_code=202)
+async def update_apply(
+    runtime: RuntimeDep,
+    allow_downgrade: Annotated[bool, Body(embed=True, description="install an older version")] = False,
+):
+    # Everything is verified (signature, version policy, size, SHA-256) before the worker changes anything.
+    try:
+        return await asyncio.to_thread(updater.start_apply, runtime, allow_downgrade)
+    except updater.UpdateError as exc:
+        raise error(exc.status, exc.code, exc.detail) from None
 
 
 @router.post("/api/network/mesh/leave", summary="Leave the public mesh")
@@ -249,6 +233,7 @@ async def models(runtime: RuntimeDep):
         "models": items,
         "count": len(items),
         "shared_models_dir": str(runtime.cfg.path("sharing.shared_models_dir")),
+        "problems": runtime.models.problems,
     }
 
 
@@ -262,9 +247,12 @@ def model_call(fn, name):
 
 
 @router.post("/api/models/{name}/share", summary="Share a model to the mesh")
-async def model_share(runtime: RuntimeDep, name: str):
-    entry = await asyncio.to_thread(model_call, runtime.models.share, name)
-    return {"shared": True, "entry": entry}
+async def model_share(runtime: RuntimeDep, name: str, force: bool = False):
+    try:
+        entry = await asyncio.to_thread(model_call, lambda n: runtime.models.share(n, force=force), name)
+    except CloudShareRefused as exc:
+        raise error(403, "cloud_model_refused", str(exc)) from None
+    return {"shared": True, "entry": entry, **({"cost_warning": entry["cost_warning"]} if "cost_warning" in entry else {})}
 
 
 @router.post("/api/models/{name}/unshare", summary="Stop sharing a model")
@@ -348,6 +336,7 @@ def _new_app(lifespan=None) -> FastAPI:
         openapi_url="/api/openapi.json",
     )
     app.include_router(router)
+    app.include_router(query_router)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
-from pinkybrain.node.core.auth import AuthError, RequestVerifier
+from pinkybrain.node.core.auth import SIG_HEADER, AuthError, RequestVerifier, bearer_ok
 
 log = logging.getLogger("pinkybrain.auth")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -65,6 +65,15 @@ class SignedRequestMiddleware:
         body = b"".join(chunks)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         verifier: RequestVerifier = self.verifier_factory()
+        if scope["path"].startswith("/v1/") and SIG_HEADER not in headers:
+            # OpenAI clients cannot sign: the /v1 endpoints also take a bearer key derived from the secret.
+            if bearer_ok(verifier.secret, headers.get("authorization")):
+                await self.app(scope, _replay(body, receive), send)
+                return
+            await _send_json(send, 401, {"error": {"message": "invalid or missing API key (pinkybrain openai-key "
+                                                              "prints it)", "type": "invalid_request_error",
+                                                   "code": "invalid_api_key"}})
+            return
         try:
             verifier.verify(
                 scope["method"],
@@ -81,13 +90,18 @@ class SignedRequestMiddleware:
             await _send_json(send, status, {"error": exc.code, "detail": exc.message})
             return
 
-        replayed = False
+        await self.app(scope, _replay(body, receive), send)
 
-        async def replay_receive():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay_receive, send)
+def _replay(body: bytes, receive):
+    """A receive() that hands the app the body we already read, then defers to the real one."""
+    replayed = False
+
+    async def replay_receive():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay_receive

@@ -33,6 +33,18 @@ def sign(secret: str, method: str, path: str, query: str, timestamp: str, nonce:
     ).hexdigest()
 
 
+def openai_api_key(secret: str) -> str:
+    """The bearer key for the OpenAI-compatible endpoints (/v1/*): derived from the network secret so
+    OpenAI clients, which cannot sign requests, still prove they know it. Shown by `pinkybrain openai-key`."""
+    return "pb-" + hmac.new(secret.encode(), b"pinkybrain-openai-compatible-key-v1", hashlib.sha256).hexdigest()[:48]
+
+
+def bearer_ok(secret: str, authorization: str | None) -> bool:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        return False
+    return hmac.compare_digest(authorization[7:].strip().encode(), openai_api_key(secret).encode())
+
+
 class AuthError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)

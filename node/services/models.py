@@ -28,6 +28,10 @@ class ModelNotFound(LookupError):
     pass
 
 
+class CloudShareRefused(PermissionError):
+    """Sharing a cloud model needs force and sharing.cloud_models; the message carries the cost warning."""
+
+
 def resolve_shared(models_dir: Path, name: str) -> Path:
     """Map a model name to a regular GGUF file strictly inside models_dir, or raise ModelPathError."""
     root = models_dir.resolve()
@@ -70,7 +74,7 @@ def sha256_file(path: Path) -> str:
 
 
 def entry_bytes(entry: dict) -> bytes:
-    body = {k: v for k, v in entry.items() if k != "signature"}
+    body = {k: v for k, v in entry.items() if k != "signature" and not k.startswith("_")}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -84,12 +88,17 @@ def verify_entry(entry: dict) -> bool:
 class ModelRegistry:
     """Local files plus the signed share entries, kept in a JSON file written atomically."""
 
-    def __init__(self, models_dir: Path, state_file: Path, identity: Identity):
+    def __init__(self, models_dir: Path, state_file: Path, identity: Identity, *, facts=None,
+                 cloud_models: dict | None = None, allow_cloud_sharing: bool = False):
         self.models_dir = models_dir
         self.state_file = state_file
         self.identity = identity
+        self.facts = facts  # GgufFactsCache, optional (GGUF header facts in listings and entries)
+        self.cloud_models = cloud_models or {}
+        self.allow_cloud_sharing = allow_cloud_sharing
         self._lock = threading.Lock()
         self._shares: dict[str, dict] = self._load()
+        self.problems: list[dict] = []  # shares withdrawn because their file changed
 
     def _load(self) -> dict[str, dict]:
         try:
@@ -127,10 +136,51 @@ class ModelRegistry:
                 item["usable"], item["problem"] = False, str(exc)
             if name in self._shares:
                 item["sha256"] = self._shares[name]["sha256"]
+            if self.facts is not None and item["usable"]:
+                facts = self.facts.peek(path)
+                if facts is None:
+                    try:
+                        facts = self.facts.get(path)
+                    except (OSError, ValueError) as exc:
+                        item["usable"], item["problem"] = False, f"unreadable GGUF header: {exc}"
+                if facts:
+                    item.update({k: facts.get(k) for k in ("architecture", "parameters", "quantization",
+                                                            "context_length", "has_chat_template")})
+            out.append(item)
+        for cm in self.cloud_models.values():
+            item = cm.describe()
+            item["shared"] = cm.name in self._shares
             out.append(item)
         return out
 
-    def share(self, name: str) -> dict:
+    def verify_shares(self) -> list[dict]:
+        """Re-hash shared files whose size or mtime changed; withdraw (and report) any that no longer match."""
+        withdrawn = []
+        for name, entry in list(self._shares.items()):
+            if entry.get("kind") == "cloud":
+                continue
+            reason = None
+            try:
+                path = resolve_shared(self.models_dir, entry["file"])
+                st = path.stat()
+                if st.st_size != entry["size_bytes"]:
+                    reason = f"size changed from {entry['size_bytes']} to {st.st_size} bytes"
+                elif entry.get("_stamp") != st.st_mtime_ns and sha256_file(path) != entry["sha256"]:
+                    reason = "SHA-256 no longer matches the signed entry"
+            except (ModelPathError, ModelNotFound, OSError) as exc:
+                reason = str(exc)
+            if reason:
+                with self._lock:
+                    self._shares.pop(name, None)
+                    self._save()
+                problem = {"model": name, "unshared": True, "reason": reason, "at": int(time.time())}
+                self.problems.append(problem)
+                withdrawn.append(problem)
+        return withdrawn
+
+    def share(self, name: str, *, force: bool = False) -> dict:
+        if name in self.cloud_models:
+            return self._share_cloud(name, force)
         path = resolve_shared(self.models_dir, name)
         model = path.name[: -len(".gguf")]
         st = path.stat()
@@ -142,11 +192,35 @@ class ModelRegistry:
             "owner": self.identity.node_id,
             "signed_at": int(time.time()),
         }
+        if self.facts is not None:
+            facts = self.facts.get(path)
+            entry["gguf"] = {k: facts.get(k) for k in ("architecture", "parameters", "quantization",
+                                                       "context_length")}
         entry["signature"] = self.identity.sign(entry_bytes(entry)).hex()
         with self._lock:
-            self._shares[model] = entry
+            self._shares[model] = {**entry, "_stamp": st.st_mtime_ns}
             self._save()
         return entry
+
+    def _share_cloud(self, name: str, force: bool) -> dict:
+        from pinkybrain.node.services.cloud import COST_WARNING
+
+        cm = self.cloud_models[name]
+        if not force:
+            raise CloudShareRefused(
+                f"{name!r} is a cloud model: it is never shared without an explicit force (--force / force=true); "
+                + COST_WARNING.format(provider=cm.provider))
+        if not self.allow_cloud_sharing:
+            raise CloudShareRefused(
+                f"{name!r} is a cloud model and sharing.cloud_models is false in this node's config; set it to "
+                "true and pass --force to share it. " + COST_WARNING.format(provider=cm.provider))
+        entry = {"name": name, "kind": "cloud", "provider": cm.provider, "owner": self.identity.node_id,
+                 "signed_at": int(time.time())}
+        entry["signature"] = self.identity.sign(entry_bytes(entry)).hex()
+        with self._lock:
+            self._shares[name] = entry
+            self._save()
+        return {**entry, "cost_warning": COST_WARNING.format(provider=cm.provider)}
 
     def unshare(self, name: str) -> dict:
         model = name[: -len(".gguf")] if name.endswith(".gguf") else name
@@ -158,4 +232,5 @@ class ModelRegistry:
         return entry
 
     def shared_entries(self) -> list[dict]:
-        return list(self._shares.values())
+        """The signed entries as peers see them (local bookkeeping fields removed)."""
+        return [{k: v for k, v in e.items() if not k.startswith("_")} for e in self._shares.values()]

@@ -59,6 +59,7 @@ class NodeRuntime:
         )
         self.memory = None
         self.conversations = None
+        self.brain = None
         self.mdns: MdnsService | None = None
         self._tasks: list[asyncio.Task] = []
         self._process = psutil.Process()
@@ -78,6 +79,13 @@ class NodeRuntime:
             default_privacy=self.cfg["conversations.default_privacy"],
             retention_days=self.cfg["conversations.retention_days"],
         )
+        from pinkybrain.node.services.brain import Brain
+
+        self.brain = Brain(self)
+        self.models.facts = self.brain.facts
+        self.models.cloud_models = self.brain.cloud_models
+        self.models.allow_cloud_sharing = self.cfg["sharing.cloud_models"]
+        self._tasks.append(asyncio.create_task(self._verify_models(), name="verify-models"))
         psutil.cpu_percent(None)  # prime: the first reading is meaningless
         self._tasks.append(asyncio.create_task(self._sample_loop(), name="resource-guard"))
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
@@ -103,6 +111,8 @@ class NodeRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.mdns is not None:
             await self.mdns.stop()
+        if self.brain is not None:
+            await self.brain.close()
         if self.memory is not None:
             self.memory.close()
         if self.conversations is not None:
@@ -137,6 +147,16 @@ class NodeRuntime:
                     self.guard.reason or "back under thresholds",
                 )
             await asyncio.sleep(self.cfg["resource_guard.sample_secs"])
+
+    async def _verify_models(self) -> None:
+        """At start: warm the GGUF facts cache and withdraw shares whose file no longer matches."""
+        for path in self.models.local_files():
+            try:
+                await asyncio.to_thread(self.brain.facts.get, path)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read GGUF header of %s: %s", path.name, exc)
+        for problem in await asyncio.to_thread(self.models.verify_shares):
+            log.warning("unshared model %s: %s", problem["model"], problem["reason"])
 
     async def _retention_loop(self) -> None:
         while True:

@@ -1,0 +1,184 @@
+"""Query endpoints: `/api/query` (the specialist router, with SSE token streaming) and the
+OpenAI-compatible `/v1/chat/completions` and `/v1/models`, all served by the same brain."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from pinkybrain.node.core.router import NoAnswer, RouterError
+from pinkybrain.node.services.brain import NoModel
+from pinkybrain.node.services.runtime import NodeRuntime
+
+MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
+router = APIRouter()
+
+
+def get_runtime(request: Request) -> NodeRuntime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
+
+
+class QueryRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=200_000)
+    mode: str = "single"
+    specialists: list[str] = Field(default_factory=list)
+    specialist: str | None = None
+    session_id: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    model: str | None = Field(default=None, description="force one model (local or cloud) for every step")
+    stream: bool = Field(default=False, description="server-sent events of text pieces (single/specialist modes)")
+
+
+def _error(status: int, code: str, detail: str, **extra) -> HTTPException:
+    return HTTPException(status_code=status, detail={"error": code, "detail": detail, **extra})
+
+
+def _requested(body: QueryRequest) -> list[str]:
+    names = ([body.specialist] if body.specialist else []) + list(body.specialists)
+    return list(dict.fromkeys(n.strip() for n in names if n and n.strip()))
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+@router.post("/api/query", summary="Submit an AI query")
+async def query(runtime: RuntimeDep, body: QueryRequest):
+    brain = runtime.brain
+    if body.mode not in MODES:
+        raise _error(400, "unknown_mode", f"unknown mode {body.mode!r}; valid modes: {', '.join(MODES)}",
+                     valid=list(MODES))
+    requested = _requested(body)
+    unknown = [n for n in requested if n not in brain.specialists]
+    if unknown:
+        raise _error(400, "unknown_specialist",
+                     f"unknown specialist {unknown[0]!r}; valid specialists: {', '.join(sorted(brain.specialists))}",
+                     valid=sorted(brain.specialists))
+    if body.stream:
+        return await _stream_query(runtime, body, requested)
+    try:
+        return await brain.query(body.prompt, body.mode, requested, max_tokens=body.max_tokens, model=body.model,
+                                 session_id=body.session_id)
+    except NoModel as exc:
+        raise _error(503, "no_model", str(exc)) from None
+    except NoAnswer as exc:
+        raise _error(502, "no_answer", str(exc), errors=exc.errors) from None
+    except RouterError as exc:
+        raise _error(400, "invalid_query", str(exc)) from None
+    except ValueError as exc:
+        raise _error(400, "invalid_request", str(exc)) from None
+
+
+async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: list[str]):
+    brain = runtime.brain
+    if body.mode not in ("single", "specialist") or len(requested) > 1:
+        raise _error(400, "stream_unsupported",
+                     "streaming is available for single mode and for one named specialist; "
+                     "use stream=false for multi-specialist modes")
+    try:
+        plan = brain.plan_single(body.prompt, requested, model=body.model, max_tokens=body.max_tokens)
+    except NoModel as exc:
+        raise _error(503, "no_model", str(exc)) from None
+
+    async def events():
+        yield _sse("start", {k: v for k, v in plan.items() if k != "messages"})
+        pieces: list[str] = []
+        start = time.perf_counter()
+        try:
+            async for piece in brain.stream(plan["model"], plan["messages"], **plan["settings"]):
+                pieces.append(piece)
+                yield _sse("token", {"text": piece})
+        except Exception as exc:  # noqa: BLE001 - reported to the client as an event, never a crash
+            yield _sse("error", {"detail": str(exc)})
+            return
+        answer = "".join(pieces).strip()
+        record = await brain.record(body.session_id, body.prompt, answer, body.mode, [plan["specialist"]],
+                                    plan["model"])
+        yield _sse("end", {"answer": answer, "session_id": record["session_id"], "model": plan["model"],
+                           "specialist": plan["specialist"], "node": runtime.identity.node_id,
+                           "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)})
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+# -- OpenAI-compatible ----------------------------------------------------------------------------
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str = "pinkybrain"
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stream: bool = False
+
+
+def _openai_error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}},
+                        status_code=status)
+
+
+@router.get("/v1/models", summary="OpenAI-compatible model list")
+async def v1_models(runtime: RuntimeDep):
+    created = int(runtime.started_at)
+    ids = ["pinkybrain"] + [f"pinkybrain/{s}" for s in sorted(runtime.brain.specialists)]
+    ids += sorted(runtime.brain.local_models()) + sorted(runtime.brain.cloud_models)
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "pinkybrain"}
+                                       for i in ids]}
+
+
+@router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion")
+async def v1_chat(runtime: RuntimeDep, body: ChatCompletionRequest):
+    brain = runtime.brain
+    messages = [m.model_dump() for m in body.messages]
+    try:
+        plan = brain.plan_messages(body.model, messages, max_tokens=body.max_tokens, temperature=body.temperature,
+                                   top_p=body.top_p)
+    except NoModel as exc:
+        return _openai_error(404, str(exc), "model_not_found")
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    prompt_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if body.stream:
+        async def events():
+            pieces = []
+            head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+            yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+            try:
+                async for piece in brain.stream(plan["model"], plan["messages"], **plan["settings"]):
+                    pieces.append(piece)
+                    chunk = {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except Exception as exc:  # noqa: BLE001 - end the stream with an error object
+                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+                return
+            yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+            yield "data: [DONE]\n\n"
+            await brain.record(None, prompt_text, "".join(pieces).strip(), "openai", [plan["specialist"]],
+                               plan["model"])
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    try:
+        text, usage, _ = await brain.complete(plan["model"], plan["messages"], **plan["settings"])
+    except Exception as exc:  # noqa: BLE001 - surfaced in OpenAI's error shape
+        return _openai_error(502, str(exc), "model_error")
+    await brain.record(None, prompt_text, text, "openai", [plan["specialist"]], plan["model"])
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
+                  "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)},
+        "system_fingerprint": f"pinkybrain-{runtime.version}",
+    }

