@@ -98,3 +98,17 @@ def test_share_entry_is_signed_and_verifiable(layout, tmp_path):
     assert ModelRegistry(models, tmp_path / "shares.json", reg.identity).shared_entries() == []
     with pytest.raises(ModelPathError):
         reg.share("../secret")
+
+
+def test_a_changed_file_is_unshared_and_reported(layout, tmp_path):
+    models, _ = layout
+    reg = ModelRegistry(models, tmp_path / "shares.json", Identity.generate())
+    reg.share("tiny")
+    assert reg.verify_shares() == []  # untouched: still shared
+    data = bytearray((models / "tiny.gguf").read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    (models / "tiny.gguf").write_bytes(bytes(data))
+    withdrawn = reg.verify_shares()
+    assert [w["model"] for w in withdrawn] == ["tiny"] and "SHA-256" in withdrawn[0]["reason"]
+    assert reg.shared_entries() == [] and reg.problems == withdrawn
+    assert ModelRegistry(models, tmp_path / "shares.json", reg.identity).shared_entries() == []
