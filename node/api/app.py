@@ -130,7 +130,8 @@ async def update(
 # -- queries ------------------------------------------------------------------------------------
 @router.get("/api/peers", summary="Connected peers")
 async def peers(runtime: RuntimeDep):
-    return {"peers": [], "count": 0}
+    items = runtime.mesh.peers() if runtime.mesh is not None else []
+    return {"peers": items, "count": len(items)}
 
 
 @router.get("/api/discover", summary="Auto-discovered nodes (mDNS, Tailscale)")
@@ -139,6 +140,11 @@ async def discover(runtime: RuntimeDep):
 
     mdns = list(runtime.mdns.found.values()) if runtime.mdns else []
     tailscale = await asyncio.to_thread(tailscale_peers)
+    mesh = runtime.mesh
+    linked_ips = {p["address"].rsplit(":", 1)[0] for p in mesh.peers() if p["address"]} if mesh else set()
+    mdns = [{**n, "connected": bool(mesh and n.get("node_id") and mesh.connected(n["node_id"]))} for n in mdns]
+    for peer in tailscale["peers"]:
+        peer["connected"] = any(ip in linked_ips for ip in peer.get("addresses") or [])
     return {
         "mdns": {"available": runtime.mdns is not None, "nodes": mdns},
         "tailscale": tailscale,
@@ -315,6 +321,9 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
 
     app = _new_app(lifespan)
     app.state.runtime = runtime
+    from pinkybrain.node.api.p2p import router as p2p_router
+
+    app.include_router(p2p_router)  # peer links (WebSocket /p2p): not part of the signed HTTP API
     verifier = RequestVerifier(secret=runtime.cfg["p2p.secret"], nonces=NonceCache())
     app.add_middleware(SignedRequestMiddleware, verifier_factory=lambda: verifier)
     return app
