@@ -80,7 +80,11 @@ if ! compgen -G "$WHEELS/llama_cpp_python-$LLAMA_VERSION-*.whl" >/dev/null; then
   mv "$WHEELS.partial"/llama_cpp_python-*.whl "$WHEELS/" && rmdir "$WHEELS.partial"
 fi
 say "installing PinkyBrain [$EXTRAS]"
-"$VPY" -m pip install --quiet --find-links "$WHEELS" -e ".[$EXTRAS]"
+# Developers get an editable install; a node gets a regular one, which `pinkybrain update apply` can
+# replace with a signed release (rerun ./install.sh after a git pull).
+EDITABLE=()
+[[ $DEV == 1 ]] && EDITABLE=(-e)
+"$VPY" -m pip install --quiet --find-links "$WHEELS" "${EDITABLE[@]}" ".[$EXTRAS]"
 
 MODEL="$ROOT/shared_models/gemma3-270m-q4-k-m.gguf"
 if [[ ! -s "$MODEL" ]]; then

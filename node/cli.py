@@ -1,5 +1,6 @@
 """Node-local commands (they act on this machine's files and processes, not through the API):
-`serve` (foreground, --daemon, --stop), `identity init/show`, `config init/set/show`, `openapi`."""
+`serve` (foreground, --daemon, --stop), `identity init/show`, `config init/set/show`, `openapi`,
+`tracker serve`."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def serve(
         bool, typer.Option("--daemon", help="run in the background; returns once the API answers")
     ] = False,
     stop: Annotated[bool, typer.Option("--stop", help="stop the background node of this home")] = False,
+    peer: Annotated[
+        Optional[list[str]], typer.Option("--peer", help="static peer URL, e.g. http://host:8080 (repeatable)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the node (foreground by default)."""
@@ -66,7 +70,7 @@ def serve(
         try:
             check_secret(cfg["p2p.secret"])
             bind_host, bind_port = cfg.listen_address()
-            info = start_daemon(cfg, config, host or bind_host, port or bind_port)
+            info = start_daemon(cfg, config, host or bind_host, port or bind_port, peers=tuple(peer or ()))
         except WeakSecretError as exc:
             fail(f"refusing to start: {exc}")
         except DaemonError as exc:
@@ -79,7 +83,7 @@ def serve(
         return
     from pinkybrain.node.server import serve as run
 
-    raise typer.Exit(run(config, host, port))
+    raise typer.Exit(run(config, host, port, tuple(peer or ())))
 
 
 # -- identity ---------------------------------------------------------------------------------------
@@ -310,12 +314,88 @@ def openapi() -> None:
     typer.echo(json.dumps(describe_api(), indent=2, sort_keys=True))
 
 
+# -- tracker ----------------------------------------------------------------------------------------
+tracker_app = typer.Typer(
+    help="Run a tracker: signed peer records, peer lists and an encrypted-frame relay.", no_args_is_help=True
+)
+
+
+@tracker_app.command("serve")
+def tracker_serve(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port (0: any free one)", min=0, max=65535)] = 8090,
+    public_url: Annotated[
+        Optional[str],
+        typer.Option("--public-url", help="URL clients dial and sign, e.g. wss://tracker.example.org"),
+    ] = None,
+    max_records: Annotated[int, typer.Option("--max-records", help="records held at most", min=1)] = 100_000,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", help="open sessions at most", min=1)] = 10_000,
+    max_sessions_per_ip: Annotated[
+        int, typer.Option("--max-sessions-per-ip", help="open sessions per client address", min=1)
+    ] = 32,
+    auth_timeout: Annotated[
+        float, typer.Option("--auth-timeout", help="seconds a client has to prove its node id", min=0.1)
+    ] = 5.0,
+    idle_timeout: Annotated[
+        float, typer.Option("--idle-timeout", help="seconds of client silence before closing", min=1)
+    ] = 300.0,
+    announce_rate: Annotated[
+        float, typer.Option("--announce-rate", help="announces per second per session", min=0.01)
+    ] = 1.0,
+    list_rate: Annotated[float, typer.Option("--list-rate", help="lists per second per session", min=0.01)] = 5.0,
+    relay_rate: Annotated[
+        float, typer.Option("--relay-rate", help="relayed frames per second per session", min=1)
+    ] = 1000.0,
+    relay_bytes_rate: Annotated[
+        float, typer.Option("--relay-bytes-rate", help="relayed bytes per second per session", min=1024)
+    ] = 8 * 1024 * 1024,
+    tls_cert: Annotated[Optional[str], typer.Option("--tls-cert", help="PEM certificate: serve wss directly")] = None,
+    tls_key: Annotated[Optional[str], typer.Option("--tls-key", help="PEM private key for --tls-cert")] = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug, info, warning or error (payloads are never logged)")
+    ] = "info",
+) -> None:
+    """Run a tracker in the foreground until SIGTERM or Ctrl-C."""
+    from pinkybrain.node.services.tracker import TrackerSettings, run_tracker
+
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        fail(f"--log-level {log_level!r}: use debug, info, warning or error")
+    if bool(tls_cert) != bool(tls_key):
+        fail("--tls-cert and --tls-key go together")
+    settings = TrackerSettings(
+        host=host,
+        port=port,
+        public_url=public_url,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_records=max_records,
+        max_sessions=max_sessions,
+        max_sessions_per_ip=max_sessions_per_ip,
+        auth_timeout=auth_timeout,
+        idle_timeout=idle_timeout,
+        announce_rate=announce_rate,
+        list_rate=list_rate,
+        relay_rate=relay_rate,
+        relay_bytes_rate=relay_bytes_rate,
+    )
+    if public_url:
+        try:
+            settings.advertised_url()
+        except ValueError as exc:
+            fail(f"--public-url: {exc}")
+    raise typer.Exit(run_tracker(settings, log_level=log_level.lower()))
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.add_typer(identity_app, name="identity")
     app.add_typer(config_app, name="config")
     app.command("openapi", hidden=True)(openapi)
     app.command("openai-key")(openai_key)
+    from pinkybrain.node import release_cli
+
+    app.add_typer(release_cli.release_app, name="release", help="Maintainers: release keys and signed manifests.")
+    app.add_typer(tracker_app, name="tracker")
 
 
 def main() -> None:
