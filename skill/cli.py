@@ -12,12 +12,13 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import click
+import httpx
 import typer
 
 from pinkybrain.skill import output
@@ -139,11 +140,16 @@ def query(
     specialists: Annotated[Optional[str], typer.Option("--specialists", help="comma-separated, e.g. a,b")] = None,
     session: Annotated[Optional[str], typer.Option("--session", help="continue this conversation")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="cap the answer length")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="print the answer as it is generated "
+                                                          "(single and specialist modes)")] = False,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
     timeout: TimeoutOpt = None,
 ) -> None:
-    """Ask the network: single, vote, chain, fuse, compare or specialist mode."""
+    """Ask the network: single, vote, chain, fuse, compare or specialist mode.
+
+    The answer goes to stdout; votes, steps, sources and the status line go to stderr, so the answer alone
+    can be piped. With --stream, --json prints the final `end` event."""
     choice(mode, MODES, "mode")
     names = [specialist] if specialist else []
     for name in (specialists or "").split(","):
@@ -151,14 +157,97 @@ def query(
             names.append(name.strip())
     body = {"prompt": prompt, "mode": mode, "specialists": names, "specialist": specialist,
             "session_id": session, "max_tokens": max_tokens}
-    data, _ = call(url, timeout if timeout is not None else QUERY_TIMEOUT, "POST", "/api/query", json_body=body)
-    if as_json:
-        emit(data, True, "")
-        return
-    typer.echo(output.answer_text(data or {}))
-    if isinstance(data, dict) and data.get("session_id") and not session:
+    wait = timeout if timeout is not None else QUERY_TIMEOUT
+    if stream:
+        data = stream_query(url, wait, body, as_json)
+    else:
+        data, _ = call(url, wait, "POST", "/api/query", json_body=body)
+        if as_json:
+            emit(data, True, "")
+            return
+        for text, to_stderr in output.render_query(data if isinstance(data, dict) else {}):
+            typer.echo(text, err=to_stderr)
+    if not as_json and isinstance(data, dict) and data.get("session_id") and not session:
         # On stderr, so the answer alone can be piped; the id is what --session needs next time.
         typer.echo(f"(session {data['session_id']}: continue with --session {data['session_id']})", err=True)
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """(event, data) pairs from server-sent-event lines; data is parsed JSON."""
+    event, data = "message", []
+
+    def parsed() -> Any:
+        try:
+            return json.loads("\n".join(data))
+        except ValueError:
+            raise SkillError(f"the node sent an unreadable {event!r} event") from None
+
+    for line in lines:
+        if not line:  # a blank line ends an event
+            if data:
+                yield event, parsed()
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+    if data:  # a stream cut short without its final blank line
+        yield event, parsed()
+
+
+def stream_query(url: str | None, timeout: float, body: dict, as_json: bool) -> dict:
+    """POST /api/query with stream=true: pieces to stdout as they come, the status line at the end.
+    Returns the `end` event."""
+    conn = connect(url, timeout)
+    payload = json.dumps({**body, "stream": True}).encode()  # serialised once: the bytes signed are the bytes sent
+    start: dict = {}
+    printed = False
+    with conn.client:
+        http = conn.client._http  # NodeClient has no streaming call; its signed httpx client has
+        try:
+            with http.stream("POST", "/api/query", content=payload,
+                             headers={"Content-Type": "application/json"}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    conn.client._answer("POST", "/api/query", response, False)  # raises the one-line error
+                for event, data in sse_events(response.iter_lines()):
+                    if event == "start":
+                        start = data if isinstance(data, dict) else {}
+                    elif event == "token" and not as_json:
+                        piece = str((data or {}).get("text", ""))
+                        if not printed:  # the final answer is stripped; so is what is shown of it
+                            piece = piece.lstrip()
+                        if piece:
+                            typer.echo(piece, nl=False)  # echo flushes: each piece shows as it comes
+                            printed = True
+                    elif event == "error":
+                        if printed:
+                            typer.echo("")
+                        raise SkillError(f"the answer stopped: {(data or {}).get('detail') or 'unknown error'}")
+                    elif event == "end":
+                        end = data if isinstance(data, dict) else {}
+                        if as_json:
+                            emit(end, True, "")
+                        else:
+                            typer.echo("" if printed else output.answer_text(end))
+                            score = (start.get("routing") or {}).get("score")
+                            typer.echo(output.status_line(end, score=score), err=True)
+                        return end
+        except httpx.TimeoutException:
+            raise SkillError(f"the node at {conn.url} stopped sending the answer for {timeout:g}s "
+                             "(raise it with --timeout)") from None
+        except httpx.ConnectError as exc:
+            raise SkillError(f"cannot reach the node at {conn.url}: {exc or 'cannot connect'}") from None
+        except httpx.HTTPError as exc:
+            raise SkillError(f"streaming from {conn.url} failed: {exc or type(exc).__name__}") from None
+        except KeyboardInterrupt:
+            # Closing the response tells the node to stop generating; no traceback for a Ctrl-C.
+            if printed:
+                typer.echo("", err=True)
+            raise typer.Exit(130) from None
+    if printed:
+        typer.echo("")
+    raise SkillError("the node closed the stream before the end of the answer")
 
 
 @handled
@@ -301,6 +390,10 @@ def models_share(
     data, _ = call(url, timeout, "POST", f"/api/models/{path_part(name)}/share",
                    params={"force": "true" if force else None})
     entry = (data or {}).get("entry") or {}
+    warning = (data or {}).get("cost_warning")
+    if warning:
+        # First and on stderr, even with --json: it is the one thing a human must not miss.
+        typer.secho(warning, err=True, fg=typer.colors.RED, bold=True)
 
     def human() -> str:
         digest = str(entry.get("sha256") or "")[:12]
@@ -343,10 +436,77 @@ def update_check(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutO
 
 @update_app.command("apply")
 @handled
-def update_apply(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
-    """Install the available update on the node."""
-    data, _ = call(url, timeout, "POST", "/api/update/apply")
-    emit(data, as_json, lambda: (data or {}).get("detail") or f"updated to {(data or {}).get('version', '?')}")
+def update_apply(
+    allow_downgrade: Annotated[
+        bool, typer.Option("--allow-downgrade", help="install the release even if it is older")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="wait for the restarted node's outcome")] = True,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Download, verify and install the feed's release; the node restarts, and rolls back if it fails."""
+    import sys
+    import threading
+
+    conn = connect(url, timeout)
+    with conn.client:
+        # The node downloads and verifies inside the POST; meanwhile GET ?fetch=false reports its progress.
+        result: dict = {}
+
+        def post() -> None:
+            try:
+                result["data"] = conn.client.request(
+                    "POST", "/api/update/apply", json_body={"allow_downgrade": allow_downgrade}, timeout=1800
+                )
+            except SkillError as exc:
+                result["error"] = exc
+
+        poster = threading.Thread(target=post, daemon=True)
+        poster.start()
+        bar, shown = None, 0
+        while poster.is_alive():
+            poster.join(0.3)
+            if as_json or not poster.is_alive():
+                continue
+            try:
+                status = conn.client.request("GET", "/api/update", params={"fetch": "false"}) or {}
+            except SkillError:
+                continue
+            progress = status.get("progress")
+            if progress and progress.get("total"):
+                if bar is None:
+                    bar = click.progressbar(length=progress["total"], label="downloading", file=sys.stderr)
+                bar.update(progress["done"] - shown)
+                shown = progress["done"]
+        if bar is not None:
+            bar.render_finish()
+        if "error" in result:
+            raise result["error"]
+        data = result["data"] or {}
+        if not as_json:
+            typer.echo(data.get("detail", "update accepted"))
+        outcome = None
+        deadline = time.monotonic() + float(data.get("health_timeout_secs") or 60) * 2 + 120
+        while wait and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:  # the node is down for a while during the restart
+                status = conn.client.request("GET", "/api/update", params={"fetch": "false"}) or {}
+            except SkillError:
+                continue
+            last = status.get("last_attempt")
+            if last and last.get("id") == data.get("attempt") and last.get("final"):
+                outcome = last
+                break
+    if as_json:
+        emit({**data, "outcome": outcome}, True, "")
+    elif wait and outcome is None:
+        fail("no outcome yet; `pinkybrain update check` shows it once the node answers again")
+    if outcome and outcome.get("state") != "succeeded":
+        what = str(outcome.get("state", "failed")).replace("_", " ")
+        fail(f"update to {outcome.get('to')} {what}: {outcome.get('reason')}")
+    if outcome and not as_json:
+        typer.echo(f"updated {outcome.get('from')} -> {outcome.get('to')}; the node runs {outcome.get('to')}")
 
 
 # -- conversations ----------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def render_status(s: dict, url: str, via: str) -> str:
     guard_line = (f"CPU {percent(guard.get('cpu_percent'))} / {percent(guard.get('cpu_threshold'))}   "
                   f"RAM {percent(guard.get('ram_percent'))} / {percent(guard.get('ram_threshold'))}   "
                   f"sharing {state}")
-    mesh_line = (f"{private.get('peers', 0)} private peer(s); public mesh "
+    traffic = (f" ({private.get('links_down')} down; {size(private.get('bytes_in'))} in, "
+               f"{size(private.get('bytes_out'))} out)" if "bytes_in" in private else "")
+    mesh_line = (f"{private.get('peers', 0)} private peer(s){traffic}; public mesh "
                  f"{'joined' if public.get('joined') else 'not joined'}"
                  + ("; stealth" if mesh.get("stealth") else ""))
     credit = s.get("credit") or {}
@@ -131,16 +133,41 @@ def render_capabilities(c: dict) -> str:
     ])
 
 
+def params(n: Any) -> str:
+    """A parameter count the way model cards write it: 268M, 7.24B."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or n <= 0:
+        return "-"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+def context(n: Any) -> str:
+    """A context length in tokens: 32768 -> 32K (powers of two are how they are quoted)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return "-"
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def render_models(d: dict) -> str:
     models = d.get("models") or []
     if not models:
         return f"no models in {d.get('shared_models_dir', 'the shared models folder')}"
+    cloud = any(m.get("kind") == "cloud" for m in models)
     rows = []
     for m in models:
         usable = "yes" if m.get("usable", True) else f"no: {m.get('problem', '?')}"
-        rows.append([m.get("name", "?"), m.get("kind", "?"), size(m.get("size_bytes")),
-                     "yes" if m.get("shared") else "no", usable])
-    return table(["NAME", "KIND", "SIZE", "SHARED", "USABLE"], rows)
+        local = m.get("kind") != "cloud"
+        row = [m.get("name", "?"), m.get("kind", "?"),
+               (m.get("architecture") or "-") if local else "-",
+               params(m.get("parameters")), m.get("quantization") or "-", context(m.get("context_length")),
+               size(m.get("size_bytes")) if local else "-"]
+        if cloud:  # the column only when there is something to put in it
+            row.append(f"{m.get('provider', '?')} {m.get('model') or ''}".strip() if not local else "")
+        rows.append([*row, "yes" if m.get("shared") else "no", usable])
+    headers = ["NAME", "KIND", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE"]
+    return table([*headers, *(["PROVIDER"] if cloud else []), "SHARED", "USABLE"], rows)
 
 
 def render_daemon(d: dict) -> str:
@@ -160,9 +187,19 @@ def render_peers(d: dict) -> str:
     peers = d.get("peers") or []
     if not peers:
         return "no peers connected"
-    rows = [[p.get("name", "?"), short_id(p.get("node_id") or p.get("id")), p.get("url") or "",
-             p.get("state") or p.get("status") or ""] for p in peers]
-    return table(["NAME", "NODE", "URL", "STATE"], rows)
+    rows = []
+    for p in peers:
+        load, guard = p.get("load") or {}, p.get("guard") or {}
+        latency = p.get("latency_ms")
+        rows.append([
+            p.get("name") or "?", short_id(p.get("node_id") or p.get("id")),
+            "(stealth)" if p.get("stealth") else p.get("address") or p.get("url") or "",
+            f"{latency:.1f} ms" if isinstance(latency, (int, float)) else "-",
+            f"{percent(load.get('cpu_percent'))} / {percent(load.get('ram_percent'))}",
+            len(p.get("shared_models") or []),
+            "paused" if guard.get("sharing_paused") else (p.get("state") or "connected"),
+        ])
+    return table(["NAME", "NODE", "ADDRESS", "LATENCY", "CPU/RAM", "MODELS", "STATE"], rows)
 
 
 def render_discover(d: dict) -> str:
@@ -174,7 +211,7 @@ def render_discover(d: dict) -> str:
     else:
         lines.append(f"mDNS: {len(nodes)} node(s)")
         lines += [f"  {n.get('name', '?')}  {short_id(n.get('node_id'))}  {' '.join(n.get('urls') or [])}"
-                  for n in nodes]
+                  + ("  (linked)" if n.get("connected") else "") for n in nodes]
     ts = d.get("tailscale") or {}
     peers = ts.get("peers") or []
     if not ts.get("available"):
@@ -182,7 +219,8 @@ def render_discover(d: dict) -> str:
     else:
         lines.append(f"Tailscale: {len(peers)} peer(s)")
         lines += [f"  {p.get('name', '?')}  {' '.join(p.get('addresses') or [])}"
-                  + ("" if p.get("online") else "  (offline)") for p in peers]
+                  + ("" if p.get("online") else "  (offline)") + ("  (linked)" if p.get("connected") else "")
+                  for p in peers]
     return "\n".join(lines)
 
 
@@ -236,3 +274,89 @@ def answer_text(d: dict) -> str:
         if isinstance(d.get(key), str):
             return d[key]
     return json.dumps(d, indent=2, ensure_ascii=False)
+
+
+# -- queries -----------------------------------------------------------------------------------------
+# A rendered query is a list of (text, to_stderr) chunks in display order: the answer goes to stdout and
+# what describes it (votes, steps, sources, the status line) to stderr, so the answer alone can be piped.
+Chunks = list[tuple[str, bool]]
+_SHORT_RULE = 60  # a longer `rule` is the full description; the table then names it instead
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.0f} ms" if isinstance(value, (int, float)) and not isinstance(value, bool) else "? ms"
+
+
+def first_line(text: Any, width: int = 80) -> str:
+    line = next((x.strip() for x in str(text or "").splitlines() if x.strip()), "")
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def status_line(d: dict, *, score: Any = None) -> str:
+    """`specialist X (score s) · model M · node ID · N ms` for one answer (a query result or an `end` event)."""
+    spec = f"specialist {d.get('specialist') or '?'}"
+    if isinstance(score, (int, float)) and not isinstance(score, bool):
+        spec += f" (score {score:.2f})"
+    answers = [a for a in d.get("answers") or [] if isinstance(a, dict)]
+    # The model of the answer shown (the first successful one), not just of the first asked.
+    model = d.get("model") or next((a.get("model") for a in answers
+                                    if a.get("specialist") == d.get("specialist") and a.get("model")), None)
+    return " · ".join([spec, f"model {model or '?'}", f"node {short_id(d.get('node'))}", _ms(d.get("elapsed_ms"))])
+
+
+def _models_of(d: dict) -> str:
+    used = sorted({a.get("model") for a in d.get("answers") or [] if a.get("model")})
+    return ", ".join(used) or "?"
+
+
+def _errors(d: dict) -> Chunks:
+    return [(f"{e.get('specialist', '?')} failed: {e.get('error', '?')}", True)
+            for e in d.get("errors") or [] if isinstance(e, dict)]
+
+
+def render_query(d: dict) -> Chunks:
+    mode = d.get("mode")
+    answers = [a for a in d.get("answers") or [] if isinstance(a, dict)]
+    summary = " · ".join([f"{mode} · {len(answers)} answer(s)", f"model {_models_of(d)}",
+                          f"node {short_id(d.get('node'))}", _ms(d.get("elapsed_ms"))])
+    if mode == "vote":
+        votes = d.get("votes") or {}
+        model_of = {a.get("specialist"): a.get("model") for a in answers}
+        rows = [[name, key, model_of.get(name) or ""] for name, key in votes.items()]
+        rows += [[e.get("specialist", "?"), "(failed)", ""] for e in d.get("errors") or [] if isinstance(e, dict)]
+        winner = d.get("winner") or {}
+        rule = d.get("rule_name") or d.get("rule") or "?"
+        rule = rule if len(rule) <= _SHORT_RULE else "majority of normalised answer keys"
+        verdict = (f"winner {winner.get('key', '?')!r}: {winner.get('count', '?')} of {len(votes)} vote(s)"
+                   + (", unanimous" if d.get("unanimous") else "") + f"; rule: {rule} (--json for the full rule)")
+        return [(answer_text(d), False), (table(["SPECIALIST", "KEY", "MODEL"], rows), True), (verdict, True),
+                (summary, True)]
+    if mode == "chain":
+        steps = [s for s in d.get("steps") or [] if isinstance(s, dict)]
+        lines = []
+        for s in steps:
+            what = f"failed: {s['error']}" if s.get("error") else first_line(s.get("text"))
+            role = f" ({s['role']})" if s.get("role") and s.get("role") != "step" else ""
+            lines.append(f"step {s.get('step', '?')} · {s.get('specialist', '?')}{role} · {what}")
+        return [("\n".join(lines), True), (answer_text(d), False), (summary, True)]
+    if mode == "fuse":
+        sources = [s for s in d.get("sources") or [] if isinstance(s, dict)]
+        head = (f"fused by {d.get('fuser')} from {len(sources)} source(s):" if d.get("fused")
+                else f"not fused ({d.get('note') or 'one source'}); sources:")
+        lines = [head] + [f"  {s.get('specialist', '?')} · {s.get('model') or '?'}" for s in sources]
+        return [(answer_text(d), False), ("\n".join(lines), True), *_errors(d), (summary, True)]
+    if mode == "compare":
+        blocks = []
+        for a in answers:
+            head = f"── {a.get('specialist', '?')} · {a.get('model') or '?'} · {_ms(a.get('elapsed_ms'))}"
+            body = f"failed: {a['error']}" if a.get("error") else str(a.get("text") or "").strip()
+            blocks.append(f"{head}\n{body}")
+        fastest = f" · fastest {d['fastest']}" if d.get("fastest") else ""
+        return [("\n\n".join(blocks), False), (summary + fastest, True)]
+    if mode in ("single", "specialist") and answers:
+        score = (d.get("routing") or {}).get("score") if mode == "single" else None
+        others = [a.get("specialist", "?") for a in answers
+                  if not a.get("error") and a.get("specialist") != d.get("specialist")]
+        also = [(f"also answered: {', '.join(others)} (--json shows every answer)", True)] if others else []
+        return [(answer_text(d), False), *_errors(d), *also, (status_line(d, score=score), True)]
+    return [(answer_text(d), False)]

@@ -28,3 +28,19 @@ def place_default_model(models_dir: Path) -> Path:
         shutil.copyfile(default_model_file(), tmp)
         os.replace(tmp, target)
     return target
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """A real (tiny) GGUF file: valid header and one tensor, no usable weights."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(128)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -14,6 +14,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from model import write_tiny_gguf
 from nodes import RunningNode, node_env, run_cli, start_node
 from pinkybrain.cli import build_app
 
@@ -21,7 +22,7 @@ from pinkybrain.cli import build_app
 @pytest.fixture(scope="module")
 def node(tmp_path_factory) -> RunningNode:
     running = start_node(tmp_path_factory.mktemp("skill-cli") / "node")
-    (running.home / "shared_models" / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
+    write_tiny_gguf(running.home / "shared_models" / "tiny.gguf")
     yield running
     running.stop()
 

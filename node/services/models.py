@@ -141,7 +141,7 @@ class ModelRegistry:
                 if facts is None:
                     try:
                         facts = self.facts.get(path)
-                    except (OSError, ValueError) as exc:
+                    except (OSError, ValueError, IndexError) as exc:
                         item["usable"], item["problem"] = False, f"unreadable GGUF header: {exc}"
                 if facts:
                     item.update({k: facts.get(k) for k in ("architecture", "parameters", "quantization",
@@ -193,7 +193,10 @@ class ModelRegistry:
             "signed_at": int(time.time()),
         }
         if self.facts is not None:
-            facts = self.facts.get(path)
+            try:
+                facts = self.facts.get(path)
+            except (ValueError, IndexError, OSError) as exc:  # gguf raises ValueError on a damaged header
+                raise ModelPathError(f"{name!r} has an unreadable GGUF header ({exc}); not shared") from None
             entry["gguf"] = {k: facts.get(k) for k in ("architecture", "parameters", "quantization",
                                                        "context_length")}
         entry["signature"] = self.identity.sign(entry_bytes(entry)).hex()
