@@ -329,7 +329,9 @@ def tracker_serve(
         typer.Option("--public-url", help="URL clients dial and sign, e.g. wss://tracker.example.org"),
     ] = None,
     max_records: Annotated[int, typer.Option("--max-records", help="records held at most", min=1)] = 100_000,
-    max_sessions: Annotated[int, typer.Option("--max-sessions", help="open sessions at most", min=1)] = 10_000,
+    max_sessions: Annotated[
+        int, typer.Option("--max-sessions", help="open sessions at most", min=1)
+    ] = 10_000,
     max_sessions_per_ip: Annotated[
         int, typer.Option("--max-sessions-per-ip", help="open sessions per client address", min=1)
     ] = 32,
@@ -342,15 +344,25 @@ def tracker_serve(
     announce_rate: Annotated[
         float, typer.Option("--announce-rate", help="announces per second per session", min=0.01)
     ] = 1.0,
-    list_rate: Annotated[float, typer.Option("--list-rate", help="lists per second per session", min=0.01)] = 5.0,
+    ip_new_record_rate: Annotated[
+        float,
+        typer.Option("--ip-new-record-rate", help="new node ids per second per client address", min=0.001),
+    ] = 1.0,
+    list_rate: Annotated[
+        float, typer.Option("--list-rate", help="lists per second per session", min=0.01)
+    ] = 5.0,
     relay_rate: Annotated[
         float, typer.Option("--relay-rate", help="relayed frames per second per session", min=1)
     ] = 1000.0,
     relay_bytes_rate: Annotated[
         float, typer.Option("--relay-bytes-rate", help="relayed bytes per second per session", min=1024)
     ] = 8 * 1024 * 1024,
-    tls_cert: Annotated[Optional[str], typer.Option("--tls-cert", help="PEM certificate: serve wss directly")] = None,
-    tls_key: Annotated[Optional[str], typer.Option("--tls-key", help="PEM private key for --tls-cert")] = None,
+    tls_cert: Annotated[
+        Optional[str], typer.Option("--tls-cert", help="PEM certificate: serve wss directly")
+    ] = None,
+    tls_key: Annotated[
+        Optional[str], typer.Option("--tls-key", help="PEM private key for --tls-cert")
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error (payloads are never logged)")
     ] = "info",
@@ -374,6 +386,7 @@ def tracker_serve(
         auth_timeout=auth_timeout,
         idle_timeout=idle_timeout,
         announce_rate=announce_rate,
+        ip_new_record_rate=ip_new_record_rate,
         list_rate=list_rate,
         relay_rate=relay_rate,
         relay_bytes_rate=relay_bytes_rate,
