@@ -63,11 +63,13 @@ def configure_logging(level: str) -> None:
     )
 
 
-async def _serve(cfg: Config, identity: Identity, host: str, port: int, config_source: str | None) -> None:
+async def _serve(
+    cfg: Config, identity: Identity, host: str, port: int, config_source: str | None, peers: tuple[str, ...] = ()
+) -> None:
     from pinkybrain.node.api.app import create_app
     from pinkybrain.node.services.runtime import NodeRuntime
 
-    runtime = NodeRuntime(cfg, identity, bind_host=host, port=port)
+    runtime = NodeRuntime(cfg, identity, bind_host=host, port=port, extra_peers=peers)
     app = create_app(runtime)
     server = NodeServer(
         uvicorn.Config(
@@ -78,6 +80,10 @@ async def _serve(cfg: Config, identity: Identity, host: str, port: int, config_s
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=20,
+            # Peer links (/p2p): a frame is at most p2p.max_frame_bytes plus a small header, and ciphertext
+            # does not compress.
+            ws_max_size=cfg["p2p.max_frame_bytes"] + 1024,
+            ws_per_message_deflate=False,
         )
     )
     loop = asyncio.get_running_loop()
@@ -108,7 +114,7 @@ async def _serve(cfg: Config, identity: Identity, host: str, port: int, config_s
         raise StartupError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
 
 
-def serve(config_source: str | None, host: str | None, port: int | None) -> int:
+def serve(config_source: str | None, host: str | None, port: int | None, peers: tuple[str, ...] = ()) -> int:
     """Run a node in the foreground until SIGTERM/SIGINT; returns the exit status."""
     try:
         cfg = load_config(config_source)
@@ -122,7 +128,7 @@ def serve(config_source: str | None, host: str | None, port: int | None) -> int:
         print(f"pinkybrain: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(cfg, identity, host, port, config_source))
+        asyncio.run(_serve(cfg, identity, host, port, config_source, peers))
     except StartupError as exc:
         print(f"pinkybrain: {exc}", file=sys.stderr)
         return 1

@@ -38,7 +38,13 @@ def local_url(host: str, port: int) -> str:
 
 
 def start_daemon(
-    cfg: Config, config_source: str | None, host: str, port: int, *, wait_secs: float = 60
+    cfg: Config,
+    config_source: str | None,
+    host: str,
+    port: int,
+    *,
+    wait_secs: float = 60,
+    peers: tuple[str, ...] = (),
 ) -> dict:
     home = cfg.home
     pid_file, log_file = home / "pinkybrain.pid", home / "pinkybrain.log"
@@ -51,6 +57,8 @@ def start_daemon(
     cmd = [sys.executable, "-m", "pinkybrain.node", "serve", "--host", host, "--port", str(port)]
     if config_source:
         cmd += ["--config", str(Path(config_source).resolve())]
+    for peer in peers:
+        cmd += ["--peer", peer]
     env = dict(os.environ, PINKYBRAIN_START_MODE="daemon", PINKYBRAIN_HOME=str(home))
     if cfg.file is not None:
         env["PINKYBRAIN_CONFIG"] = str(cfg.file.resolve())  # the daemon's cwd differs from ours

@@ -41,7 +41,9 @@ def detect_start_mode() -> str:
 
 
 class NodeRuntime:
-    def __init__(self, cfg: Config, identity: Identity, *, bind_host: str, port: int):
+    def __init__(
+        self, cfg: Config, identity: Identity, *, bind_host: str, port: int, extra_peers: tuple[str, ...] = ()
+    ):
         self.cfg = cfg
         self.identity = identity
         self.bind_host = bind_host
@@ -61,6 +63,8 @@ class NodeRuntime:
         self.conversations = None
         self.brain = None
         self.mdns: MdnsService | None = None
+        self.mesh = None  # the private mesh (services.mesh.Mesh), created at start
+        self.extra_peers = tuple(extra_peers)  # `serve --peer URL`, on top of p2p.peers
         self._tasks: list[asyncio.Task] = []
         self._process = psutil.Process()
 
@@ -89,6 +93,7 @@ class NodeRuntime:
         psutil.cpu_percent(None)  # prime: the first reading is meaningless
         self._tasks.append(asyncio.create_task(self._sample_loop(), name="resource-guard"))
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        await self._start_mesh()
         if not self.cfg["p2p.mdns"]:
             return
         self.mdns = MdnsService(
@@ -106,6 +111,8 @@ class NodeRuntime:
             self.mdns = None
 
     async def stop(self) -> None:
+        if self.mesh is not None:
+            await self.mesh.stop()  # first: peers get a goodbye while everything else still works
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -117,6 +124,44 @@ class NodeRuntime:
             self.memory.close()
         if self.conversations is not None:
             self.conversations.close()
+
+    async def _start_mesh(self) -> None:
+        from pinkybrain.node.services.mesh import Mesh, MeshSettings
+
+        self.mesh = Mesh(
+            self.identity,
+            self.cfg["p2p.secret"],
+            name=self.cfg.node_name,
+            version=self.version,
+            listen_host=self.bind_host,
+            listen_port=self.port,
+            stealth=self.cfg["mesh.stealth"],
+            settings=MeshSettings.from_config(self.cfg),
+            static_peers=[*self.cfg["p2p.peers"], *self.extra_peers],
+            status_provider=self._mesh_status,
+            discovery_provider=self._mdns_found,
+            tailscale=self.cfg["p2p.mdns"],
+        )
+        await self.mesh.start()
+
+    def _mesh_status(self) -> dict:
+        """What peers see of this node: load, guard, and the signed catalog entries of shared models."""
+        guard = self.guard
+        return {
+            "load": {"cpu_percent": guard.cpu_percent, "ram_percent": guard.ram_percent},
+            "guard": {"sharing_paused": guard.paused, "reason": guard.reason or None},
+            "sharing": self.sharing_active,
+            "models": self.models.shared_entries() if self.sharing_active else [],
+        }
+
+    def _mdns_found(self) -> list[dict]:
+        if self.mdns is None:
+            return []
+        return [
+            {"url": url, "node_id": node.get("node_id"), "source": "mdns"}
+            for node in list(self.mdns.found.values())
+            for url in node.get("urls", [])[:4]
+        ]
 
     def storage_key(self, purpose: bytes) -> bytes:
         """A per-purpose key for data at rest, derived from the identity so the files are bound to it."""
@@ -175,14 +220,16 @@ class NodeRuntime:
 
     def mesh_state(self) -> dict:
         return {
-            "private": {"peers": 0, "links_up": 0, "links_down": 0, "bytes_in": 0, "bytes_out": 0},
+            "private": self.mesh.state()
+            if self.mesh is not None
+            else {"peers": 0, "links_up": 0, "links_down": 0, "bytes_in": 0, "bytes_out": 0},
             "public": {
                 "joined": False,
                 "requested": self.mesh_public_requested,
                 "tracker": self.cfg["p2p.tracker"],
             },
             "stealth": self.cfg["mesh.stealth"],
-            "static_peers": list(self.cfg["p2p.peers"]),
+            "static_peers": list(self.mesh.static_peers) if self.mesh else list(self.cfg["p2p.peers"]),
         }
 
     def guard_state(self) -> dict:
