@@ -25,8 +25,8 @@ PYTHON="${PYTHON:-python3}"
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
-command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.10 or newer"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python 3.10 or newer is required"
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 or newer"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is required"
 
 if [[ $SYSTEM == 1 ]]; then
   [[ $(id -u) == 0 ]] || die "--system needs root (sudo ./install.sh --system)"

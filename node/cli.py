@@ -412,6 +412,7 @@ def register(app: typer.Typer) -> None:
 
 
 def main() -> None:
-    app = typer.Typer(help="PinkyBrain node.", no_args_is_help=True, add_completion=False)
+    app = typer.Typer(help="PinkyBrain node.", no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_enable=False)
     register(app)
     app()

