@@ -276,6 +276,61 @@ def score(
     emit(data, as_json, lambda: output.render_score(data))
 
 
+# -- trust and credits ------------------------------------------------------------------------------
+trust_app = typer.Typer(help="The Web of Trust: vouch for, revoke and inspect public peers.", no_args_is_help=True)
+
+
+@trust_app.command("vouch")
+@handled
+def trust_vouch(
+    peer_id: Annotated[str, typer.Argument(help="the node id to vouch for")],
+    level: Annotated[str, typer.Option("--level", help="full or marginal")] = "full",
+    ttl_days: Annotated[float, typer.Option("--ttl-days", help="how long the vouch holds")] = 90,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Sign an expiring attestation that a node is who it says (full or marginal trust)."""
+    if level not in ("full", "marginal"):
+        raise SkillError(f"--level must be full or marginal, got {level!r}")
+    data, _ = call(url, timeout, "POST", "/api/trust/vouch",
+                   json_body={"node_id": peer_id, "level": level, "ttl_days": ttl_days})
+    emit(data, as_json, lambda: f"vouched ({level}) for {peer_id}\n" + output.render_trust(data))
+
+
+@trust_app.command("revoke")
+@handled
+def trust_revoke(
+    peer_id: Annotated[str, typer.Argument(help="the node id whose vouches to withdraw")],
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Withdraw this node's vouches for a node (a signed revocation peers also learn)."""
+    data, _ = call(url, timeout, "POST", "/api/trust/revoke", json_body={"node_id": peer_id})
+    emit(data, as_json, lambda: f"revoked vouches for {peer_id}\n" + output.render_trust(data))
+
+
+@trust_app.command("show")
+@handled
+def trust_show(
+    peer_id: Annotated[str, typer.Argument(help="the node id to check")],
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Whether this node finds a key valid, by which path, and the attestations it holds about it."""
+    data, _ = call(url, timeout, "GET", f"/api/trust/{path_part(peer_id)}")
+    emit(data, as_json, lambda: output.render_trust(data))
+
+
+@handled
+def credits(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
+    """This node's credit balance and ledger."""
+    data, _ = call(url, timeout, "GET", "/api/credits")
+    emit(data, as_json, lambda: "\n".join(f"{k:<12} {v}" for k, v in (data or {}).items()))
+
+
 # -- mesh -------------------------------------------------------------------------------------------
 mesh_app = typer.Typer(help="The public mesh: join or leave.", no_args_is_help=True)
 
@@ -596,6 +651,8 @@ def register(app: typer.Typer) -> None:
                      ("discover", discover), ("score", score), ("capabilities", capabilities)):
         app.command(name)(fn)
     app.add_typer(mesh_app, name="mesh")
+    app.add_typer(trust_app, name="trust")
+    app.command("credits")(credits)
     app.add_typer(memory_app, name="memory")
     app.add_typer(models_app, name="models")
     app.add_typer(daemon_app, name="daemon")

@@ -263,9 +263,31 @@ def render_update(d: dict) -> str:
 
 def render_score(d: dict) -> str:
     score = d.get("score")
-    text = f"{score:g}" if isinstance(score, (int, float)) else str(score)
-    line = f"{d.get('peer', '?')}: score {text}"
-    return line + (f" ({d['formula']})" if d.get("formula") else "")
+    text = f"{score:.3f}" if isinstance(score, (int, float)) else str(score)
+    lines = [f"{d.get('peer', '?')}: score {text}"]
+    inputs = d.get("inputs") or {}
+    if inputs:
+        lines.append("inputs: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in inputs.items()))
+    if d.get("formula"):
+        lines.append(f"formula: {d['formula']}")
+    return "\n".join(lines)
+
+
+def render_trust(d: dict) -> str:
+    verdict = d.get("verdict") or d
+    subject = verdict.get("subject", "?")
+    if verdict.get("valid"):
+        head = f"{subject}: VALID at depth {verdict.get('depth')}"
+        path = verdict.get("path") or []
+        if path:
+            head += " via " + " -> ".join(short_id(p) for p in path)
+    else:
+        head = f"{subject}: not valid"
+    lines = [head] + [f"  {r}" for r in verdict.get("reasons") or []]
+    for att in d.get("attestations") or []:
+        lines.append(f"  vouch by {short_id(att.get('issuer'))}: {att.get('level')} ({att.get('status', '?')})")
+    return "\n".join(lines)
 
 
 def answer_text(d: dict) -> str:

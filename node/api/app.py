@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from pinkybrain import __version__
 from pinkybrain.node.api.auth import SignedRequestMiddleware
 from pinkybrain.node.api.query import router as query_router
+from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
-from pinkybrain.node.core.identity import IdentityError, validate_node_id
 from pinkybrain.node.services import updater
 from pinkybrain.node.services.models import CloudShareRefused, ModelNotFound, ModelPathError
 from pinkybrain.node.services.runtime import NodeRuntime
@@ -78,11 +78,7 @@ async def status(runtime: RuntimeDep):
             "shared_models_dir": str(runtime.cfg.path("sharing.shared_models_dir")),
             "cloud_models": runtime.cfg["sharing.cloud_models"],
         },
-        "credit": {
-            "balance": runtime.cfg["credit.initial_balance"],
-            "earn_per_query": runtime.cfg["credit.earn_per_query"],
-            "receipts": 0,
-        },
+        "credit": {**runtime.ledger.summary(), "earn_per_query": runtime.cfg["credit.earn_per_query"]},
     }
 
 
@@ -177,20 +173,6 @@ async def update_apply(
 @router.post("/api/network/mesh/leave", summary="Leave the public mesh")
 async def mesh_leave(runtime: RuntimeDep):
     return {"joined": False, "detail": "this node is not on the public mesh"}
-
-
-@router.get("/api/score/{peer}", summary="Credit score for a peer")
-async def score(runtime: RuntimeDep, peer: str):
-    try:
-        peer_id = validate_node_id(peer)
-    except IdentityError as exc:
-        raise error(400, "bad_node_id", str(exc)) from None
-    return {
-        "peer": peer_id,
-        "score": 0.0,
-        "inputs": {"receipts": 0, "queries_served": 0, "success_rate": None, "median_latency_ms": None},
-        "formula": "no receipts held for this peer: score 0",
-    }
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -346,6 +328,7 @@ def _new_app(lifespan=None) -> FastAPI:
     )
     app.include_router(router)
     app.include_router(query_router)
+    app.include_router(trust_router)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):

@@ -58,6 +58,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("p2p.rate_limit_frames", "float", 2000.0, "frames/s a peer may send (ours)", minimum=1),
     Key("p2p.rate_limit_bytes", "float", 67108864.0, "bytes/s a peer may send (ours)", minimum=65536),
     Key("p2p.max_peers", "int", 32, "most peer links at once (ours)", minimum=1, maximum=1024),
+    Key("p2p.remote_timeout_secs", "float", 300.0,
+        "bound on a query run on peers, failovers included (ours)", minimum=1),
     Key("mesh.public", "bool", False, "join the public mesh at start"),
     Key("mesh.stealth", "bool", False, "hide this node from trackers, peer lists and mDNS"),
     Key("sharing.enabled", "bool", True, "share this node's compute and models with peers"),
@@ -90,6 +92,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("resource_guard.sustain_secs", "float", 10.0, "time over a threshold before pausing", minimum=0),
     Key("resource_guard.sample_secs", "float", 2.0, "seconds between CPU/RAM samples", minimum=0.05),
     Key("credit.earn_per_query", "float", 1.0, "credits earned per query served", minimum=0),
+    Key("trust.max_depth", "int", 5, "longest Web of Trust path accepted (ours)", minimum=1, maximum=10),
+    Key("trust.marginals_needed", "int", 3, "marginal vouches that make a key valid (ours)", minimum=1,
+        maximum=10),
     Key("credit.initial_balance", "float", 10.0, "starting credit balance", minimum=0),
     Key("conversations.storage", "path", "./conversations/", "conversation store folder"),
     Key(
