@@ -62,6 +62,8 @@ class NodeRuntime:
         self.memory = None
         self.conversations = None
         self.brain = None
+        self.trust = None
+        self.ledger = None
         self.mdns: MdnsService | None = None
         self.mesh = None  # the private mesh (services.mesh.Mesh), created at start
         self.extra_peers = tuple(extra_peers)  # `serve --peer URL`, on top of p2p.peers
@@ -83,6 +85,14 @@ class NodeRuntime:
             default_privacy=self.cfg["conversations.default_privacy"],
             retention_days=self.cfg["conversations.retention_days"],
         )
+        from pinkybrain.node.services.ledger_store import LedgerStore
+        from pinkybrain.node.services.trust_store import TrustStore
+
+        self.trust = await asyncio.to_thread(
+            TrustStore.open, self.data_dir, self.identity.node_id, max_depth=self.cfg["trust.max_depth"],
+            marginals_needed=self.cfg["trust.marginals_needed"])
+        self.ledger = await asyncio.to_thread(LedgerStore.open, self.data_dir, self.identity.node_id,
+                                              self.cfg["credit.initial_balance"])
         from pinkybrain.node.services.brain import Brain
 
         self.brain = Brain(self)
@@ -120,6 +130,9 @@ class NodeRuntime:
             await self.mdns.stop()
         if self.brain is not None:
             await self.brain.close()
+        for store in (self.trust, self.ledger):
+            if store is not None:
+                store.close()
         if self.memory is not None:
             self.memory.close()
         if self.conversations is not None:
