@@ -171,7 +171,7 @@ async def _drive(receiver: Receiver, max_seconds: float, send_one, count: int, f
     if not capped:
         try:
             await asyncio.wait_for(receiver.done.wait(), max(1.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             capped = True
     elapsed = time.perf_counter() - started
     return {

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -158,7 +158,7 @@ def sign(
         size=size,
         sha256=digest.hexdigest(),
         notes=text,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     try:
         envelope = sign_manifest(manifest, signing_key)

@@ -156,7 +156,7 @@ async def closed_with(ws, timeout: float = 10) -> int | None:
             await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
     except ConnectionClosed as exc:
         return exc.rcvd.code if exc.rcvd else None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pytest.fail("the tracker did not close the connection")
     pytest.fail("the tracker did not close the connection")
 
@@ -173,7 +173,7 @@ async def flood(ws, messages: list) -> tuple[int | None, list]:
             replies.append(await asyncio.wait_for(ws.recv(), 10))
     except ConnectionClosed as exc:
         return (exc.rcvd.code if exc.rcvd else None), replies
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pytest.fail("the tracker did not close a flooding connection")
 
 

@@ -373,7 +373,7 @@ class _Session:
                 data = self.queue.popleft()
                 self.queued_bytes -= len(data)
                 await asyncio.wait_for(self.ws.send(data), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.fail(CLOSE_SLOW, f"a send stalled for {timeout:g}s")
         except ConnectionClosed:
             pass
@@ -568,7 +568,7 @@ class Tracker:
 
         try:
             node_id = await asyncio.wait_for(exchange(), self.settings.auth_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats["auth_timeouts"] += 1
             log.info("session from %s did not authenticate within %gs", s.ip, self.settings.auth_timeout)
             await self._refuse_and_close(s, E_AUTH_TIMEOUT, "authentication timed out", CLOSE_TIMEOUT)
@@ -615,7 +615,7 @@ class Tracker:
         while s.close_code is None:
             try:
                 data = await asyncio.wait_for(s.ws.recv(), idle)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 s.fail(CLOSE_TIMEOUT, f"idle for {idle:g}s")
                 return
             if isinstance(data, str):

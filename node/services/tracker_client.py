@@ -301,7 +301,7 @@ class TrackerClient:
     async def wait_connected(self, timeout: float | None = None) -> bool:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -332,7 +332,7 @@ class TrackerClient:
                 ),
                 self.connect_timeout,
             )
-        except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
             raise TrackerUnavailable(
                 "unreachable", f"cannot reach the tracker at {self.url}: {_describe(exc)}"
             ) from None
@@ -605,7 +605,7 @@ class TrackerClient:
         try:
             await self._send(dumps(msg))
             return await asyncio.wait_for(fut, self.request_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TrackerError(
                 "timeout", f"no answer to {msg['type']} within {self.request_timeout:g}s"
             ) from None
