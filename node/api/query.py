@@ -93,8 +93,9 @@ async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: lis
         yield _sse("start", {k: v for k, v in plan.items() if k != "messages"})
         pieces: list[str] = []
         start = time.perf_counter()
+        served: dict = {}  # filled by the brain: which node (this one or a peer) produced the answer
         try:
-            async for piece in brain.stream(plan["model"], plan["messages"], **plan["settings"]):
+            async for piece in brain.stream(plan["model"], plan["messages"], meta=served, **plan["settings"]):
                 pieces.append(piece)
                 yield _sse("token", {"text": piece})
         except Exception as exc:  # noqa: BLE001 - reported to the client as an event, never a crash
@@ -103,8 +104,9 @@ async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: lis
         answer = "".join(pieces).strip()
         record = await brain.record(body.session_id, body.prompt, answer, body.mode, [plan["specialist"]],
                                     plan["model"])
-        yield _sse("end", {"answer": answer, "session_id": record["session_id"], "model": plan["model"],
-                           "specialist": plan["specialist"], "node": runtime.identity.node_id,
+        yield _sse("end", {"answer": answer, "session_id": record["session_id"],
+                           "model": served.get("model", plan["model"]), "specialist": plan["specialist"],
+                           "node": served.get("node", runtime.identity.node_id),
                            "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
@@ -134,7 +136,7 @@ def _openai_error(status: int, message: str, code: str) -> JSONResponse:
 async def v1_models(runtime: RuntimeDep):
     created = int(runtime.started_at)
     ids = ["pinkybrain"] + [f"pinkybrain/{s}" for s in sorted(runtime.brain.specialists)]
-    ids += sorted(runtime.brain.local_models()) + sorted(runtime.brain.cloud_models)
+    ids += sorted(runtime.brain.local_models()) + sorted(runtime.brain.cloud_models) + runtime.brain.remote_models()
     return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "pinkybrain"}
                                        for i in ids]}
 

@@ -187,12 +187,17 @@ class MemoryDoc:
         return self._doc.get_update()
 
     def apply_remote(self, update: bytes) -> bool:
-        """Validate a peer's update and apply it; returns whether it changed anything.
+        """Validate a peer's update and apply it; returns whether it changed anything."""
+        return self.integrate_remote(update) is not None
+
+    def integrate_remote(self, update: bytes) -> bytes | None:
+        """Validate a peer's update and apply it; returns the update actually applied, None if no change.
 
         The update is first applied to a scratch document rebuilt from the full state, and every entry
         it touches is checked (string key within the key limit, JSON text within the value limit, no other
         root types). Only then is it applied to the real document, so a refused update (MemoryUpdateError)
-        leaves it exactly as it was.
+        leaves it exactly as it was. Content that cannot join yet (it overwrites an entry this document has
+        not seen) is left out of what is applied and returned: a later sync brings it with what it needs.
         """
         if not isinstance(update, (bytes, bytearray, memoryview)):
             raise TypeError(f"update must be bytes, not {type(update).__name__}")
@@ -220,9 +225,13 @@ class MemoryDoc:
             _check_entry(key, scratch_map.get(key, _MISSING), self.max_key_bytes, self.max_value_bytes)
         # Yrs encodes equal states to equal bytes, so this spots a duplicate (already known) update.
         if scratch.get_update() == base:
-            return False
-        self._doc.apply_update(update)
-        return True
+            return None
+        # Only what joined the scratch copy, never the raw update: Yrs would keep content whose
+        # dependencies are missing inside the real document, unchecked, and merge it in when they arrive,
+        # so a hostile peer could smuggle in an invalid entry in two steps.
+        applied = scratch.get_update(self._doc.get_state())
+        self._doc.apply_update(applied)
+        return applied
 
 
 def _check_type(key: object) -> None:

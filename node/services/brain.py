@@ -1,9 +1,16 @@
-"""The brain: answers queries through the specialist router with local, cloud (and later remote) models,
-and records every exchange in the conversation store.
+"""The brain: answers queries through the specialist router with local, cloud and remote models (those
+connected peers share), and records every exchange in this node's conversation store.
 
-Model choice for a specialist: its preferred model patterns in order, then `inference.default_model`,
-then the embedded default model, then any usable local model. Cloud models are candidates only when a
-specialist or the caller names them (they cost money) and only for this node's own user.
+Model choice for a specialist: its preferred model patterns in order (for each pattern a local model
+before a peer's), then `inference.default_model`, then the embedded default model (each local, else on a
+peer), then any usable local model, then any model a peer shares. Cloud models are candidates only when a
+specialist or the caller names them (they cost money) and only for this node's own user. A model that is
+not local runs on the best peer sharing it (services/remote.py picks it and fails over); the answer
+names the node that served it. A model no node of the private mesh has runs on a public peer this node's
+Web of Trust finds valid (services/public_mesh.py), paid in credits: local, then the private mesh, then
+the public mesh. An exchange with any answer from the public mesh is not recorded in the conversation
+store (zero query logging for the public mesh; the serving node keeps nothing either), so it has no
+session to continue.
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 
-from pinkybrain.node.core.router import Answer, route, run_query
+from pinkybrain.node.core.credits import InsufficientCredit
+from pinkybrain.node.core.router import Answer, NoAnswer, route, run_query
 from pinkybrain.node.core.specialists import Specialist, generation_settings, load_specialists
 from pinkybrain.node.services.cloud import CloudClient, CloudError, CloudModel, parse_cloud_models
 from pinkybrain.node.services.gguf_facts import GgufFactsCache
 from pinkybrain.node.services.inference import InferenceError, LocalEngine
 from pinkybrain.node.services.models import ModelNotFound, ModelPathError, resolve_shared
+from pinkybrain.node.services.remote import RemoteFailed
 
 log = logging.getLogger("pinkybrain.brain")
 EMBEDDED_DEFAULT = "gemma3-270m-q4-k-m"
@@ -58,31 +67,78 @@ class Brain:
                 continue
         return out
 
+    def remote_models(self) -> list[str]:
+        """Models only peers have (local ones shadow a peer's of the same name): the private mesh's, then
+        those of public peers this node trusts."""
+        names: list[str] = []
+        for remote in self._remotes():
+            names += [n for n in remote.model_names() if n not in names]
+        local = self.local_models()
+        return [n for n in names if n not in local and n not in self.cloud_models]
+
+    def _public_remote(self):
+        public = getattr(self.runtime, "public", None)
+        return public.inference if public is not None and public.joined else None
+
+    def _remotes(self) -> list:
+        return [r for r in (getattr(self.runtime, "remote", None), self._public_remote()) if r is not None]
+
     def choose_model(self, specialist: Specialist | None, explicit: str | None = None) -> str:
         local = self.local_models()
+        remote = self.remote_models()
         if explicit:
-            if explicit in local or explicit in self.cloud_models:
+            if explicit in local or explicit in self.cloud_models or explicit in remote:
                 return explicit
-            raise NoModel(f"no model {explicit!r}; available: {', '.join(sorted(local) + sorted(self.cloud_models))}")
-        candidates = list(local) + [n for n, cm in self.cloud_models.items() if cm.key_present]
+            available = sorted(local) + sorted(self.cloud_models) + [f"{n} (on a peer)" for n in remote]
+            raise NoModel(f"no model {explicit!r}; available: {', '.join(available) or 'none'}")
+        candidates = list(local) + [n for n, cm in self.cloud_models.items() if cm.key_present] + remote
         for pattern in (specialist.preferred_models if specialist else ()):
             for name in candidates:
                 if fnmatch.fnmatch(name, pattern):
                     return name
         for name in (self.default_model, EMBEDDED_DEFAULT):
-            if name and name in local:
+            if name and (name in local or name in remote):
                 return name
         if local:
             return sorted(local)[0]
+        if remote:
+            return remote[0]
         raise NoModel(f"no usable model: put a GGUF file in {self.runtime.models.models_dir} "
-                      "(install.sh places the embedded default there)")
+                      "(install.sh places the embedded default there) or link to a peer that shares one")
+
+    def is_remote(self, model: str) -> bool:
+        return model not in self.cloud_models and model not in self.local_models()
+
+    def _remotes_for(self, model: str) -> list:
+        """The meshes to try for a model this node lacks, private first; the first alone if none has it
+        (its error says so)."""
+        remotes = self._remotes()
+        if not remotes:
+            raise NoModel(f"no model {model!r} here, and this node has no mesh to ask peers")
+        return [r for r in remotes if r.candidates(model)] or remotes[:1]
 
     async def complete(self, model: str, messages: list[dict], *, max_tokens: int, temperature: float,
-                       top_p: float) -> tuple[str, dict, float]:
+                       top_p: float, meta: dict | None = None) -> tuple[str, dict, float]:
+        """Run one chat completion where `model` lives; `meta`, when given, gets the serving node."""
+        meta = {} if meta is None else meta
+        meta.update(node=self.runtime.identity.node_id, model=model, remote=False)
         if model in self.cloud_models:
             return await self.cloud.chat(self.cloud_models[model], messages, max_tokens=max_tokens,
                                          temperature=temperature, top_p=top_p)
-        path = self.local_models()[model]
+        path = self.local_models().get(model)
+        if path is None:
+            remotes = self._remotes_for(model)
+            for i, remote in enumerate(remotes):
+                try:
+                    result = await remote.chat(model, messages, max_tokens=max_tokens, temperature=temperature,
+                                               top_p=top_p)
+                except RemoteFailed:
+                    if i + 1 < len(remotes):
+                        continue  # the private mesh could not: trusted public peers may
+                    raise
+                meta.update(node=result.node, model=result.model, remote=True, attempts=result.attempts,
+                            public=remote is self._public_remote())
+                return result.text, result.usage, result.elapsed_ms
         facts = await asyncio.to_thread(self.facts.get, path)
         result = await self.engine.chat(model, path, facts, messages, max_tokens=max_tokens,
                                         temperature=temperature, top_p=top_p)
@@ -90,13 +146,31 @@ class Brain:
         return result.text, usage, result.elapsed_ms
 
     async def stream(self, model: str, messages: list[dict], *, max_tokens: int, temperature: float,
-                     top_p: float) -> AsyncIterator[str]:
+                     top_p: float, meta: dict | None = None) -> AsyncIterator[str]:
+        """Text pieces as they come; `meta`, when given, gets the serving node (set by the first piece)."""
+        meta = {} if meta is None else meta
+        meta.update(node=self.runtime.identity.node_id, model=model, remote=False)
         if model in self.cloud_models:
             async for piece in self.cloud.stream(self.cloud_models[model], messages, max_tokens=max_tokens,
                                                  temperature=temperature, top_p=top_p):
                 yield piece
             return
-        path = self.local_models()[model]
+        path = self.local_models().get(model)
+        if path is None:
+            remotes = self._remotes_for(model)
+            for i, remote in enumerate(remotes):
+                meta["public"] = remote is self._public_remote()
+                started = False
+                try:
+                    async for piece in remote.stream(model, messages, max_tokens=max_tokens,
+                                                     temperature=temperature, top_p=top_p, meta=meta):
+                        started = True
+                        yield piece
+                except RemoteFailed:
+                    if started or i + 1 == len(remotes):  # pieces shown cannot be taken back
+                        raise
+                    continue
+                return
         facts = await asyncio.to_thread(self.facts.get, path)
         async for piece in self.engine.stream_chat(model, path, facts, messages, max_tokens=max_tokens,
                                                    temperature=temperature, top_p=top_p):
@@ -111,7 +185,8 @@ class Brain:
             spec = self.specialists[best.name]
             routing = {"chosen": best.name, "score": best.score, "reasons": list(best.reasons)}
         messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": prompt}]
-        return {"specialist": spec.name, "model": self.choose_model(spec, model), "messages": messages,
+        chosen = self.choose_model(spec, model)
+        return {"specialist": spec.name, "model": chosen, "remote": self.is_remote(chosen), "messages": messages,
                 "settings": generation_settings(spec, max_tokens), "routing": routing}
 
     def plan_messages(self, model_field: str, messages: list[dict], *, max_tokens: int | None,
@@ -148,18 +223,30 @@ class Brain:
                                        specialists=specialists, model=model, node_id=self.runtime.identity.node_id)
 
     # -- queries -----------------------------------------------------------------------------------
-    def _answerer(self, model_override: str | None):
+    def _answerer(self, model_override: str | None, state: dict | None = None):
+        """`state`, when given, learns whether an answer crossed the public mesh ("public") and which
+        calls were refused for want of credit ("unpaid")."""
+        state = {"public": False, "unpaid": []} if state is None else state
+
         async def answer(specialist: Specialist, messages: list[dict]) -> Answer:
             settings = generation_settings(specialist)  # run_query already applied any max_tokens override
             start = time.perf_counter()
+            meta: dict = {}
+            model = model_override or ""
             try:
                 model = self.choose_model(specialist, model_override)
-                text, usage, _ = await self.complete(model, messages, **settings)
-            except (InferenceError, CloudError, NoModel) as exc:
-                return Answer(specialist=specialist.name, text="", model=model_override or "",
-                              node=self.runtime.identity.node_id, elapsed_ms=(time.perf_counter() - start) * 1000,
-                              tokens=None, error=str(exc))
-            return Answer(specialist=specialist.name, text=text, model=model, node=self.runtime.identity.node_id,
+                text, usage, _ = await self.complete(model, messages, meta=meta, **settings)
+            except (InferenceError, CloudError, NoModel, RemoteFailed, InsufficientCredit) as exc:
+                # The answer of a failed call is an error the modes report and work around.
+                if isinstance(exc, InsufficientCredit):
+                    state["unpaid"].append(exc)
+                return Answer(specialist=specialist.name, text="", model=model,
+                              node=self.runtime.identity.node_id,
+                              elapsed_ms=round((time.perf_counter() - start) * 1000, 1), tokens=None, error=str(exc))
+            if meta.get("public"):
+                state["public"] = True
+            return Answer(specialist=specialist.name, text=text, model=meta.get("model", model),
+                          node=meta.get("node", self.runtime.identity.node_id),
                           elapsed_ms=round((time.perf_counter() - start) * 1000, 1),
                           tokens=usage.get("completion_tokens"))
 
@@ -167,9 +254,19 @@ class Brain:
 
     async def query(self, prompt: str, mode: str, requested: list[str], *, max_tokens: int | None = None,
                     model: str | None = None, session_id: str | None = None) -> dict:
-        result = await run_query(prompt, mode, specialists=self.specialists, requested=requested,
-                                 answer=self._answerer(model), max_tokens=max_tokens)
+        state: dict = {"public": False, "unpaid": []}
+        try:
+            result = await run_query(prompt, mode, specialists=self.specialists, requested=requested,
+                                     answer=self._answerer(model, state), max_tokens=max_tokens)
+        except NoAnswer as exc:
+            if state["unpaid"] and len(state["unpaid"]) >= len(exc.errors):
+                raise state["unpaid"][0] from None  # refused only for want of credit: say so plainly (402)
+            raise
         result = _jsonable(result)
+        if state["public"]:
+            # Zero query logging: nothing of an exchange that crossed the public mesh is stored.
+            result.update(session_id=None, recorded=False, node=self.runtime.identity.node_id)
+            return result
         used = sorted({a["model"] for a in result.get("answers", []) if a.get("model")})
         record = await self.record(session_id, prompt, result.get("answer", ""), mode,
                                    [a["specialist"] for a in result.get("answers", [])], ",".join(used) or None)

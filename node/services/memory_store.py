@@ -237,10 +237,12 @@ class MemoryStore:
         """
         with self._lock:
             self._check_usable()
-            changed = self._doc.apply_remote(update)
-            if changed:
-                self._persist(bytes(update), "remote")
-            return changed
+            # What was applied, not the raw update: content left waiting for its dependencies is not
+            # stored, so a restart can never merge in an entry that was not checked.
+            applied = self._doc.integrate_remote(update)
+            if applied is not None:
+                self._persist(applied, "remote")
+            return applied is not None
 
     def state_vector(self) -> bytes:
         with self._lock:

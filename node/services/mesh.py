@@ -37,6 +37,7 @@ from pinkybrain.node.services.peer_link import (
     CLOSE_FULL,
     CLOSE_GOING_AWAY,
     CLOSE_HANDSHAKE,
+    CLOSE_PROTOCOL,
     CLOSE_TRY_LATER,
     Link,
     LinkSettings,
@@ -95,8 +96,9 @@ class LinkRefused(MeshError):
         self.peer_id, self.duplicate = peer_id, duplicate
 
 
-def normalize_peer_url(text: str) -> str:
-    """`host`, `host:port`, `http(s)://host:port`, `ws(s)://host:port[/p2p]` -> `ws(s)://host:port/p2p`."""
+def normalize_peer_url(text: str, path: str = "/p2p") -> str:
+    """`host`, `host:port`, `http(s)://host:port`, `ws(s)://host:port[/p2p]` -> `ws(s)://host:port/p2p`
+    (`path` is the mesh's route: the public mesh listens on /p2p/public)."""
     text = (text or "").strip()
     if not text:
         raise ValueError("empty peer address")
@@ -115,7 +117,7 @@ def normalize_peer_url(text: str) -> str:
         raise ValueError(f"peer address {text!r} has no host")
     if ":" in host:
         host = f"[{host}]"
-    return f"{scheme}://{host}:{port or DEFAULT_PORT}/p2p"
+    return f"{scheme}://{host}:{port or DEFAULT_PORT}{path}"
 
 
 @dataclass
@@ -132,11 +134,13 @@ class MeshSettings:
     tailscale_secs: float = 60.0
     reconnect_base_secs: float = 1.0
     reconnect_max_secs: float = 60.0
+    peer_exchange: bool = True  # off: neither tell peers about other peers nor dial what they tell us
 
     @classmethod
     def from_config(cls, cfg) -> MeshSettings:
         heartbeat = cfg["p2p.heartbeat_secs"]
         return cls(
+            peer_exchange=cfg["p2p.peer_exchange"],
             heartbeat_secs=heartbeat,
             # A peer must miss at least two heartbeats before it is called dead.
             dead_after_secs=max(cfg["p2p.dead_after_secs"], 2 * heartbeat),
@@ -186,8 +190,10 @@ class Mesh:
         status_provider: Callable[[], dict] | None = None,
         discovery_provider: Callable[[], Iterable[dict]] | None = None,
         tailscale: bool = False,
+        url_path: str = "/p2p",
     ):
         self.identity = identity
+        self.url_path = url_path  # the WebSocket route peers dial; /p2p/public for the public mesh
         self.node_id = identity.node_id
         self._psk = derive_psk(secret)
         self.name, self.version = name, version
@@ -214,6 +220,9 @@ class Mesh:
         self._started = False
         self._stopping = False
         self._hs_log_budget = _LogBudget()
+        self._banned: dict[str, float] = {}  # node id -> monotonic time its ban ends
+        self._link_up_hooks: list[Callable[[str], None]] = []
+        self._link_down_hooks: list[Callable[[str], None]] = []
         self.static_peers: list[str] = []
         for url in static_peers:
             try:
@@ -285,6 +294,41 @@ class Mesh:
     def peer_ids(self) -> list[str]:
         return [pid for pid, link in self._links.items() if not link.closing]
 
+    def on_link_up(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call `callback(node_id)` each time a link is kept (also when one replaces a duplicate); returns
+        a function that removes it. It runs in the event loop and must not block."""
+        return _subscribe(self._link_up_hooks, callback)
+
+    def on_link_down(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call `callback(node_id)` each time a kept link is gone; returns a function that removes it."""
+        return _subscribe(self._link_down_hooks, callback)
+
+    def disconnect(self, node_id: str, reason: str, *, ban_secs: float = 0.0) -> bool:
+        """Close the link to `node_id` (True if there was one); with `ban_secs`, refuse its links and do not
+        dial it for that long."""
+        if ban_secs > 0:
+            self._banned[node_id] = time.monotonic() + ban_secs
+            log.warning("banning node %s for %.0fs: %s", node_id[:7], ban_secs, reason)
+        link = self._links.get(node_id)
+        if link is None or link.closing:
+            return False
+        link.close(reason, CLOSE_PROTOCOL)
+        return True
+
+    def banned(self, node_id: str) -> bool:
+        until = self._banned.get(node_id)
+        if until is not None and until <= time.monotonic():
+            del self._banned[node_id]
+            return False
+        return until is not None
+
+    def _notify_link(self, hooks: list[Callable[[str], None]], node_id: str) -> None:
+        for callback in list(hooks):
+            try:
+                callback(node_id)
+            except Exception:  # noqa: BLE001 - a subscriber's bug must not break link bookkeeping
+                log.exception("link hook %r failed", callback)
+
     def peer(self, node_id: str) -> dict | None:
         """A connected peer's view, with its full signed model entries."""
         link = self._links.get(node_id)
@@ -294,7 +338,7 @@ class Mesh:
 
     def add_peer(self, url: str, source: str = "static") -> str:
         """Keep a link to this address (redialled with backoff while it is down); returns its ws URL."""
-        normalized = normalize_peer_url(url)
+        normalized = normalize_peer_url(url, self.url_path)
         target = self._targets.get(normalized)
         if target is None:
             self._targets[normalized] = DialTarget(normalized, source, persistent=True)
@@ -337,6 +381,11 @@ class Mesh:
             "links_closed": self.stats["links_closed"],
             "handshakes_failed": self.stats["handshakes_failed"],
             "handshake_failures": dict(self.handshake_failures),
+            "banned": [
+                {"node_id": node_id, "secs_left": round(until - now, 1)}
+                for node_id, until in self._banned.items()
+                if until > now
+            ],
             "dialling": [
                 {
                     "url": t.url,
@@ -372,7 +421,7 @@ class Mesh:
             level = logging.DEBUG if "self" in exc.reason else logging.INFO
             log.log(level, "inbound link from %s closed during the handshake (%s)", where, exc.code)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._handshake_failed(f"refused inbound link from {where}: handshake timed out", "timeout")
             await transport.close(CLOSE_HANDSHAKE, "handshake timed out")
             return
@@ -398,7 +447,7 @@ class Mesh:
         import websockets
         from websockets.exceptions import InvalidHandshake, InvalidURI
 
-        url = normalize_peer_url(url)
+        url = normalize_peer_url(url, self.url_path)
         try:
             ws = await websockets.connect(
                 url,
@@ -409,9 +458,13 @@ class Mesh:
                 close_timeout=2,
                 proxy=None,
             )
-        except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
             raise DialError(f"cannot connect: {_describe(exc)}") from None
-        transport = WebsocketsTransport(ws, self.stats)
+        return await self.connect_transport(WebsocketsTransport(ws, self.stats), dialed_url=url)
+
+    async def connect_transport(self, transport, *, dialed_url: str | None = None) -> Link:
+        """Run the initiator's handshake on an open transport (a WebSocket, a tracker relay circuit) and
+        keep the link; raises like connect(). `dialed_url` is where the transport leads, if anywhere."""
         try:
             result = await asyncio.wait_for(self._initiate(transport), self.settings.handshake_timeout)
         except HandshakeError as exc:
@@ -427,11 +480,11 @@ class Mesh:
                     "does this node have the same network secret as the peer?"
                 ) from None
             raise DialError(f"the peer closed the link during the handshake ({exc.code})") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await transport.close(CLOSE_HANDSHAKE, "handshake timed out")
             raise DialError("the handshake timed out") from None
         link = Link(
-            self, transport, result, direction="outbound", settings=self._link_settings, dialed_url=url
+            self, transport, result, direction="outbound", settings=self._link_settings, dialed_url=dialed_url
         )
         refusal = self._register(link)
         if refusal is not None:
@@ -465,6 +518,8 @@ class Mesh:
         resolve the same way on both ends: the link dialled by the lower node id stays."""
         if self._stopping:
             return "node shutting down"
+        if self.banned(link.peer_id):
+            return "banned for misbehaving; try again later"
         existing = self._links.get(link.peer_id)
         if existing is not None and not existing.closing:
             if self._preferred(existing, link) is existing:
@@ -486,6 +541,7 @@ class Mesh:
             "stealth peer" if link.stealth else (link.url or _where(link.transport.remote)),
         )
         self._schedule_pex()
+        self._notify_link(self._link_up_hooks, link.peer_id)
         return None
 
     def _preferred(self, old: Link, new: Link) -> Link:
@@ -513,6 +569,7 @@ class Mesh:
                 target.next_at = max(target.next_at, now + self._backoff(max(1, target.failures)))
         if not self._stopping:
             self._schedule_pex()
+        self._notify_link(self._link_down_hooks, link.peer_id)
 
     # -- dialling ----------------------------------------------------------------------------------
     def _backoff(self, failures: int) -> float:
@@ -523,7 +580,7 @@ class Mesh:
 
     def _add_target(self, url: str, source: str, node_id: str | None = None) -> None:
         try:
-            url = normalize_peer_url(url)
+            url = normalize_peer_url(url, self.url_path)
         except ValueError:
             return
         if url in self._self_urls or self._is_own_address(url):
@@ -557,7 +614,11 @@ class Mesh:
             for target in list(self._targets.values()):
                 if target.task is not None or now < target.next_at:
                     continue
-                if target.node_id and (target.node_id in self._links or target.node_id == self.node_id):
+                if target.node_id and (
+                    target.node_id in self._links
+                    or target.node_id == self.node_id
+                    or self.banned(target.node_id)
+                ):
                     continue
                 if not target.persistent and live >= self.settings.max_peers:
                     continue
@@ -629,6 +690,8 @@ class Mesh:
             self._forgotten = {u: t for u, t in self._forgotten.items() if t > cutoff}
 
     def _broadcast_pex(self) -> None:
+        if not self.settings.peer_exchange:
+            return
         for link in list(self._links.values()):
             if not link.closing:
                 link.send_nowait({"t": "peers", "peers": self._pex_entries(exclude=link.peer_id)})
@@ -643,7 +706,7 @@ class Mesh:
 
     def _on_peers(self, link: Link, msg: dict) -> None:
         entries = msg.get("peers")
-        if not isinstance(entries, list):
+        if not self.settings.peer_exchange or not isinstance(entries, list):
             return
         for entry in entries[:MAX_PEX_ENTRIES]:
             if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
@@ -706,6 +769,16 @@ class Mesh:
 
 async def _echo(ctx: RpcContext, payload: Any) -> Any:
     return payload
+
+
+def _subscribe(hooks: list, callback: Callable) -> Callable[[], None]:
+    hooks.append(callback)
+
+    def remove() -> None:
+        if callback in hooks:
+            hooks.remove(callback)
+
+    return remove
 
 
 class _LogBudget:

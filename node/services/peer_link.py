@@ -246,10 +246,10 @@ def _valid_host(host) -> str | None:
     return None if ip.is_unspecified or ip.is_multicast else str(ip)
 
 
-def make_url(host: str, port: int) -> str:
+def make_url(host: str, port: int, path: str = "/p2p") -> str:
     if ":" in host:  # IPv6 literal
         host = f"[{host.strip('[]')}]"
-    return f"ws://{host}:{port}/p2p"
+    return f"ws://{host}:{port}{path}"
 
 
 # -- RPC bookkeeping --------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class RpcStream:
                 body = pack_payload(msg, self.payload)
                 await asyncio.wait_for(self.link.send(msg, body), self.timeout)
             kind, value = await asyncio.wait_for(self._call.queue.get(), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._finish(cancel=True)
             raise RpcTimeout(
                 f"{self.method} on peer {self.link.short} sent nothing for {self.timeout:g}s"
@@ -445,7 +445,7 @@ class Link:
                 elif self.transport.remote:
                     host = self.transport.remote[0]
             if host:
-                return make_url(host, port)
+                return make_url(host, port, getattr(self.mesh, "url_path", "/p2p"))
         return dialed_url
 
     @property
@@ -733,7 +733,7 @@ class Link:
         try:
             body = pack_payload(msg, payload)
             return await asyncio.wait_for(self._collect(call, msg, body), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._end_call(call, cancel=True)
             raise RpcTimeout(f"{method} on peer {self.short} timed out after {timeout:g}s") from None
         except BaseException:
@@ -811,7 +811,7 @@ class Link:
             self.send_nowait({"t": "rpc.err", "id": cid, "code": exc.code[:64], "message": exc.message[:500]})
         except MessageTooLarge as exc:
             self.send_nowait({"t": "rpc.err", "id": cid, "code": "too_large", "message": str(exc)})
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.info("stream %s to %s stalled: the caller stopped reading", method[:32], self.short)
             self.send_nowait(
                 {"t": "rpc.err", "id": cid, "code": "stalled", "message": "caller stopped reading"}

@@ -60,12 +60,14 @@ class NodeRuntime:
             cfg.path("sharing.shared_models_dir"), self.data_dir / "shares.json", identity
         )
         self.memory = None
+        self.memory_sync = None  # keeps self.memory converging with the private mesh's peers
         self.conversations = None
         self.brain = None
         self.trust = None
         self.ledger = None
         self.mdns: MdnsService | None = None
         self.mesh = None  # the private mesh (services.mesh.Mesh), created at start
+        self.remote = None  # remote inference over the mesh (services.remote), created with it
         self.extra_peers = tuple(extra_peers)  # `serve --peer URL`, on top of p2p.peers
         self._tasks: list[asyncio.Task] = []
         self._process = psutil.Process()
@@ -75,7 +77,10 @@ class NodeRuntime:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         from pinkybrain.node.services.memory_store import MemoryStore
 
-        self.memory = await asyncio.to_thread(MemoryStore.open, self.data_dir / "memory", "private")
+        self.memory = await asyncio.to_thread(
+            MemoryStore.open, self.data_dir / "memory", "private",
+            self.cfg["memory.max_key_bytes"], self.cfg["memory.max_value_bytes"],
+        )
         from pinkybrain.node.services.conversations import ConversationStore
 
         self.conversations = await asyncio.to_thread(
@@ -104,6 +109,9 @@ class NodeRuntime:
         self._tasks.append(asyncio.create_task(self._sample_loop(), name="resource-guard"))
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         await self._start_mesh()
+        from pinkybrain.node.services.remote import RemoteInference
+
+        self.remote = RemoteInference(self)  # needs the brain and the mesh
         if not self.cfg["p2p.mdns"]:
             return
         self.mdns = MdnsService(
@@ -121,6 +129,8 @@ class NodeRuntime:
             self.mdns = None
 
     async def stop(self) -> None:
+        if self.memory_sync is not None:
+            await self.memory_sync.stop()  # a moment for queued pushes to leave while the links are up
         if self.mesh is not None:
             await self.mesh.stop()  # first: peers get a goodbye while everything else still works
         for task in self._tasks:
@@ -155,6 +165,18 @@ class NodeRuntime:
             discovery_provider=self._mdns_found,
             tailscale=self.cfg["p2p.mdns"],
         )
+        from pinkybrain.node.services.memory_sync import MemorySync
+
+        # Attached before the mesh starts so the sync steps run on the very first link.
+        self.memory_sync = MemorySync(
+            self.memory,
+            self.mesh,
+            namespace="private",
+            interval=self.cfg["memory.sync_interval_secs"],
+            penalty_limit=self.cfg["memory.penalty_limit"],
+            ban_secs=self.cfg["memory.ban_secs"],
+        )
+        self.memory_sync.start()
         await self.mesh.start()
 
     def _mesh_status(self) -> dict:
@@ -236,12 +258,9 @@ class NodeRuntime:
             "private": self.mesh.state()
             if self.mesh is not None
             else {"peers": 0, "links_up": 0, "links_down": 0, "bytes_in": 0, "bytes_out": 0},
-            "public": {
-                "joined": False,
-                "requested": self.mesh_public_requested,
-                "tracker": self.cfg["p2p.tracker"],
-            },
+            "public": {"joined": False, "requested": self.mesh_public_requested, "tracker": self.cfg["p2p.tracker"]},
             "stealth": self.cfg["mesh.stealth"],
+            "memory": {"private": self.memory_sync.state() if self.memory_sync is not None else None},
             "static_peers": list(self.mesh.static_peers) if self.mesh else list(self.cfg["p2p.peers"]),
         }
 
