@@ -70,7 +70,15 @@ async def _serve(
     from pinkybrain.node.services.runtime import NodeRuntime
 
     runtime = NodeRuntime(cfg, identity, bind_host=host, port=port, extra_peers=peers)
-    app = create_app(runtime)
+    # Stores and services start before the server, so a damaged store stops the node with its own
+    # message (what is wrong, how to recover) instead of a lifespan traceback.
+    try:
+        await runtime.start()
+    except Exception as exc:
+        log.debug("start-up failed", exc_info=True)
+        await runtime.stop()
+        raise StartupError(f"refusing to start: {exc}") from None
+    app = create_app(runtime, manage_lifecycle=False)
     server = NodeServer(
         uvicorn.Config(
             app,
@@ -110,6 +118,7 @@ async def _serve(
     finally:
         sd_notify("STOPPING=1")
         ready_task.cancel()
+        await runtime.stop()
     if not server.started:
         raise StartupError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
 
