@@ -45,7 +45,8 @@ class RunningNode:
         return f"http://{self.host}:{self.port}"
 
     def client(self, secret: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.url, auth=HmacAuth(secret or self.secret), timeout=30)
+        # Generous: sharing hashes a 250 MB model and CI machines may be loaded; a hang still ends.
+        return httpx.Client(base_url=self.url, auth=HmacAuth(secret or self.secret), timeout=180)
 
     def get(self, path: str, **kw) -> httpx.Response:
         with self.client() as c:

@@ -58,22 +58,30 @@ class GgufFactsCache:
             self._data: dict = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             self._data = {}
+        self._parsing: dict[str, threading.Lock] = {}
 
     def get(self, path: Path) -> dict:
-        st = path.stat()
         key = str(path.resolve())
-        stamp = [st.st_size, st.st_mtime_ns]
         with _lock:
-            hit = self._data.get(key)
-            if hit and hit.get("stamp") == stamp:
-                return hit["facts"]
-        facts = read_gguf_facts(path)
+            file_lock = self._parsing.setdefault(key, threading.Lock())
+        # One parse per file at a time: a share and the start-up scan asking together wait for one result.
+        with file_lock:
+            st = path.stat()
+            stamp = [st.st_size, st.st_mtime_ns]
+            with _lock:
+                hit = self._data.get(key)
+                if hit and hit.get("stamp") == stamp:
+                    return hit["facts"]
+            facts = read_gguf_facts(path)
+            self._store(key, stamp, facts)
+            return facts
+
+    def _store(self, key: str, stamp: list, facts: dict) -> None:
         with _lock:
             self._data[key] = {"stamp": stamp, "facts": facts}
             tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
             tmp.write_text(json.dumps(self._data))
             os.replace(tmp, self.cache_file)
-        return facts
 
     def peek(self, path: Path) -> dict | None:
         """Cached facts if still valid, without parsing (for fast listings)."""
