@@ -86,6 +86,8 @@ def render_status(s: dict, url: str, via: str) -> str:
                f"{size(private.get('bytes_out'))} out)" if "bytes_in" in private else "")
     mesh_line = (f"{private.get('peers', 0)} private peer(s){traffic}; public mesh "
                  f"{'joined' if public.get('joined') else 'not joined'}"
+                 + (f" ({public.get('peers', 0)} peer(s), {public.get('relay_circuits', 0)} relay circuit(s))"
+                    if public.get("joined") else "")
                  + ("; stealth" if mesh.get("stealth") else ""))
     credit = s.get("credit") or {}
     return fields([
@@ -184,9 +186,21 @@ def render_daemon(d: dict) -> str:
 
 
 def render_peers(d: dict) -> str:
-    peers = d.get("peers") or []
+    text = _peer_table(d.get("peers") or [], "no peers connected")
+    public, hidden = d.get("public") or [], d.get("public_stealth_peers") or 0
+    if public or hidden:
+        text += "\n\npublic mesh:\n" + _peer_table(public, "no public peers listed")
+        for p in public:
+            if p.get("trusted") is False:
+                text += f"\n  {short_id(p.get('node_id'))} is not valid in this node's Web of Trust: not asked, not served"
+        if hidden:
+            text += f"\n  and {hidden} stealth peer(s), never listed"
+    return text
+
+
+def _peer_table(peers: list, empty: str) -> str:
     if not peers:
-        return "no peers connected"
+        return empty
     rows = []
     for p in peers:
         load, guard = p.get("load") or {}, p.get("guard") or {}

@@ -76,7 +76,8 @@ def write_node_config(
     home.mkdir(parents=True, exist_ok=True)
     cfg: dict = {
         "node": {"name": f"test-{home.name}", "port": port},
-        "p2p": {"listen": f"{host}:{port}", "mdns": False},
+        # Tests never reach the internet: the default tracker is a closed local port unless a test sets one.
+        "p2p": {"listen": f"{host}:{port}", "mdns": False, "tracker": "ws://127.0.0.1:9"},
         "sharing": {"shared_models_dir": str(home / "shared_models")},
         "resource_guard": {"cpu_threshold": 100, "ram_threshold": 100, "sample_secs": 0.5},
     }

@@ -127,7 +127,10 @@ async def update(
 @router.get("/api/peers", summary="Connected peers")
 async def peers(runtime: RuntimeDep):
     items = runtime.mesh.peers() if runtime.mesh is not None else []
-    return {"peers": items, "count": len(items)}
+    # Public peers apart: stealth ones are only counted (public_mesh.PublicMesh.peers).
+    public = runtime.public.peers() if runtime.public is not None else {"peers": [], "stealth_peers": 0}
+    return {"peers": items, "count": len(items), "public": public["peers"],
+            "public_stealth_peers": public["stealth_peers"]}
 
 
 @router.get("/api/discover", summary="Auto-discovered nodes (mDNS, Tailscale)")
@@ -150,12 +153,20 @@ async def discover(runtime: RuntimeDep):
 
 @router.post("/api/network/mesh/join", summary="Join the public mesh")
 async def mesh_join(runtime: RuntimeDep):
-    raise error(
-        503,
-        "tracker_unavailable",
-        f"cannot join the public mesh: this node has no tracker client yet (tracker: "
-        f"{runtime.cfg['p2p.tracker']})",
-    )
+    from pinkybrain.node.services.tracker_client import TrackerError
+
+    if runtime.public is None:
+        raise error(503, "not_ready", "the node is still starting")
+    try:
+        state = await runtime.public.join()
+    except TrackerError as exc:
+        raise error(503, "tracker_unavailable",
+                    f"cannot join the public mesh via {runtime.cfg['p2p.tracker']}: {exc.message}") from None
+    except ValueError as exc:  # p2p.tracker is not a tracker URL
+        raise error(400, "bad_tracker_url", f"cannot join the public mesh: {exc}") from None
+    shown = state["addresses"] if isinstance(state["addresses"], str) else ", ".join(state["addresses"])
+    return {**state, "detail": f"joined the public mesh via {state['tracker']} "
+                               f"as {shown or 'a relay-only node (no public address)'}"}
 
 
 @router.post("/api/update/apply", summary="Apply an available update", status_code=202)
@@ -172,7 +183,9 @@ async def update_apply(
 
 @router.post("/api/network/mesh/leave", summary="Leave the public mesh")
 async def mesh_leave(runtime: RuntimeDep):
-    return {"joined": False, "detail": "this node is not on the public mesh"}
+    left = runtime.public is not None and await runtime.public.leave()
+    return {"joined": False, "left": left,
+            "detail": "left the public mesh" if left else "this node is not on the public mesh"}
 
 
 # -- memory -------------------------------------------------------------------------------------

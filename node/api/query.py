@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from pinkybrain.node.core.credits import InsufficientCredit
 from pinkybrain.node.core.router import NoAnswer, RouterError
 from pinkybrain.node.services.brain import NoModel
 from pinkybrain.node.services.runtime import NodeRuntime
@@ -70,6 +71,8 @@ async def query(runtime: RuntimeDep, body: QueryRequest):
                                  session_id=body.session_id)
     except NoModel as exc:
         raise _error(503, "no_model", str(exc)) from None
+    except InsufficientCredit as exc:  # a public peer would have answered, but this node cannot pay
+        raise _error(402, "insufficient_credit", str(exc)) from None
     except NoAnswer as exc:
         raise _error(502, "no_answer", str(exc), errors=exc.errors) from None
     except RouterError as exc:
@@ -102,8 +105,9 @@ async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: lis
             yield _sse("error", {"detail": str(exc)})
             return
         answer = "".join(pieces).strip()
-        record = await brain.record(body.session_id, body.prompt, answer, body.mode, [plan["specialist"]],
-                                    plan["model"])
+        # Zero query logging: an answer from the public mesh is not stored.
+        record = {"session_id": None} if served.get("public") else await brain.record(
+            body.session_id, body.prompt, answer, body.mode, [plan["specialist"]], plan["model"])
         yield _sse("end", {"answer": answer, "session_id": record["session_id"],
                            "model": served.get("model", plan["model"]), "specialist": plan["specialist"],
                            "node": served.get("node", runtime.identity.node_id),
@@ -158,8 +162,9 @@ async def v1_chat(runtime: RuntimeDep, body: ChatCompletionRequest):
             pieces = []
             head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
             yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+            served: dict = {}
             try:
-                async for piece in brain.stream(plan["model"], plan["messages"], **plan["settings"]):
+                async for piece in brain.stream(plan["model"], plan["messages"], meta=served, **plan["settings"]):
                     pieces.append(piece)
                     chunk = {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                     yield f"data: {json.dumps(chunk)}\n\n"
@@ -168,15 +173,20 @@ async def v1_chat(runtime: RuntimeDep, body: ChatCompletionRequest):
                 return
             yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
             yield "data: [DONE]\n\n"
-            await brain.record(None, prompt_text, "".join(pieces).strip(), "openai", [plan["specialist"]],
-                               plan["model"])
+            if not served.get("public"):  # zero query logging for the public mesh
+                await brain.record(None, prompt_text, "".join(pieces).strip(), "openai", [plan["specialist"]],
+                                   plan["model"])
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    served: dict = {}
     try:
-        text, usage, _ = await brain.complete(plan["model"], plan["messages"], **plan["settings"])
+        text, usage, _ = await brain.complete(plan["model"], plan["messages"], meta=served, **plan["settings"])
+    except InsufficientCredit as exc:
+        return _openai_error(402, str(exc), "insufficient_credit")
     except Exception as exc:  # noqa: BLE001 - surfaced in OpenAI's error shape
         return _openai_error(502, str(exc), "model_error")
-    await brain.record(None, prompt_text, text, "openai", [plan["specialist"]], plan["model"])
+    if not served.get("public"):  # zero query logging for the public mesh
+        await brain.record(None, prompt_text, text, "openai", [plan["specialist"]], plan["model"])
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],

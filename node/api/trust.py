@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from pinkybrain.node.core.identity import IdentityError, validate_node_id
@@ -78,5 +78,13 @@ async def score(runtime: RuntimeDep, peer: str):
 
 
 @router.get("/api/credits", summary="This node's credit balance and ledger summary")
-async def credits(runtime: RuntimeDep):
-    return await asyncio.to_thread(runtime.ledger.summary)
+async def credits(
+    runtime: RuntimeDep,
+    receipts: Annotated[int, Query(ge=0, le=1000, description="also list the latest N receipts")] = 0,
+):
+    summary = await asyncio.to_thread(runtime.ledger.summary)
+    if receipts:
+        # Each receipt is the dual-signed evidence (amounts, parties, response digest); never any text.
+        held = await asyncio.to_thread(runtime.ledger.receipts)
+        summary["latest_receipts"] = [r.to_dict() for r in held[-receipts:]]
+    return summary

@@ -68,6 +68,7 @@ class NodeRuntime:
         self.mdns: MdnsService | None = None
         self.mesh = None  # the private mesh (services.mesh.Mesh), created at start
         self.remote = None  # remote inference over the mesh (services.remote), created with it
+        self.public = None  # the public mesh (services.public_mesh.PublicMesh): tracker, WoT, credits
         self.extra_peers = tuple(extra_peers)  # `serve --peer URL`, on top of p2p.peers
         self._tasks: list[asyncio.Task] = []
         self._process = psutil.Process()
@@ -112,6 +113,12 @@ class NodeRuntime:
         from pinkybrain.node.services.remote import RemoteInference
 
         self.remote = RemoteInference(self)  # needs the brain and the mesh
+        from pinkybrain.node.services.public_mesh import PublicMesh
+
+        self.public = PublicMesh(self)
+        if self.cfg["mesh.public"]:
+            # In the background: a tracker that is down must not hold up the node's own API.
+            self._tasks.append(asyncio.create_task(self.public.join_in_background(), name="public-join"))
         if not self.cfg["p2p.mdns"]:
             return
         self.mdns = MdnsService(
@@ -129,6 +136,8 @@ class NodeRuntime:
             self.mdns = None
 
     async def stop(self) -> None:
+        if self.public is not None:
+            await self.public.leave()  # withdraw the tracker record and say goodbye to public peers first
         if self.memory_sync is not None:
             await self.memory_sync.stop()  # a moment for queued pushes to leave while the links are up
         if self.mesh is not None:
@@ -258,7 +267,9 @@ class NodeRuntime:
             "private": self.mesh.state()
             if self.mesh is not None
             else {"peers": 0, "links_up": 0, "links_down": 0, "bytes_in": 0, "bytes_out": 0},
-            "public": {"joined": False, "requested": self.mesh_public_requested, "tracker": self.cfg["p2p.tracker"]},
+            "public": self.public.state()
+            if self.public is not None
+            else {"joined": False, "requested": self.mesh_public_requested, "tracker": self.cfg["p2p.tracker"]},
             "stealth": self.cfg["mesh.stealth"],
             "memory": {"private": self.memory_sync.state() if self.memory_sync is not None else None},
             "static_peers": list(self.mesh.static_peers) if self.mesh else list(self.cfg["p2p.peers"]),

@@ -315,6 +315,8 @@ class TrackerClient:
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+        # websockets refuses ssl=None for wss://; here None means "the default TLS context".
+        ssl = True if self._ssl is None and self.url.startswith("wss://") else self._ssl
         try:
             ws = await asyncio.wait_for(
                 connect(
@@ -326,7 +328,7 @@ class TrackerClient:
                     ping_interval=20,
                     ping_timeout=20,
                     close_timeout=3,
-                    ssl=self._ssl,
+                    ssl=ssl,
                     proxy=self._proxy,
                     user_agent_header=None,
                 ),
