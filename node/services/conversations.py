@@ -617,10 +617,14 @@ class ConversationStore:
         where = "" if levels is None else f"AND s.privacy IN ({','.join('?' * len(levels))})"
         with self._lock:
             conn = self._require()
+            # A word no message holds means no hit: find that out with one cheap probe per word before
+            # paying for document counts of common words.
+            for h in hashed:
+                if conn.execute("SELECT 1 FROM message_index WHERE message_index MATCH ? LIMIT 1",
+                                (f'"{h}"',)).fetchone() is None:
+                    return []
             dfs = [conn.execute("SELECT count(*) FROM message_index WHERE message_index MATCH ?",
                                 (f'"{h}"',)).fetchone()[0] for h in hashed]
-            if not all(dfs):
-                return []
             docs, tokens = (conn.execute("SELECT value FROM meta WHERE name = ?", (n,)).fetchone()[0]
                             for n in ("docs", "tokens"))
             # CROSS JOIN pins FTS5 as the outer loop: its hits, then primary-key look-ups, never a scan.
