@@ -354,6 +354,11 @@ def mesh_leave(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt
 # -- memory -----------------------------------------------------------------------------------------
 memory_app = typer.Typer(help="Shared CRDT memory: get, set, delete, list.", no_args_is_help=True)
 KeyArg = Annotated[str, typer.Argument(help="memory key")]
+PublicOpt = Annotated[bool, typer.Option("--public", help="the public mesh's memory instead of the private network's")]
+
+
+def _network(public: bool) -> dict:
+    return {"network": "public"} if public else {}
 
 
 def memory_value(text: str, force_json: bool, force_string: bool) -> Any:
@@ -373,9 +378,10 @@ def memory_value(text: str, force_json: bool, force_string: bool) -> Any:
 
 @memory_app.command("get")
 @handled
-def memory_get(key: KeyArg, as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
+def memory_get(key: KeyArg, public: PublicOpt = False, as_json: JsonOpt = False, url: UrlOpt = None,
+               timeout: TimeoutOpt = None) -> None:
     """Print a key's value (strings bare, structures as JSON)."""
-    data, _ = call(url, timeout, "GET", f"/api/memory/{path_part(key)}")
+    data, _ = call(url, timeout, "GET", f"/api/memory/{path_part(key)}", params=_network(public))
     emit(data, as_json, lambda: output.value_text((data or {}).get("value")))
 
 
@@ -386,21 +392,24 @@ def memory_set(
     value: Annotated[str, typer.Argument(help="a string, or a JSON object/array")],
     json_value: Annotated[bool, typer.Option("--json-value", help="parse VALUE as any JSON (42, true, null)")] = False,
     string: Annotated[bool, typer.Option("--string", help="store VALUE as a string even if it looks like JSON")] = False,
+    public: PublicOpt = False,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
     timeout: TimeoutOpt = None,
 ) -> None:
     """Write a key."""
     parsed = memory_value(value, json_value, string)
-    data, _ = call(url, timeout, "POST", "/api/memory/set", json_body={"key": key, "value": parsed})
+    data, _ = call(url, timeout, "POST", "/api/memory/set",
+                   json_body={"key": key, "value": parsed, **_network(public)})
     emit(data, as_json, f"stored {key}")
 
 
 @memory_app.command("delete")
 @handled
-def memory_delete(key: KeyArg, as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
+def memory_delete(key: KeyArg, public: PublicOpt = False, as_json: JsonOpt = False, url: UrlOpt = None,
+                  timeout: TimeoutOpt = None) -> None:
     """Delete a key."""
-    data, _ = call(url, timeout, "DELETE", f"/api/memory/{path_part(key)}")
+    data, _ = call(url, timeout, "DELETE", f"/api/memory/{path_part(key)}", params=_network(public))
     emit(data, as_json, f"deleted {key}")
 
 
@@ -408,12 +417,13 @@ def memory_delete(key: KeyArg, as_json: JsonOpt = False, url: UrlOpt = None, tim
 @handled
 def memory_list(
     prefix: Annotated[str, typer.Option("--prefix", help="only keys starting with this")] = "",
+    public: PublicOpt = False,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
     timeout: TimeoutOpt = None,
 ) -> None:
     """List keys."""
-    data, _ = call(url, timeout, "GET", "/api/memory", params={"prefix": prefix or None})
+    data, _ = call(url, timeout, "GET", "/api/memory", params={"prefix": prefix or None, **_network(public)})
     keys = (data or {}).get("keys") or []
     emit(data, as_json, lambda: "\n".join(str(k) for k in keys) if keys else
          ("no keys" + (f" starting with {prefix!r}" if prefix else "")))

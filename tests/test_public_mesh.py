@@ -365,6 +365,24 @@ def test_private_memory_peers_and_models_never_reach_a_public_peer(pub):
         assert secret not in blob, secret  # ...nothing private is
 
 
+def test_public_memory_converges_on_the_public_mesh_and_never_mixes_with_private(pub):
+    nodes = pub["nodes"]
+    a, b, p = nodes["a"], nodes["b"], nodes["p"]
+    r = a.post("/api/memory/set", json={"key": "board/notice", "value": {"hello": "public"}, "network": "public"})
+    assert r.status_code == 200 and r.json()["network"] == "public"
+    wait_for(lambda: b.get("/api/memory/board/notice", params={"network": "public"}).status_code == 200,
+             30, "the public key on b")
+    assert b.get("/api/memory/board/notice", params={"network": "public"}).json()["value"] == {"hello": "public"}
+    # The two documents stay apart on both nodes: public keys are not private ones and vice versa.
+    assert a.get("/api/memory/board/notice").status_code == 404
+    assert b.get("/api/memory/board/notice").status_code == 404
+    assert PRIVATE_KEY not in a.get("/api/memory", params={"network": "public"}).json()["keys"]
+    assert PRIVATE_KEY not in b.get("/api/memory", params={"network": "public"}).json()["keys"]
+    # p is only on the private network: it has no public memory to read or write.
+    r = p.get("/api/memory", params={"network": "public"})
+    assert r.status_code == 409 and "mesh join" in r.json()["detail"]
+
+
 def _flatten(value):
     if isinstance(value, (list, tuple)):
         for item in value:

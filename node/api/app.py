@@ -30,6 +30,7 @@ PRIVACY_LEVELS = ("private", "peers-only", "public")
 class MemorySetRequest(BaseModel):
     key: str
     value: Any
+    network: Literal["private", "public"] = "private"
 
 
 class PrivacyRequest(BaseModel):
@@ -202,28 +203,41 @@ def memory_call(fn, *args):
         raise error(400, "bad_key", str(exc)) from None
 
 
+Network = Literal["private", "public"]
+
+
+def memory_store(runtime: NodeRuntime, network: str):
+    """The private network's document, or the public mesh's (only while joined): never the same store."""
+    if network == "private":
+        return runtime.memory
+    store = runtime.public.memory if runtime.public is not None else None
+    if store is None:
+        raise error(409, "not_joined", "the public memory exists only on the public mesh: run `pinkybrain mesh join`")
+    return store
+
+
 @router.get("/api/memory", summary="List memory keys")
-async def memory_list(runtime: RuntimeDep, prefix: str = ""):
-    keys = await asyncio.to_thread(memory_call, runtime.memory.list, prefix)
-    return {"keys": keys, "count": len(keys), "prefix": prefix}
+async def memory_list(runtime: RuntimeDep, prefix: str = "", network: Network = "private"):
+    keys = await asyncio.to_thread(memory_call, memory_store(runtime, network).list, prefix)
+    return {"keys": keys, "count": len(keys), "prefix": prefix, "network": network}
 
 
 @router.get("/api/memory/{key:path}", summary="Read a CRDT memory value")
-async def memory_get(runtime: RuntimeDep, key: str):
-    value = await asyncio.to_thread(memory_call, runtime.memory.get, key)
-    return {"key": key, "value": value}
+async def memory_get(runtime: RuntimeDep, key: str, network: Network = "private"):
+    value = await asyncio.to_thread(memory_call, memory_store(runtime, network).get, key)
+    return {"key": key, "value": value, "network": network}
 
 
 @router.post("/api/memory/set", summary="Write a CRDT memory value")
 async def memory_set(runtime: RuntimeDep, body: MemorySetRequest):
-    await asyncio.to_thread(memory_call, runtime.memory.set, body.key, body.value)
-    return {"key": body.key, "stored": True}
+    await asyncio.to_thread(memory_call, memory_store(runtime, body.network).set, body.key, body.value)
+    return {"key": body.key, "stored": True, "network": body.network}
 
 
 @router.delete("/api/memory/{key:path}", summary="Delete a CRDT memory key")
-async def memory_delete(runtime: RuntimeDep, key: str):
-    await asyncio.to_thread(memory_call, runtime.memory.delete, key)
-    return {"key": key, "deleted": True}
+async def memory_delete(runtime: RuntimeDep, key: str, network: Network = "private"):
+    await asyncio.to_thread(memory_call, memory_store(runtime, network).delete, key)
+    return {"key": key, "deleted": True, "network": network}
 
 
 # -- models -------------------------------------------------------------------------------------
