@@ -240,18 +240,50 @@ _LEDGER_SPEC = DbSpec("ledger", _LEDGER_SCHEMA, ("meta", "commitments", "receipt
 Clock = Callable[[], float]
 
 
-class LedgerStore:
+class SignedStore:
+    """What the signed SQLite stores share: one lock, one connection, a clock, and a closed state."""
+
+    label = "store"  # how messages name the store
+    error = SignedStoreError  # the store's own error class
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, clock: Clock):
+        self.path = path
+        self._conn = conn
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise self.error(f"{self.label} {self.path} is closed")
+
+
+class LedgerStore(SignedStore):
     """Thread-safe (one lock) durable ledger of one node. Amounts in and out are credits (floats); the
     signed objects carry integer micro-credits. Every write is durable before the method returns, and the
     in-memory Ledger changes only after the write committed."""
 
+    label = "ledger"
+    error = LedgerStoreError
+
     def __init__(self, path: Path, conn: sqlite3.Connection, ledger: Ledger, clock: Clock):
-        self.path = path
-        self._conn = conn
+        super().__init__(path, conn, clock)
         self._ledger = ledger
-        self._clock = clock
-        self._lock = threading.RLock()
-        self._closed = False
 
     @classmethod
     def open(cls, directory: Path, node_id: str, initial_balance: float, *,
@@ -364,26 +396,7 @@ class LedgerStore:
     def node_id(self) -> str:
         return self._ledger.node_id
 
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._conn.close()
-
-    def __enter__(self) -> LedgerStore:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     # -- internals ------------------------------------------------------------------------------------
-    def _now(self, now: float | None) -> float:
-        return self._clock() if now is None else now
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise LedgerStoreError(f"ledger {self.path} is closed")
-
     def _insert_commitment(self, role: str, commitment: PaymentCommitment) -> None:
         try:
             with write_transaction(_LEDGER_SPEC, self.path, self._conn) as conn:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,6 +32,7 @@ from pinkybrain.node.core.trust import (
 )
 from pinkybrain.node.services.ledger_store import (
     DbSpec,
+    SignedStore,
     SignedStoreCorrupt,
     SignedStoreError,
     SignedStoreLocked,
@@ -83,21 +83,20 @@ _TRUST_SPEC = DbSpec("trust store", _TRUST_SCHEMA, ("meta", "attestations", "rev
 Clock = Callable[[], float]
 
 
-class TrustStore:
+class TrustStore(SignedStore):
     """Thread-safe (one lock) durable trust graph, evaluated from `anchor` (this node's id) with the
     configured max_depth and marginals_needed."""
 
+    label = "trust store"
+    error = TrustStoreError
+
     def __init__(self, path: Path, conn: sqlite3.Connection, graph: TrustGraph, anchor: str, max_depth: int,
                  marginals_needed: int, clock: Clock):
-        self.path = path
+        super().__init__(path, conn, clock)
         self.anchor = anchor
         self.max_depth = max_depth
         self.marginals_needed = marginals_needed
-        self._conn = conn
         self._graph = graph
-        self._clock = clock
-        self._lock = threading.RLock()
-        self._closed = False
 
     @classmethod
     def open(cls, directory: Path, anchor: str, *, max_depth: int = DEFAULT_MAX_DEPTH,
@@ -289,26 +288,7 @@ class TrustStore:
         with self._lock:
             return len(self._graph)
 
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._conn.close()
-
-    def __enter__(self) -> TrustStore:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     # -- internals ------------------------------------------------------------------------------------
-    def _now(self, now: float | None) -> float:
-        return self._clock() if now is None else now
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise TrustStoreError(f"trust store {self.path} is closed")
-
     def _valid_in(self, graph: TrustGraph, now: float) -> dict[str, int]:
         return graph.valid_keys(anchor=self.anchor, now=now, max_depth=self.max_depth,
                                 marginals_needed=self.marginals_needed)
