@@ -13,20 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from pinkybrain.node.core.memory_doc import (
     DEFAULT_MAX_KEY_BYTES,
     DEFAULT_MAX_VALUE_BYTES,
     MemoryDoc,
     MemoryUpdateError,
+)
+from pinkybrain.node.services.sqlite_store import (
+    DbSpec,
+    StoreCorrupt,
+    StoreError,
+    StoreLocked,
+    open_db,
+    sqlite_failure,
 )
 
 log = logging.getLogger("pinkybrain.memory")
@@ -53,29 +59,25 @@ CREATE TABLE updates (
 Listener = Callable[[bytes], None]
 
 
-class MemoryStoreError(Exception):
+class MemoryStoreError(StoreError):
     """The memory store cannot be used; str() says which file and why."""
 
 
-class MemoryStoreCorrupt(MemoryStoreError):
+class MemoryStoreCorrupt(MemoryStoreError, StoreCorrupt):
     """The store file is damaged. It has not been modified; str() says how to recover."""
 
-    def __init__(self, path: Path, detail: str):
-        self.path = path
-        self.detail = detail
-        wal = _wal_path(path)
-        if path.exists():
-            how = f"move it aside (mv {path} {path}.corrupt"
-            if wal.exists() and wal.stat().st_size > 0:  # SQLite keeps an empty one while it is open
-                how += f" && mv {wal} {path}.corrupt-wal"
-            how += ") and restart; peers will resync it"
-        else:
-            how = f"move the leftover log aside (mv {wal} {wal}.corrupt) and restart; peers will resync it"
-        super().__init__(f"memory store {path} is corrupt: {detail}. The file was left as it is; {how}.")
+    what = "memory store"
+    recovery = "and restart; peers will resync it"
 
 
-class MemoryStoreLocked(MemoryStoreError):
+class MemoryStoreLocked(MemoryStoreError, StoreLocked):
     """Another process (normally a running node) has the store open."""
+
+
+_SPEC = DbSpec("memory store", _SCHEMA, _TABLES, FORMAT_VERSION, MemoryStoreError, MemoryStoreCorrupt,
+               MemoryStoreLocked,
+               # Before any table exists: compaction then gives the log's pages back to the file system.
+               create_pragmas=("auto_vacuum=FULL",))
 
 
 def store_path(directory: Path, namespace: str) -> Path:
@@ -85,25 +87,8 @@ def store_path(directory: Path, namespace: str) -> Path:
     return Path(directory) / f"memory-{namespace}.sqlite3"
 
 
-def _wal_path(path: Path) -> Path:
-    return path.with_name(path.name + "-wal")
-
-
 def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
-
-
-def _sqlite_failure(path: Path, exc: sqlite3.Error) -> MemoryStoreError:
-    """Map an sqlite3 error to corrupt / locked / other, so only real damage says 'corrupt'."""
-    name = getattr(exc, "sqlite_errorname", "") or ""  # Python 3.11+; older ones only have the message
-    text = str(exc)
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text:
-        return MemoryStoreCorrupt(path, f"SQLite reports {text!r}")
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
-        return MemoryStoreLocked(
-            f"memory store {path} is open in another process or connection (is a node already running?)"
-        )
-    return MemoryStoreError(f"memory store {path}: {text}")
 
 
 class MemoryStore:
@@ -139,20 +124,12 @@ class MemoryStore:
         if compact_every < 1:
             raise ValueError("compact_every must be at least 1")
         path = store_path(directory, namespace)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            wal = _wal_path(path)
-            if wal.exists() and wal.stat().st_size > 0:
-                # SQLite would replay a stray log into a fresh file: someone removed the database only.
-                raise MemoryStoreCorrupt(path, f"the database file is missing but its write-ahead log {wal} "
-                                               "is still there")
-            _create(path, namespace)
-        conn = _connect(path)
+        conn, _ = open_db(_SPEC, path, {"namespace": namespace})
         try:
             doc, pending = _load(conn, path, max_key_bytes, max_value_bytes)
         except sqlite3.Error as exc:
             conn.close()
-            raise _sqlite_failure(path, exc) from exc
+            raise sqlite_failure(_SPEC, path, exc) from exc
         except BaseException:
             conn.close()
             raise
@@ -277,7 +254,7 @@ class MemoryStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
-                raise _sqlite_failure(self.path, exc) from exc
+                raise sqlite_failure(_SPEC, self.path, exc) from exc
             self._pending = 0
 
     def close(self) -> None:
@@ -306,7 +283,7 @@ class MemoryStore:
                 "INSERT INTO updates (data, sha256, origin) VALUES (?, ?, ?)", (update, _digest(update), origin)
             )
         except sqlite3.Error as exc:
-            failure = _sqlite_failure(self.path, exc)
+            failure = sqlite_failure(_SPEC, self.path, exc)
             self._reload_after_failed_write()
             raise failure from exc
         self._pending += 1
@@ -320,7 +297,7 @@ class MemoryStore:
             self._doc, self._pending = _load(self._conn, self.path, self._doc.max_key_bytes,
                                              self._doc.max_value_bytes)
         except (sqlite3.Error, MemoryStoreError) as exc:
-            self._failed = (_sqlite_failure(self.path, exc) if isinstance(exc, sqlite3.Error) else exc)
+            self._failed = (sqlite_failure(_SPEC, self.path, exc) if isinstance(exc, sqlite3.Error) else exc)
             log.error("memory store %s unusable after a failed write: %s", self.path, self._failed)
 
     def _auto_compact(self) -> None:
@@ -335,92 +312,6 @@ class MemoryStore:
                 callback(update)
             except Exception:
                 log.exception("memory store %s: listener %r failed", self.path, callback)
-
-
-def _create(path: Path, namespace: str) -> None:
-    """Build a new store under a temporary name and rename it into place.
-
-    An empty or table-less file at `path` can then only be damage, never a half-made store.
-    """
-    tmp = path.with_name(f"{path.name}.new-{os.getpid()}")
-    for leftover in (tmp, _wal_path(tmp), tmp.with_name(tmp.name + "-shm"), tmp.with_name(tmp.name + "-journal")):
-        leftover.unlink(missing_ok=True)
-    conn = sqlite3.connect(tmp, isolation_level=None)
-    try:
-        # Before any table exists: compaction then gives the log's pages back instead of leaving stale
-        # free pages in the file.
-        conn.execute("PRAGMA auto_vacuum=FULL")
-        conn.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file header
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript("BEGIN;" + _SCHEMA)  # the transaction stays open for the meta rows
-        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                         [("format", str(FORMAT_VERSION)), ("namespace", namespace)])
-        conn.execute("COMMIT")
-    finally:
-        conn.close()  # checkpoints the WAL into the file and removes it
-    os.chmod(tmp, 0o600)  # memory can be private: keep it from other local users
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _check_header(path: Path) -> None:
-    """Refuse a file that is not SQLite at all before SQLite opens it: it would write a fresh header."""
-    try:
-        with open(path, "rb") as f:
-            header = f.read(100)
-    except OSError as exc:
-        raise MemoryStoreError(f"memory store {path} cannot be read: {exc}") from exc
-    if not header:
-        raise MemoryStoreCorrupt(path, "the file is empty (truncated)")
-    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
-        raise MemoryStoreCorrupt(path, "the file does not start with an SQLite header (overwritten or truncated)")
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    _check_header(path)
-    # mode=rw: never let SQLite create an empty database in place of one that vanished.
-    uri = f"file:{quote(str(path))}?mode=rw"
-    try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=2.0)
-    except sqlite3.Error as exc:
-        raise _sqlite_failure(path, exc) from exc
-    try:
-        # Exclusive: one process owns the file (its in-memory document is the truth), and in WAL mode
-        # no -shm file is needed. The empty write transaction takes the lock now, so a second node
-        # fails here instead of on its first write.
-        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("COMMIT")
-        rows = conn.execute("PRAGMA quick_check").fetchall()
-        if rows != [("ok",)]:
-            problems = "; ".join(str(r[0]) for r in rows[:3])
-            raise MemoryStoreCorrupt(path, f"SQLite integrity check failed ({problems})")
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        missing = [t for t in _TABLES if t not in tables]
-        if missing:
-            raise MemoryStoreCorrupt(path, f"not a memory store: table(s) {', '.join(missing)} missing")
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("format") != str(FORMAT_VERSION):
-            if meta.get("format", "").isdigit() and int(meta["format"]) > FORMAT_VERSION:
-                raise MemoryStoreError(f"memory store {path} was written by a newer PinkyBrain "
-                                       f"(format {meta['format']}); upgrade this node")
-            raise MemoryStoreCorrupt(path, f"unknown store format {meta.get('format')!r}")
-        # Only now, with the file known to be ours and sound, change anything about the connection.
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-    except sqlite3.Error as exc:
-        conn.close()
-        raise _sqlite_failure(path, exc) from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn
 
 
 def _load(conn: sqlite3.Connection, path: Path, max_key_bytes: int, max_value_bytes: int) -> tuple[MemoryDoc, int]:

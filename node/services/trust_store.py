@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,15 @@ from pinkybrain.node.core.trust import (
     Verdict,
     statement_from_dict,
 )
-from pinkybrain.node.services.ledger_store import (
+from pinkybrain.node.services.sqlite_store import (
+    Clock,
     DbSpec,
-    SignedStore,
-    SignedStoreCorrupt,
-    SignedStoreError,
-    SignedStoreLocked,
+    SqliteStore,
+    StoreCorrupt,
+    StoreError,
+    StoreLocked,
     dumps,
-    open_signed_db,
+    open_db,
     sqlite_failure,
     write_transaction,
 )
@@ -46,17 +47,17 @@ TRUST_FILE = "trust.sqlite3"
 TRUST_FORMAT = 1
 
 
-class TrustStoreError(SignedStoreError):
+class TrustStoreError(StoreError):
     pass
 
 
-class TrustStoreCorrupt(TrustStoreError, SignedStoreCorrupt):
+class TrustStoreCorrupt(TrustStoreError, StoreCorrupt):
     what = "trust store"
     recovery = ("and restart; this node's own vouches in it are lost (vouch again), peers' attestations "
                 "return at the next exchange")
 
 
-class TrustStoreLocked(TrustStoreError, SignedStoreLocked):
+class TrustStoreLocked(TrustStoreError, StoreLocked):
     pass
 
 
@@ -80,10 +81,9 @@ CREATE TABLE revocations (
 _TRUST_SPEC = DbSpec("trust store", _TRUST_SCHEMA, ("meta", "attestations", "revocations"), TRUST_FORMAT,
                      TrustStoreError, TrustStoreCorrupt, TrustStoreLocked)
 
-Clock = Callable[[], float]
 
 
-class TrustStore(SignedStore):
+class TrustStore(SqliteStore):
     """Thread-safe (one lock) durable trust graph, evaluated from `anchor` (this node's id) with the
     configured max_depth and marginals_needed."""
 
@@ -110,7 +110,7 @@ class TrustStore(SignedStore):
         if max_depth < 0 or marginals_needed < 1:
             raise ValueError("max_depth must be >= 0 and marginals_needed >= 1")
         path = Path(directory) / TRUST_FILE
-        conn, _meta = open_signed_db(_TRUST_SPEC, path, {})
+        conn, _meta = open_db(_TRUST_SPEC, path, {})
         try:
             graph = _load_graph(conn, path)
         except sqlite3.Error as exc:
