@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pinkybrain.node.core.identity import Identity, IdentityError, validate_node_id, verify
+from pinkybrain.node.core.identity import Identity, IdentityError, require_signature, validate_node_id
 
 DOMAIN_COMMITMENT = b"PINKYBRAIN-CREDIT-COMMITMENT-V1\n"
 DOMAIN_DELIVERY = b"PINKYBRAIN-CREDIT-DELIVERY-V1\n"
@@ -180,10 +180,7 @@ class PaymentCommitment:
             raise InvalidCommitment("issued_at and expires_at must be integers (unix seconds)")
         if not 0 < self.expires_at - self.issued_at <= MAX_COMMITMENT_TTL_SECS:
             raise InvalidCommitment(f"lifetime must be 1..{MAX_COMMITMENT_TTL_SECS} seconds")
-        if not isinstance(self.signature, bytes) or len(self.signature) != 64:
-            raise InvalidCommitment("asker signature must be 64 bytes")
-        if not verify(self.asker, self.signed_bytes(), self.signature):
-            raise InvalidCommitment(f"asker signature does not verify against {self.asker}")
+        require_signature(self.asker, self.signed_bytes(), self.signature, InvalidCommitment, "asker signature")
 
     def verify(self) -> bool:
         try:
@@ -275,10 +272,8 @@ class Receipt:
             raise InvalidReceipt("latency_ms must be a non-negative integer")
         if not _is_hex(self.response_sha256, 64):
             raise InvalidReceipt("response_sha256 must be 64 lowercase hex characters")
-        if not isinstance(self.server_signature, bytes) or len(self.server_signature) != 64:
-            raise InvalidReceipt("server signature must be 64 bytes")
-        if not verify(self.commitment.server, self.signed_bytes(), self.server_signature):
-            raise InvalidReceipt(f"server signature does not verify against {self.commitment.server}")
+        require_signature(self.commitment.server, self.signed_bytes(), self.server_signature, InvalidReceipt,
+                          "server signature")
 
     def verify(self) -> bool:
         try:

@@ -91,6 +91,16 @@ def verify(node_id: str, message: bytes, signature: bytes) -> bool:
         return False
 
 
+def require_signature(signer: str, message: bytes, signature, error: type[Exception], label: str,
+                      whose: str | None = None) -> None:
+    """Raise `error` unless `signature` is a 64-byte Ed25519 signature by `signer` over `message`
+    (for the signed statements of the trust and credit layers, which report faults in their own terms)."""
+    if not isinstance(signature, bytes) or len(signature) != 64:
+        raise error(f"{label} must be 64 bytes")
+    if not verify(signer, message, signature):
+        raise error(f"{label} does not verify against {whose or signer}")
+
+
 def save_identity(identity: Identity, path: Path, *, force: bool = False) -> None:
     """Write the key with mode 0600, atomically; never overwrite an existing key unless forced."""
     path = Path(path).expanduser()

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from pinkybrain.node.core.identity import Identity, IdentityError, validate_node_id, verify
+from pinkybrain.node.core.identity import Identity, IdentityError, require_signature, validate_node_id
 
 DOMAIN_ATTESTATION = b"PINKYBRAIN-WOT-ATTESTATION-V1\n"
 DOMAIN_REVOCATION = b"PINKYBRAIN-WOT-REVOCATION-V1\n"
@@ -142,10 +142,8 @@ class Attestation:
             raise InvalidAttestation(f"lifetime must be 1..{MAX_TTL_SECS} seconds")
         if not _is_serial(self.serial):
             raise InvalidAttestation("serial must be 32 lowercase hex characters")
-        if not isinstance(self.signature, bytes) or len(self.signature) != 64:
-            raise InvalidAttestation("signature must be 64 bytes")
-        if not verify(self.issuer, self.signed_bytes(), self.signature):
-            raise InvalidAttestation(f"signature does not verify against issuer {self.issuer}")
+        require_signature(self.issuer, self.signed_bytes(), self.signature, InvalidAttestation, "signature",
+                          f"issuer {self.issuer}")
 
     def verify(self) -> bool:
         try:
@@ -212,10 +210,8 @@ class Revocation:
             raise InvalidRevocation("issued_at must be an integer (unix seconds)")
         if not _is_serial(self.serial):
             raise InvalidRevocation("serial must be 32 lowercase hex characters")
-        if not isinstance(self.signature, bytes) or len(self.signature) != 64:
-            raise InvalidRevocation("signature must be 64 bytes")
-        if not verify(self.issuer, self.signed_bytes(), self.signature):
-            raise InvalidRevocation(f"signature does not verify against issuer {self.issuer}")
+        require_signature(self.issuer, self.signed_bytes(), self.signature, InvalidRevocation, "signature",
+                          f"issuer {self.issuer}")
 
     def verify(self) -> bool:
         try:
