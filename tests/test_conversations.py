@@ -418,6 +418,14 @@ def test_sigkill_mid_write_keeps_every_acknowledged_record(tmp_path):
     d = tmp_path / "conv"
     acked: dict[int, list[int]] = {}
     rng = random.Random(7)
+
+    def take_ack(line: str) -> None:
+        # An acknowledgement is a whole line "i user_id answer_id"; one the kill cut short was never received.
+        fields = line.split()
+        if line.endswith("\n") and len(fields) == 3:
+            i, *ids = map(int, fields)
+            acked[i] = ids
+
     for round_ in range(3):
         child = subprocess.Popen([sys.executable, "-c", _CHILD, str(d), KEY.hex(), str(round_ * 100_000)],
                                  stdout=subprocess.PIPE, text=True)
@@ -428,14 +436,12 @@ def test_sigkill_mid_write_keeps_every_acknowledged_record(tmp_path):
                 line = child.stdout.readline()
                 if not line:
                     break
-                i, *ids = map(int, line.split())
-                acked[i] = ids
+                take_ack(line)
             time.sleep(rng.random() * 0.01)  # land the kill at an arbitrary point of a write
             os.kill(child.pid, signal.SIGKILL)
             child.wait(10)
-            for line in child.stdout.read().splitlines():  # acknowledged before the kill, still in the pipe
-                i, *ids = map(int, line.split())
-                acked[i] = ids
+            for line in child.stdout.read().splitlines(keepends=True):  # acked before the kill, still in the pipe
+                take_ack(line)
         finally:
             if child.poll() is None:
                 child.kill()
