@@ -98,19 +98,23 @@ def identity_init(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create the Ed25519 key (mode 0600); refuses to overwrite one without --force."""
+    """Create the Ed25519 key and the owner key (both mode 0600); refuses to overwrite one without --force."""
     from pinkybrain.node.core.identity import Identity, IdentityError, save_identity
+    from pinkybrain.node.services.credentials import OWNER_KEY_FILE, CredentialError, ensure_owner_key
 
     cfg = _load(config)
     identity = Identity.generate()
     try:
         save_identity(identity, cfg.identity_path, force=force)
-    except IdentityError as exc:
+        # The owner's credential: random, this machine's alone (never derived from the network secret).
+        ensure_owner_key(cfg.home, identity.node_id, replace=force)
+    except (IdentityError, CredentialError) as exc:
         fail(str(exc))
+    owner_file = cfg.home / OWNER_KEY_FILE
     emit(
-        {"node_id": identity.node_id, "key_file": str(cfg.identity_path)},
+        {"node_id": identity.node_id, "key_file": str(cfg.identity_path), "owner_key_file": str(owner_file)},
         as_json,
-        f"created identity {identity.node_id}\nkey: {cfg.identity_path}",
+        f"created identity {identity.node_id}\nkey: {cfg.identity_path}\nowner key: {owner_file}",
     )
 
 
@@ -292,20 +296,6 @@ def config_show(
         typer.echo(yaml.safe_dump(data["config"], sort_keys=False).rstrip())
 
 
-# -- openai-key -------------------------------------------------------------------------------------
-def openai_key(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Print the API key OpenAI clients use with this node's /v1 endpoints (derived from the secret)."""
-    from pinkybrain.node.core.auth import openai_api_key
-
-    cfg = _load(config)
-    if not cfg["p2p.secret"]:
-        fail("no P2P secret is configured")
-    key = openai_api_key(cfg["p2p.secret"])
-    host, port = cfg.listen_address()
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
-    emit({"api_key": key, "base_url": base}, as_json, f"OPENAI_API_KEY={key}\nOPENAI_BASE_URL={base}")
-
-
 # -- openapi ----------------------------------------------------------------------------------------
 def openapi() -> None:
     """Print the OpenAPI description of the node API."""
@@ -404,7 +394,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(identity_app, name="identity")
     app.add_typer(config_app, name="config")
     app.command("openapi", hidden=True)(openapi)
-    app.command("openai-key")(openai_key)
     from pinkybrain.node import release_cli
 
     app.add_typer(release_cli.release_app, name="release", help="Maintainers: release keys and signed manifests.")

@@ -23,6 +23,7 @@ import typer
 
 from pinkybrain.skill import output
 from pinkybrain.skill.client import NodeClient, SkillError, normalize_url, path_part
+from pinkybrain.skill.signing import HmacAuth
 
 MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
 PRIVACY_LEVELS = ("private", "peers-only", "public")
@@ -40,21 +41,51 @@ class Connection:
     url: str
     via: str
     ping: dict
+    credential: str = "mesh"  # "owner" when signed with the node's owner key
 
 
 def connect(url: str | None, timeout: float | None) -> Connection:
     # Imported here: discovery pulls in subprocess/zeroconf machinery only commands need.
     from pinkybrain.skill.discovery import discover
-    from pinkybrain.skill.localconfig import load_local_config
+    from pinkybrain.skill.localconfig import credential_choice, load_local_config, owner_keys
 
     local = load_local_config()
-    secret = local.require_secret()
+    choice = credential_choice()
+    keys = {} if choice == "mesh" else owner_keys()
     if url:
-        base, via, ping = normalize_url(url), "url-flag", {}
+        base, via = normalize_url(url), "url-flag"
+        ping = identify(base, local.secret, keys, timeout) if keys else {}
     else:
-        found = discover(local, secret)
+        found = discover(local, local.require_secret())
         base, via, ping = found.url, found.via, found.info
-    return Connection(NodeClient(base, secret, timeout), base, via, ping)
+    # The owner key of the node that answered, when this user holds it (PINKYBRAIN_CREDENTIAL=mesh: never).
+    key = keys.get(str(ping.get("node_id")))
+    if key is not None:
+        return Connection(NodeClient(base, None, timeout, auth=HmacAuth(key, credential="owner")), base, via, ping,
+                          "owner")
+    if choice == "owner":
+        raise SkillError(f"no owner key for the node at {base}: copy it from that node's machine "
+                         "(`pinkybrain owner-key export`, then `pinkybrain owner-key import`)")
+    return Connection(NodeClient(base, local.require_secret(), timeout), base, via, ping)
+
+
+def identify(base: str, secret: str | None, keys: dict[str, str], timeout: float | None) -> dict:
+    """The --url node's ping answer, to know whether we hold its owner key: signed with the secret, or
+    (no secret here) with each owner key in turn. {} when it does not answer; the real call then says why."""
+    attempts = [HmacAuth(secret)] if secret else [HmacAuth(k, credential="owner") for k in keys.values()]
+    for auth in attempts:
+        try:
+            with httpx.Client(auth=auth, timeout=timeout or 5.0) as http:
+                response = http.get(f"{base}/api/ping")
+        except httpx.HTTPError:
+            return {}
+        if response.status_code == 200:
+            try:
+                body = response.json()
+            except ValueError:
+                return {}
+            return body if isinstance(body, dict) else {}
+    return {}
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -656,6 +687,122 @@ def conversations_set_privacy(
     emit(data, as_json, f"{session_id} is now {level}")
 
 
+# -- owner key, /v1 API keys --------------------------------------------------------------------------
+owner_key_app = typer.Typer(help="The owner key: this machine's proof that it owns its node.", no_args_is_help=True)
+
+
+@owner_key_app.command("export")
+@handled
+def owner_key_export(as_json: JsonOpt = False) -> None:
+    """Print this machine's owner key as a token, to import on another machine you drive the node from.
+    Anyone holding it owns the node: move it only over a channel you trust."""
+    from pinkybrain.skill.localconfig import export_owner_key
+
+    token = export_owner_key()
+    emit({"token": token, "node_id": token.split(":")[1]}, as_json, token)
+
+
+@owner_key_app.command("import")
+@handled
+def owner_key_import(
+    token: Annotated[str, typer.Argument(help="what `owner-key export` printed ('-': read it from stdin)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Keep another machine's owner key here (mode 0600): commands to that node then run as its owner."""
+    import sys
+
+    from pinkybrain.skill.localconfig import IMPORTED_KEYS_FILE, import_owner_key, pinkybrain_home
+
+    node_id = import_owner_key(sys.stdin.readline() if token == "-" else token)  # noqa: S105 - "-" means stdin
+    path = pinkybrain_home() / IMPORTED_KEYS_FILE
+    emit({"node_id": node_id, "file": str(path)}, as_json, f"imported the owner key of {node_id} into {path}")
+
+
+keys_app = typer.Typer(help="API keys for the OpenAI-compatible /v1 endpoints (owner only).", no_args_is_help=True)
+
+
+@keys_app.command("create")
+@handled
+def keys_create(
+    name: Annotated[str, typer.Argument(help="a name for the key, e.g. the app that uses it")],
+    scope: Annotated[str, typer.Option("--scope", help="owner (cloud models too) or query (what a mesh member "
+                                                       "may use)")] = "query",
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Create a key; it is printed this once (the node keeps only its hash)."""
+    choice(scope, ("owner", "query"), "scope")
+    data, conn = call(url, timeout, "POST", "/api/keys", json_body={"name": name, "scope": scope})
+    emit({**data, "base_url": f"{conn.url}/v1"}, as_json,
+         f"OPENAI_API_KEY={data['api_key']}\nOPENAI_BASE_URL={conn.url}/v1\n"
+         f"(key {name!r}, scope {scope}: shown only now)")
+
+
+@keys_app.command("list")
+@handled
+def keys_list(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
+    """Names, scopes and creation dates of the keys (never the keys)."""
+    data, _ = call(url, timeout, "GET", "/api/keys")
+    items = (data or {}).get("keys") or []
+    emit(data, as_json, lambda: "\n".join(
+        f"{k['name']:<24} {k['scope']:<6} created {time.strftime('%Y-%m-%d %H:%M', time.localtime(k['created_at']))}"
+        for k in items) or "no API keys")
+
+
+@keys_app.command("revoke")
+@handled
+def keys_revoke(name: Annotated[str, typer.Argument(help="the key's name")], as_json: JsonOpt = False,
+                url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
+    """Revoke a key: clients using it get 401 from now on."""
+    data, _ = call(url, timeout, "DELETE", f"/api/keys/{path_part(name)}")
+    emit(data, as_json, f"revoked {name}")
+
+
+DEFAULT_OPENAI_KEY = "default"
+OPENAI_KEYS_FILE = "openai-keys.json"
+
+
+@handled
+def openai_key(
+    rotate: Annotated[bool, typer.Option("--rotate", help="replace the default key (the old one stops working)")]
+    = False,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """The owner's default /v1 key and the URL of the node it is for (creates the key the first time).
+
+    The node keeps only the key's hash; this machine keeps the key in $PINKYBRAIN_HOME/openai-keys.json
+    (mode 0600) to show it again."""
+    from pinkybrain.skill.localconfig import _read_json, pinkybrain_home, write_private
+
+    conn = connect(url, timeout)
+    with conn.client:
+        if conn.credential != "owner":
+            raise SkillError(f"only the owner of the node at {conn.url} issues its API keys, and this machine has "
+                             "no owner key for it (`pinkybrain owner-key import`)")
+        node_id = str(conn.ping.get("node_id"))
+        cache_file = pinkybrain_home() / OPENAI_KEYS_FILE
+        cache = (_read_json(cache_file) or {}).get("keys") or {}
+        key = None if rotate else cache.get(node_id)
+        if key is not None:
+            try:  # still valid? (revoked or replaced elsewhere: make a new one)
+                check = httpx.get(f"{conn.url}/v1/models", headers={"Authorization": f"Bearer {key}"},
+                                  timeout=conn.client.timeout)
+                key = key if check.status_code == 200 else None
+            except httpx.HTTPError as exc:
+                raise SkillError(f"cannot reach the node at {conn.url}: {exc or type(exc).__name__}") from None
+        if key is None:
+            created = conn.client.post("/api/keys", json_body={"name": DEFAULT_OPENAI_KEY, "scope": "owner",
+                                                               "replace": True})
+            key = created["api_key"]
+            write_private(cache_file, json.dumps({"keys": {**cache, node_id: key}}, indent=2).encode())
+    base = f"{conn.url}/v1"
+    emit({"api_key": key, "base_url": base, "name": DEFAULT_OPENAI_KEY, "node_id": node_id}, as_json,
+         f"OPENAI_API_KEY={key}\nOPENAI_BASE_URL={base}")
+
+
 def register(app: typer.Typer) -> None:
     for name, fn in (("status", status), ("ping", ping), ("query", query), ("peers", peers),
                      ("discover", discover), ("score", score), ("capabilities", capabilities)):
@@ -668,3 +815,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(daemon_app, name="daemon")
     app.add_typer(update_app, name="update")
     app.add_typer(conversations_app, name="conversations")
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(owner_key_app, name="owner-key")
+    app.command("openai-key")(openai_key)

@@ -69,10 +69,12 @@ def describe_refusal(url: str, response: httpx.Response) -> str:
 
 
 class NodeClient:
-    def __init__(self, base_url: str, secret: str, timeout: float | None = None):
+    def __init__(self, base_url: str, secret: str | None, timeout: float | None = None, auth: httpx.Auth | None = None):
+        """`auth` signs instead of the secret (the owner key: skill.localconfig.Credentials picks it)."""
         self.base_url = normalize_url(base_url)
         self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-        self._http = httpx.Client(base_url=self.base_url, auth=HmacAuth(secret), timeout=self.timeout,
+        self.auth = auth or HmacAuth(secret or "")
+        self._http = httpx.Client(base_url=self.base_url, auth=self.auth, timeout=self.timeout,
                                   headers={"User-Agent": "pinkybrain-skill"})
 
     def __enter__(self) -> NodeClient:

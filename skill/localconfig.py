@@ -9,6 +9,7 @@ has to come from it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,3 +136,88 @@ def load_local_config() -> LocalConfig:
     if port is None and host != "localhost":
         port = DEFAULT_PORT  # bound to one address on the default port: localhost:8080 would not reach it
     return LocalConfig(file=file, secret=secret, port=port, host=host, problem=problem)
+
+
+# -- owner keys -------------------------------------------------------------------------------------
+# The node writes $PINKYBRAIN_HOME/owner.key (its own owner key, mode 0600) at `identity init` or at start;
+# `pinkybrain owner-key import` keeps the keys of nodes this user owns elsewhere in owner-keys.json (0600).
+# The format is the node's (node/services/credentials.py); tests/test_principals.py keeps them in step.
+OWNER_KEY_FILE = "owner.key"
+IMPORTED_KEYS_FILE = "owner-keys.json"
+OWNER_KEY_FORMAT = "pinkybrain-owner-key-v1"
+EXPORT_PREFIX = "pbowner1"
+CREDENTIAL_ENV = "PINKYBRAIN_CREDENTIAL"  # auto (default) | owner | mesh
+
+
+def _is_key(text: object) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SkillError(f"cannot read {path}: {exc}") from None
+    return data if isinstance(data, dict) else None
+
+
+def owner_keys() -> dict[str, str]:
+    """node id -> owner key, for every node this user owns: this machine's node first, then imported ones."""
+    keys: dict[str, str] = {}
+    own = _read_json(pinkybrain_home() / OWNER_KEY_FILE)
+    if own and own.get("format") == OWNER_KEY_FORMAT and _is_key(own.get("key")) and isinstance(own.get("node_id"), str):
+        keys[own["node_id"]] = own["key"]
+    imported = _read_json(pinkybrain_home() / IMPORTED_KEYS_FILE) or {}
+    for node_id, key in (imported.get("keys") or {}).items():
+        if _is_key(key):
+            keys.setdefault(node_id, key)
+    return keys
+
+
+def credential_choice() -> str:
+    choice = (os.environ.get(CREDENTIAL_ENV) or "auto").strip().lower()
+    if choice not in ("auto", "owner", "mesh"):
+        raise SkillError(f"{CREDENTIAL_ENV} must be auto, owner or mesh, got {choice!r}")
+    return choice
+
+
+def export_owner_key() -> str:
+    """The token `owner-key import` takes on another machine: this machine's node id and owner key."""
+    path = pinkybrain_home() / OWNER_KEY_FILE
+    own = _read_json(path)
+    if not own or not _is_key(own.get("key")):
+        raise SkillError(f"no owner key at {path}: run `pinkybrain identity init` or start the node once")
+    return f"{EXPORT_PREFIX}:{own['node_id']}:{own['key']}"
+
+
+def import_owner_key(token: str) -> str:
+    """Keep an exported owner key (0600, atomically); returns the node id it is for."""
+    parts = token.strip().split(":")
+    if len(parts) != 3 or parts[0] != EXPORT_PREFIX or not _is_key(parts[2]) or len(parts[1]) != 63:
+        raise SkillError("not an owner key token: expected what `pinkybrain owner-key export` printed "
+                         f"({EXPORT_PREFIX}:NODE-ID:KEY)")
+    node_id, key = parts[1], parts[2]
+    path = pinkybrain_home() / IMPORTED_KEYS_FILE
+    data = _read_json(path) or {}
+    keys = dict(data.get("keys") or {})
+    keys[node_id] = key
+    write_private(path, json.dumps({"keys": keys}, indent=2, sort_keys=True).encode())
+    return node_id
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create-then-rename with mode 0600, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -28,6 +29,27 @@ def strong_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+class OwnerAuth(HmacAuth):
+    """Requests signed with the owner key the node in `home` created (identity init, or its first start),
+    read at each request: before the node has made it, the request is signed with a key that cannot match
+    (the node is not answering yet anyway)."""
+
+    def __init__(self, home: Path):
+        super().__init__("", credential="owner")
+        self.home = Path(home)
+
+    def auth_flow(self, request):
+        try:
+            self.secret = json.loads((self.home / "owner.key").read_text())["key"]
+        except FileNotFoundError:
+            self.secret = "0" * 64
+        yield from super().auth_flow(request)
+
+
+def owner_auth(home: Path) -> HmacAuth:
+    return OwnerAuth(home)
+
+
 @dataclass
 class RunningNode:
     home: Path
@@ -44,9 +66,23 @@ class RunningNode:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def owner_key(self) -> str | None:
+        """The owner key the node created in its home at start (None before it has)."""
+        try:
+            return json.loads((self.home / "owner.key").read_text())["key"]
+        except FileNotFoundError:
+            return None
+
     def client(self, secret: str | None = None) -> httpx.Client:
+        """Signed as the node's owner (the test drives its own node), or as a mesh member with `secret`."""
+        owner = None if secret is not None else self.owner_key()
+        auth = HmacAuth(owner, credential="owner") if owner else HmacAuth(secret or self.secret)
         # Generous: sharing hashes a 250 MB model and CI machines may be loaded; a hang still ends.
-        return httpx.Client(base_url=self.url, auth=HmacAuth(secret or self.secret), timeout=180)
+        return httpx.Client(base_url=self.url, auth=auth, timeout=180)
+
+    def member(self) -> httpx.Client:
+        """Signed with the network secret only: what any mesh member can send."""
+        return self.client(secret=self.secret)
 
     def get(self, path: str, **kw) -> httpx.Response:
         with self.client() as c:

@@ -144,8 +144,11 @@ def test_missing_pieces_are_named(node):
 
 def test_oversized_body_is_refused_before_reading_it_all(node):
     big = b"x" * (5 * 1024 * 1024)
-    r = httpx.post(node.url + "/api/memory/set", content=big, timeout=30)
-    assert r.status_code == 413
+    unsigned = httpx.post(node.url + "/api/memory/set", content=big, timeout=30)
+    assert unsigned.status_code == 401  # not even signed: refused before the body matters
+    headers = signature_headers(node.secret, "POST", "/api/memory/set", "", big)
+    signed = httpx.post(node.url + "/api/memory/set", content=big, headers=headers, timeout=30)
+    assert signed.status_code == 413 and "/api/memory/set" in signed.json()["detail"]
     assert node.get("/api/ping").status_code == 200  # the node is fine
 
 

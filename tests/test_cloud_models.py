@@ -38,7 +38,8 @@ async def api(tmp_path, monkeypatch, request):
     runtime, secret = make_runtime(tmp_path, monkeypatch, cloud_sharing=getattr(request, "param", False))
     await runtime.start()
     transport = httpx.ASGITransport(app=create_app(runtime, manage_lifecycle=False))
-    async with httpx.AsyncClient(transport=transport, base_url="http://node", auth=HmacAuth(secret)) as client:
+    owner = HmacAuth(runtime.owner_key.key, credential="owner")  # the owner drives its cloud models
+    async with httpx.AsyncClient(transport=transport, base_url="http://node", auth=owner) as client:
         yield client
     await runtime.stop()
 

@@ -9,8 +9,7 @@ import time
 
 import httpx
 
-from nodes import free_port, node_env, run_cli, write_node_config
-from pinkybrain.skill.signing import HmacAuth
+from nodes import free_port, node_env, owner_auth, run_cli, write_node_config
 
 
 def test_daemon_lifecycle(tmp_path):
@@ -29,7 +28,7 @@ def test_daemon_lifecycle(tmp_path):
         assert (home / "pinkybrain.pid").read_text().strip() == str(pid)
         assert (home / "pinkybrain.log").exists()
         # `serve --daemon` returns only once the API answers.
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=HmacAuth(secret), timeout=10) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=owner_auth(home), timeout=10) as c:
             daemon = c.get("/api/daemon").json()
             assert daemon["pid"] == pid and daemon["start_mode"] == "daemon"
             assert daemon["log_file"] == str(home / "pinkybrain.log")
@@ -72,7 +71,7 @@ def test_daemon_lifecycle(tmp_path):
     restarted = run_cli("serve", "--daemon", "--json", env=env)
     assert restarted.returncode == 0, restarted.stderr
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=HmacAuth(secret), timeout=10) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=owner_auth(home), timeout=10) as c:
             assert c.get("/api/memory/kept").json()["value"] == "across restarts"
     finally:
         assert run_cli("serve", "--stop", env=env).returncode == 0

@@ -33,10 +33,10 @@ import json, sys, time
 import httpx
 from pinkybrain.skill.signing import HmacAuth
 
-url, secret, other, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+url, secret, other, timeout, credential = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
 deadline = time.monotonic() + timeout
 out = {}
-with httpx.Client(base_url=url, auth=HmacAuth(secret), timeout=5) as c:
+with httpx.Client(base_url=url, auth=HmacAuth(secret, credential=credential), timeout=5) as c:
     while time.monotonic() < deadline:
         try:
             out["ping"] = c.get("/api/ping").json()
@@ -63,9 +63,10 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def probe(ns: str, url: str, secret: str, other: str, timeout: float) -> dict:
+def probe(ns: str, url: str, secret: str, other: str, timeout: float, credential: str = "mesh") -> dict:
+    """`secret`: the network secret, or the owner key with credential "owner" (/api/discover is the owner's)."""
     proc = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, url, secret, other, str(timeout)],
+        ["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, url, secret, other, str(timeout), credential],
         capture_output=True, text=True, timeout=timeout + 30,
     )
     assert proc.returncode == 0, proc.stderr
@@ -122,7 +123,8 @@ def test_two_nodes_in_separate_namespaces_find_each_other_over_mdns(namespaces, 
             assert "ping" in up, f"{node['ns']}: node did not come up: {up}\n{(node['home'] / 'test-node.log').read_text()}"
             node["id"] = up["ping"]["node_id"]
         for node, other in ((nodes[0], nodes[1]), (nodes[1], nodes[0])):
-            seen = probe(node["ns"], node["url"], secret, other["id"], 60)
+            owner_key = json.loads((node["home"] / "owner.key").read_text())["key"]
+            seen = probe(node["ns"], node["url"], owner_key, other["id"], 60, "owner")
             logs = (node["home"] / "test-node.log").read_text()
             assert seen["discover"]["mdns"]["available"], logs
             found = [n for n in seen["discover"]["mdns"]["nodes"] if n["node_id"] == other["id"]]

@@ -32,10 +32,9 @@ import httpx
 import pytest
 from nacl.signing import SigningKey
 
-from nodes import free_port, node_env, run_cli, strong_secret, write_node_config
+from nodes import free_port, node_env, owner_auth, run_cli, strong_secret, write_node_config
 from pinkybrain.node.core import release
 from pinkybrain.node.core.release import Manifest, ManifestError, ReleaseError, SignatureError
-from pinkybrain.skill.signing import HmacAuth
 
 ROOT = Path(__file__).parents[1]
 TEST_KEY = SigningKey(hashlib.sha256(b"pinkybrain test release key").digest())
@@ -348,7 +347,7 @@ class InstalledNode:
         return f"http://127.0.0.1:{self.port}"
 
     def request(self, method: str, path: str, **kw) -> httpx.Response:
-        with httpx.Client(base_url=self.url, auth=HmacAuth(self.secret), timeout=120) as c:
+        with httpx.Client(base_url=self.url, auth=owner_auth(self.home), timeout=120) as c:
             return c.request(method, path, **kw)
 
     def ping(self) -> dict:
@@ -605,7 +604,7 @@ class PlainNode:
 
     def request(self, method: str, path: str, **kw) -> httpx.Response:
         with httpx.Client(
-            base_url=f"http://127.0.0.1:{self.port}", auth=HmacAuth(self.secret), timeout=60
+            base_url=f"http://127.0.0.1:{self.port}", auth=owner_auth(self.home), timeout=60
         ) as c:
             return c.request(method, path, **kw)
 

@@ -16,10 +16,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from pinkybrain import __version__
-from pinkybrain.node.api.auth import SignedRequestMiddleware
+from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware, principal_of
+from pinkybrain.node.api.keys import router as keys_router
 from pinkybrain.node.api.query import router as query_router
 from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
+from pinkybrain.node.core.principals import Principal, visible_privacy
 from pinkybrain.node.services import updater
 from pinkybrain.node.services.models import CloudShareRefused, ModelNotFound, ModelPathError
 from pinkybrain.node.services.runtime import NodeRuntime
@@ -47,6 +49,10 @@ def get_runtime(request: Request) -> NodeRuntime:
 
 RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
 router = APIRouter()
+
+
+
+PrincipalDep = Annotated[Principal, Depends(principal_of)]
 
 
 # -- node ---------------------------------------------------------------------------------------
@@ -242,8 +248,10 @@ async def memory_delete(runtime: RuntimeDep, key: str, network: Network = "priva
 
 # -- models -------------------------------------------------------------------------------------
 @router.get("/api/models", summary="List available models")
-async def models(runtime: RuntimeDep):
+async def models(runtime: RuntimeDep, principal: PrincipalDep):
     items = await asyncio.to_thread(runtime.models.list)
+    if principal is not Principal.OWNER:  # a cloud model the owner has not shared is not a member's business
+        items = [m for m in items if m.get("kind") != "cloud" or m.get("shared")]
     return {
         "models": items,
         "count": len(items),
@@ -286,27 +294,47 @@ def conversation_call(fn, *args):
         raise error(400, "invalid_request", str(exc)) from None
 
 
+# Privacy levels (core.principals.visible_privacy): the owner sees every conversation, a mesh member
+# peers-only and public ones, a public peer public ones. Read at each request: a change applies at once.
 @router.get("/api/conversations", summary="List conversations")
 async def conversations_list(
-    runtime: RuntimeDep, limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)
+    runtime: RuntimeDep, principal: PrincipalDep,
+    limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0),
 ):
-    items = await asyncio.to_thread(conversation_call, runtime.conversations.list_sessions, limit, offset)
+    items = await asyncio.to_thread(conversation_call, lambda: runtime.conversations.list_sessions(
+        limit, offset, privacy=None if principal is Principal.OWNER else visible_privacy(principal)))
     return {"conversations": items, "count": len(items)}
 
 
 @router.post("/api/conversations/search", summary="Search conversation history")
 async def conversations_search(
-    runtime: RuntimeDep, q: str = Query(min_length=1, max_length=1000), limit: int = Query(20, ge=1, le=200)
+    runtime: RuntimeDep, principal: PrincipalDep,
+    q: str = Query(min_length=1, max_length=1000), limit: int = Query(20, ge=1, le=200),
 ):
-    hits = await asyncio.to_thread(conversation_call, runtime.conversations.search, q, limit)
+    hits = await asyncio.to_thread(conversation_call, lambda: runtime.conversations.search(
+        q, limit, privacy=None if principal is Principal.OWNER else visible_privacy(principal)))
     return {"query": q, "results": hits, "count": len(hits)}
+
+
+def require_visible(runtime: NodeRuntime, principal: Principal, session_id: str) -> None:
+    """403 with one line when a conversation's privacy level hides it from this principal."""
+    if principal is Principal.OWNER:
+        return
+    level = conversation_call(runtime.conversations.get_session, session_id)["privacy"]
+    if level not in visible_privacy(principal):
+        raise error(403, "forbidden", f"conversation {session_id} is {level}: only this node's owner "
+                                      f"{'and mesh members ' if level == 'peers-only' else ''}may read it")
 
 
 @router.post("/api/conversations/{session_id}/export", summary="Export a conversation")
 async def conversations_export(
-    runtime: RuntimeDep, session_id: str, format: Literal["json", "markdown"] = "json"
+    runtime: RuntimeDep, principal: PrincipalDep, session_id: str, format: Literal["json", "markdown"] = "json"
 ):
-    text = await asyncio.to_thread(conversation_call, runtime.conversations.export, session_id, format)
+    def export() -> str:
+        require_visible(runtime, principal, session_id)  # in the same thread call as the export it guards
+        return conversation_call(runtime.conversations.export, session_id, format)
+
+    text = await asyncio.to_thread(export)
     media = "application/json" if format == "json" else "text/markdown; charset=utf-8"
     return PlainTextResponse(text, media_type=media)
 
@@ -333,9 +361,25 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
     from pinkybrain.node.api.p2p import router as p2p_router
 
     app.include_router(p2p_router)  # peer links (WebSocket /p2p): not part of the signed HTTP API
-    verifier = RequestVerifier(secret=runtime.cfg["p2p.secret"], nonces=NonceCache())
-    app.add_middleware(SignedRequestMiddleware, verifier_factory=lambda: verifier)
+    app.add_middleware(SignedRequestMiddleware, authenticator_factory=authenticator_for(runtime))
     return app
+
+
+def authenticator_for(runtime: NodeRuntime):
+    """Built at the first request: the owner key and the stores exist once the runtime has started."""
+    built: list[Authenticator] = []
+
+    def factory() -> Authenticator:
+        if not built:
+            owner = runtime.owner_key
+            verifier = RequestVerifier(
+                secret=runtime.cfg["p2p.secret"], nonces=NonceCache(), owner_key=owner.key if owner else "",
+                peer_valid=lambda node_id: runtime.trust is not None and runtime.trust.is_valid(node_id).valid,
+            )
+            built.append(Authenticator(verifier, runtime.api_keys))
+        return built[0]
+
+    return factory
 
 
 def _new_app(lifespan=None) -> FastAPI:
@@ -343,10 +387,13 @@ def _new_app(lifespan=None) -> FastAPI:
         title="PinkyBrain node API",
         version=__version__,
         description=(
-            "Every request carries an HMAC-SHA256 signature (scheme PB1-HMAC-SHA256) keyed by the network "
-            "secret, over method, path, raw query, timestamp, nonce and the body's SHA-256, in "
-            "X-PinkyBrain-Sig with X-PinkyBrain-Timestamp (Unix seconds, ±60 s) and X-PinkyBrain-Nonce "
-            "(single use). Failures are 401 with {error, detail}."
+            "Every request carries an HMAC-SHA256 signature (scheme PB1-HMAC-SHA256) over method, path, raw "
+            "query, timestamp, nonce and the body's SHA-256, in X-PinkyBrain-Sig with X-PinkyBrain-Timestamp "
+            "(Unix seconds, ±60 s) and X-PinkyBrain-Nonce (single use), keyed by the network secret (a mesh "
+            "member) or, with X-PinkyBrain-Credential: owner, by the node's owner key. A public peer valid in "
+            "the node's Web of Trust signs with Ed25519 (X-PinkyBrain-Credential: peer, X-PinkyBrain-Peer: its "
+            "node id, scheme PB1-ED25519). /v1 also takes a bearer API key the owner issued. Authentication "
+            "failures are 401, a route above the caller's principal is 403, both with {error, detail}."
         ),
         lifespan=lifespan,
         docs_url=None,
@@ -356,6 +403,7 @@ def _new_app(lifespan=None) -> FastAPI:
     app.include_router(router)
     app.include_router(query_router)
     app.include_router(trust_router)
+    app.include_router(keys_router)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):

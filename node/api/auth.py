@@ -1,5 +1,11 @@
-"""ASGI middleware: every HTTP request must carry a valid PB1 HMAC signature.
+"""ASGI middleware: authenticate every HTTP request, enforce the route -> principal table, and only
+then read the body.
 
+Order, so a stranger costs the node almost nothing: (1) the signature headers' presence, shape and
+timestamp (or, on /v1 only, a bearer API key) and the route's principal, (2) the declared
+Content-Length against the route's body limit, (3) the body, read up to that limit (chunked bodies
+too), (4) the signature over it and the nonce. The result is stored as scope["pinkybrain.auth"]
+(core.principals.AuthContext) for the routes' object-level rules and the response-proof layer.
 Pure ASGI (not BaseHTTPMiddleware) so the body is read once, verified, and replayed to the app.
 """
 
@@ -7,90 +13,149 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
-from pinkybrain.node.core.auth import SIG_HEADER, AuthError, RequestVerifier, bearer_ok
+from starlette.requests import Request
+
+from pinkybrain.node.core.auth import SIG_HEADER, AuthError, RequestVerifier
+from pinkybrain.node.core.principals import AUTH_SCOPE_KEY, AuthContext, Principal, RouteTable, refusal
 
 log = logging.getLogger("pinkybrain.auth")
-MAX_BODY_BYTES = 4 * 1024 * 1024
+BEARER_PRINCIPAL = {"owner": Principal.OWNER, "query": Principal.MEMBER}
 
 
-async def _send_json(send, status: int, payload: dict) -> None:
+async def _send_json(send, status: int, payload: dict, *, challenge: bool = True) -> None:
     body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'PB1-HMAC-SHA256 realm="pinkybrain"'),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if challenge:
+        headers.append((b"www-authenticate", b'PB1-HMAC-SHA256 realm="pinkybrain"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
+def _openai_error(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+
+
+@dataclass
+class Authenticator:
+    """What the middleware checks requests against: one per node (a test may swap it)."""
+
+    verifier: RequestVerifier
+    api_keys: object | None = None  # services.credentials.ApiKeyStore: lookup(key) -> (name, scope) | None
+    table: RouteTable | None = None
+
+    def __post_init__(self) -> None:
+        self.table = self.table or RouteTable()
+
+    def bearer(self, authorization: str | None) -> AuthContext | None:
+        if self.api_keys is None or not authorization or not authorization[:7].lower() == "bearer ":
+            return None
+        found = self.api_keys.lookup(authorization[7:].strip())
+        if found is None:
+            return None
+        name, scope = found
+        return AuthContext(principal=BEARER_PRINCIPAL[scope], credential=b"", nonce=None, key_name=name)
+
+
+def principal_of(request: Request) -> Principal:
+    """Who the middleware found a request comes from (a route's dependency); the least privilege if it
+    did not run."""
+    context = request.scope.get(AUTH_SCOPE_KEY)
+    return context.principal if context is not None else Principal.PUBLIC
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
 class SignedRequestMiddleware:
-    def __init__(self, app, verifier_factory):
+    def __init__(self, app, authenticator_factory):
         self.app = app
-        # A factory, so a secret change (restart) or test can swap the verifier without rebuilding the app.
-        self.verifier_factory = verifier_factory
+        # A factory, so a test can swap the authenticator without rebuilding the app.
+        self.authenticator_factory = authenticator_factory
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            await _send_json(
-                send, 413, {"error": "body_too_large", "detail": f"request body over {MAX_BODY_BYTES} bytes"}
-            )
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+        auth: Authenticator = self.authenticator_factory()
+        method, path = scope["method"], scope["path"]
+        rule = auth.table.rule(method, path)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        openai = path.startswith("/v1/")
+        claim = context = None
+        if openai and SIG_HEADER not in headers:
+            # OpenAI clients cannot sign: /v1 also takes an API key the owner issued (`pinkybrain keys`).
+            context = auth.bearer(headers.get("authorization"))
+            if context is None:
+                await _send_json(send, 401, _openai_error(
+                    "invalid or missing API key (the owner issues them: `pinkybrain openai-key` or "
+                    "`pinkybrain keys create NAME`)", "invalid_api_key"))
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                await _send_json(
-                    send,
-                    413,
-                    {"error": "body_too_large", "detail": f"request body over {MAX_BODY_BYTES} bytes"},
-                )
+            principal = context.principal
+        else:
+            try:
+                claim = auth.verifier.check_headers(headers)
+            except AuthError as exc:
+                await self._refuse(scope, send, exc)
                 return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        verifier: RequestVerifier = self.verifier_factory()
-        if scope["path"].startswith("/v1/") and SIG_HEADER not in headers:
-            # OpenAI clients cannot sign: the /v1 endpoints also take a bearer key derived from the secret.
-            if bearer_ok(verifier.secret, headers.get("authorization")):
-                await self.app(scope, _replay(body, receive), send)
-                return
-            await _send_json(send, 401, {"error": {"message": "invalid or missing API key (pinkybrain openai-key "
-                                                              "prints it)", "type": "invalid_request_error",
-                                                   "code": "invalid_api_key"}})
-            return
-        try:
-            verifier.verify(
-                scope["method"],
-                scope["path"],
-                scope.get("query_string", b"").decode("latin-1"),
-                headers,
-                body,
-            )
-        except AuthError as exc:
-            client = scope.get("client") or ("?", 0)
-            # Operational line only: who and why, never the request content.
-            log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], client[0], exc.code)
-            status = 503 if exc.code == "busy" else 401
-            await _send_json(send, status, {"error": exc.code, "detail": exc.message})
+            principal = claim.principal
+        if principal < rule.principal:
+            detail = refusal(rule, principal)
+            payload = _openai_error(detail, "forbidden") if openai else {"error": "forbidden", "detail": detail}
+            await _send_json(send, 403, payload, challenge=False)
             return
 
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > rule.body_limit):
+            status, detail = (413, f"request body over {rule.body_limit} bytes for {rule.method} {rule.path}") \
+                if declared.isdigit() else (400, "Content-Length is not a number")
+            await _send_json(send, status, {"error": "body_too_large" if status == 413 else "bad_request",
+                                            "detail": detail}, challenge=False)
+            return
+        try:
+            body = await _read_body(receive, rule.body_limit)
+        except BodyTooLarge:
+            await _send_json(send, 413, {"error": "body_too_large",
+                                         "detail": f"request body over {rule.body_limit} bytes for "
+                                                   f"{rule.method} {rule.path}"}, challenge=False)
+            return
+        if body is None:  # the client went away
+            return
+        if claim is not None:
+            try:
+                context = auth.verifier.verify_claim(
+                    claim, method, path, scope.get("query_string", b"").decode("latin-1"), body)
+            except AuthError as exc:
+                await self._refuse(scope, send, exc)
+                return
+        scope[AUTH_SCOPE_KEY] = context
         await self.app(scope, _replay(body, receive), send)
+
+    @staticmethod
+    async def _refuse(scope, send, exc: AuthError) -> None:
+        client = scope.get("client") or ("?", 0)
+        # Operational line only: who and why, never the request content.
+        log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], client[0], exc.code)
+        status = 503 if exc.code == "busy" else 401
+        await _send_json(send, status, {"error": exc.code, "detail": exc.message})
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole body, refused as soon as it passes `limit` (a chunked body declares no length)."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive):

@@ -12,9 +12,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from pinkybrain.node.api.auth import principal_of
 from pinkybrain.node.core.credits import InsufficientCredit
+from pinkybrain.node.core.principals import Principal, visible_privacy
 from pinkybrain.node.core.router import NoAnswer, RouterError
-from pinkybrain.node.services.brain import NoModel
+from pinkybrain.node.services.brain import ModelRefused, NoModel
 from pinkybrain.node.services.runtime import NodeRuntime
 
 MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
@@ -26,6 +28,29 @@ def get_runtime(request: Request) -> NodeRuntime:
 
 
 RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
+
+
+
+PrincipalDep = Annotated[Principal, Depends(principal_of)]
+
+
+def guest_refusal(runtime: NodeRuntime, principal: Principal, session_id: str | None = None) -> str | None:
+    """Why a query from someone other than the owner cannot run now (None: it may). Guests use what the
+    node shares, under the resource guard, and continue only conversations they may read."""
+    if principal is Principal.OWNER:
+        return None
+    if not runtime.cfg["sharing.enabled"]:
+        return "this node does not share (sharing.enabled is false): only its owner may query it"
+    if runtime.guard.paused:
+        return f"sharing is paused by this node's resource guard ({runtime.guard.reason or 'busy'}): try later"
+    if session_id:
+        try:
+            level = runtime.conversations.get_session(session_id)["privacy"]
+        except (KeyError, ValueError):
+            return None  # an unknown id starts a new conversation, as for the owner
+        if level not in visible_privacy(principal):
+            return f"conversation {session_id} is {level}: only this node's owner may continue it"
+    return None
 
 
 class QueryRequest(BaseModel):
@@ -53,8 +78,13 @@ def _sse(event: str, data: Any) -> bytes:
 
 
 @router.post("/api/query", summary="Submit an AI query")
-async def query(runtime: RuntimeDep, body: QueryRequest):
+async def query(runtime: RuntimeDep, principal: PrincipalDep, body: QueryRequest):
     brain = runtime.brain
+    owner = principal is Principal.OWNER
+    refused = guest_refusal(runtime, principal, body.session_id)
+    if refused:
+        raise _error(403 if "conversation" in refused else 503, "forbidden" if "conversation" in refused
+                     else "sharing_paused", refused)
     if body.mode not in MODES:
         raise _error(400, "unknown_mode", f"unknown mode {body.mode!r}; valid modes: {', '.join(MODES)}",
                      valid=list(MODES))
@@ -65,10 +95,12 @@ async def query(runtime: RuntimeDep, body: QueryRequest):
                      f"unknown specialist {unknown[0]!r}; valid specialists: {', '.join(sorted(brain.specialists))}",
                      valid=sorted(brain.specialists))
     if body.stream:
-        return await _stream_query(runtime, body, requested)
+        return await _stream_query(runtime, body, requested, owner)
     try:
         return await brain.query(body.prompt, body.mode, requested, max_tokens=body.max_tokens, model=body.model,
-                                 session_id=body.session_id)
+                                 session_id=body.session_id, owner=owner)
+    except ModelRefused as exc:
+        raise _error(403, "forbidden", str(exc)) from None
     except NoModel as exc:
         raise _error(503, "no_model", str(exc)) from None
     except InsufficientCredit as exc:  # a public peer would have answered, but this node cannot pay
@@ -81,14 +113,16 @@ async def query(runtime: RuntimeDep, body: QueryRequest):
         raise _error(400, "invalid_request", str(exc)) from None
 
 
-async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: list[str]):
+async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: list[str], owner: bool):
     brain = runtime.brain
     if body.mode not in ("single", "specialist") or len(requested) > 1:
         raise _error(400, "stream_unsupported",
                      "streaming is available for single mode and for one named specialist; "
                      "use stream=false for multi-specialist modes")
     try:
-        plan = brain.plan_single(body.prompt, requested, model=body.model, max_tokens=body.max_tokens)
+        plan = brain.plan_single(body.prompt, requested, model=body.model, max_tokens=body.max_tokens, owner=owner)
+    except ModelRefused as exc:
+        raise _error(403, "forbidden", str(exc)) from None
     except NoModel as exc:
         raise _error(503, "no_model", str(exc)) from None
 
@@ -137,21 +171,27 @@ def _openai_error(status: int, message: str, code: str) -> JSONResponse:
 
 
 @router.get("/v1/models", summary="OpenAI-compatible model list")
-async def v1_models(runtime: RuntimeDep):
+async def v1_models(runtime: RuntimeDep, principal: PrincipalDep):
     created = int(runtime.started_at)
     ids = ["pinkybrain"] + [f"pinkybrain/{s}" for s in sorted(runtime.brain.specialists)]
-    ids += sorted(runtime.brain.local_models()) + sorted(runtime.brain.cloud_models) + runtime.brain.remote_models()
+    local, cloud = runtime.brain.usable(principal is Principal.OWNER)
+    ids += sorted(local) + sorted(cloud) + runtime.brain.remote_models()
     return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "pinkybrain"}
                                        for i in ids]}
 
 
 @router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion")
-async def v1_chat(runtime: RuntimeDep, body: ChatCompletionRequest):
+async def v1_chat(runtime: RuntimeDep, principal: PrincipalDep, body: ChatCompletionRequest):
     brain = runtime.brain
     messages = [m.model_dump() for m in body.messages]
+    refused = guest_refusal(runtime, principal)
+    if refused:
+        return _openai_error(503, refused, "sharing_paused")
     try:
         plan = brain.plan_messages(body.model, messages, max_tokens=body.max_tokens, temperature=body.temperature,
-                                   top_p=body.top_p)
+                                   top_p=body.top_p, owner=principal is Principal.OWNER)
+    except ModelRefused as exc:
+        return _openai_error(403, str(exc), "forbidden")
     except NoModel as exc:
         return _openai_error(404, str(exc), "model_not_found")
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -1,29 +1,48 @@
-"""HMAC request authentication for the node API, as pure logic (no sockets).
+"""Request authentication for the node API, as pure logic (no sockets).
 
 A request is signed over a canonical string of method, path, raw query, timestamp, nonce and the
-SHA-256 of the body, keyed by the network secret. The skill builds the same string independently
-(skill/signing.py); tests/test_signing_compat.py keeps the two in step.
+SHA-256 of the body. Which key signs it says who is calling (X-PinkyBrain-Credential):
+  mesh (or no header)  HMAC-SHA256 keyed by the network secret          -> Principal.MEMBER
+  owner                HMAC-SHA256 keyed by the node's owner key          -> Principal.OWNER
+  peer                 Ed25519 by the node id in X-PinkyBrain-Peer, valid -> Principal.PUBLIC
+                       in this node's Web of Trust (scheme PB1-ED25519)
+The skill builds the same string independently (skill/signing.py); tests/test_signing_compat.py keeps
+the two in step. Checking is split in two so the API can refuse before reading a body: check_headers()
+(presence, shape, freshness: no body needed) and verify() (signature over the body, nonce).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from pinkybrain.node.core.identity import IdentityError, validate_node_id
+from pinkybrain.node.core.identity import verify as ed25519_verify
+from pinkybrain.node.core.principals import AuthContext, Principal
 
 SIG_HEADER = "x-pinkybrain-sig"
 TS_HEADER = "x-pinkybrain-timestamp"
 NONCE_HEADER = "x-pinkybrain-nonce"
+CREDENTIAL_HEADER = "x-pinkybrain-credential"
+PEER_HEADER = "x-pinkybrain-peer"
 SCHEME = "PB1-HMAC-SHA256"
+ED25519_SCHEME = "PB1-ED25519"
+CREDENTIALS = ("mesh", "owner", "peer")
+_HMAC_SIG = re.compile(r"^[0-9a-fA-F]{64}$")
+_ED25519_SIG = re.compile(r"^[0-9a-fA-F]{128}$")
 MAX_SKEW_SECS = 60
 MAX_NONCE_LEN = 128
 
 
-def canonical_string(method: str, path: str, query: str, timestamp: str, nonce: str, body: bytes) -> bytes:
+def canonical_string(method: str, path: str, query: str, timestamp: str, nonce: str, body: bytes,
+                     scheme: str = SCHEME) -> bytes:
     return "\n".join(
-        (SCHEME, method.upper(), path, query, timestamp, nonce, hashlib.sha256(body).hexdigest())
+        (scheme, method.upper(), path, query, timestamp, nonce, hashlib.sha256(body).hexdigest())
     ).encode()
 
 
@@ -31,18 +50,6 @@ def sign(secret: str, method: str, path: str, query: str, timestamp: str, nonce:
     return hmac.new(
         secret.encode(), canonical_string(method, path, query, timestamp, nonce, body), hashlib.sha256
     ).hexdigest()
-
-
-def openai_api_key(secret: str) -> str:
-    """The bearer key for the OpenAI-compatible endpoints (/v1/*): derived from the network secret so
-    OpenAI clients, which cannot sign requests, still prove they know it. Shown by `pinkybrain openai-key`."""
-    return "pb-" + hmac.new(secret.encode(), b"pinkybrain-openai-compatible-key-v1", hashlib.sha256).hexdigest()[:48]
-
-
-def bearer_ok(secret: str, authorization: str | None) -> bool:
-    if not authorization or not authorization.lower().startswith("bearer "):
-        return False
-    return hmac.compare_digest(authorization[7:].strip().encode(), openai_api_key(secret).encode())
 
 
 class AuthError(Exception):
@@ -76,21 +83,35 @@ class NonceCache:
         return True
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What a request's headers claim, checked for shape and freshness before any body is read."""
+
+    credential: str  # "mesh" | "owner" | "peer"
+    principal: Principal
+    sig: str
+    timestamp: str
+    nonce: str
+    peer_id: str | None = None
+
+
 @dataclass
 class RequestVerifier:
+    """Verifies signed requests for one node. `owner_key` empty: no owner credential (tests, tools);
+    `peer_valid(node_id)`: whether a public peer is valid in this node's Web of Trust (None: no public
+    peers reach the API)."""
+
     secret: str
     nonces: NonceCache
+    owner_key: str = ""
+    peer_valid: Callable[[str], bool] | None = None
 
-    def verify(
-        self,
-        method: str,
-        path: str,
-        query: str,
-        headers: dict[str, str],
-        body: bytes,
-        now: float | None = None,
-    ) -> None:
-        """Raise AuthError with a code saying what is wrong; return None when the request is good."""
+    def __post_init__(self) -> None:
+        self._secret_key = self.secret.encode()
+        self._owner_key = self.owner_key.encode()
+
+    def check_headers(self, headers: dict[str, str], now: float | None = None) -> Claim:
+        """Presence, shape and freshness of the signature headers: raise AuthError, else the Claim."""
         now = time.time() if now is None else now
         sig = headers.get(SIG_HEADER)
         ts = headers.get(TS_HEADER)
@@ -108,15 +129,64 @@ class RequestVerifier:
             raise AuthError(
                 "bad_nonce", f"{NONCE_HEADER} must be at most {MAX_NONCE_LEN} printable characters"
             )
-        expected = sign(self.secret, method, path, query, ts, nonce, body)
-        if not hmac.compare_digest(expected.encode(), sig.strip().lower().encode()):
-            raise AuthError("bad_signature", "signature does not match: wrong secret or altered request")
+        credential = headers.get(CREDENTIAL_HEADER, "mesh").strip().lower()
+        if credential not in CREDENTIALS:
+            raise AuthError("bad_credential", f"{CREDENTIAL_HEADER} must be one of {', '.join(CREDENTIALS)}")
+        sig = sig.strip().lower()
+        peer_id = None
+        if credential == "peer":
+            if self.peer_valid is None:
+                raise AuthError("bad_credential", "this node takes no requests from public peers")
+            try:
+                peer_id = validate_node_id(headers.get(PEER_HEADER, ""))
+            except IdentityError:
+                raise AuthError("bad_credential", f"a peer-signed request needs its node id in {PEER_HEADER}") from None
+            if not _ED25519_SIG.match(sig):
+                raise AuthError("bad_signature", f"{SIG_HEADER} must be 128 hex digits (Ed25519)")
+        elif not _HMAC_SIG.match(sig):
+            raise AuthError("bad_signature", f"{SIG_HEADER} must be 64 hex digits (HMAC-SHA256)")
+        if credential == "owner" and not self._owner_key:
+            raise AuthError("bad_credential", "this node has no owner key")
         skew = now - ts_value
-        if abs(skew) > MAX_SKEW_SECS:
+        if not abs(skew) <= MAX_SKEW_SECS:  # written so a NaN skew is refused too
             raise AuthError(
                 "stale_timestamp",
                 f"timestamp is {abs(skew):.0f}s {'old' if skew > 0 else 'in the future'} "
                 f"(allowed ±{MAX_SKEW_SECS}s): check the clock",
             )
-        if not self.nonces.check_and_add(nonce, now):
+        principal = {"mesh": Principal.MEMBER, "owner": Principal.OWNER, "peer": Principal.PUBLIC}[credential]
+        return Claim(credential, principal, sig, ts, nonce, peer_id)
+
+    def verify_claim(self, claim: Claim, method: str, path: str, query: str, body: bytes,
+                     now: float | None = None) -> AuthContext:
+        """The signature over the body, the peer's standing, the nonce: raise AuthError, else who it is."""
+        now = time.time() if now is None else now
+        if claim.credential == "peer":
+            message = canonical_string(method, path, query, claim.timestamp, claim.nonce, body, ED25519_SCHEME)
+            if not ed25519_verify(claim.peer_id, message, bytes.fromhex(claim.sig)):
+                raise AuthError("bad_signature", "signature does not verify against the peer's node id")
+            if not self.peer_valid(claim.peer_id):
+                raise AuthError("untrusted_peer", "this node's Web of Trust does not find the peer valid")
+            key = b""
+        else:
+            key = self._owner_key if claim.credential == "owner" else self._secret_key
+            expected = hmac.new(key, canonical_string(method, path, query, claim.timestamp, claim.nonce, body),
+                                hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(expected.encode(), claim.sig.encode()):
+                which = "owner key" if claim.credential == "owner" else "secret"
+                raise AuthError("bad_signature", f"signature does not match: wrong {which} or altered request")
+        if not self.nonces.check_and_add(claim.nonce, now):
             raise AuthError("replayed_nonce", "this nonce was already used: request replayed")
+        return AuthContext(principal=claim.principal, credential=key, nonce=claim.nonce, peer_id=claim.peer_id)
+
+    def verify(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        now: float | None = None,
+    ) -> AuthContext:
+        """Both steps at once (for callers that already hold the body): raise AuthError, else who it is."""
+        return self.verify_claim(self.check_headers(headers, now), method, path, query, body, now)

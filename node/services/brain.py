@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pinkybrain.node.core.credits import InsufficientCredit
+from pinkybrain.node.core.principals import Principal, may_use_cloud_model
 from pinkybrain.node.core.router import Answer, NoAnswer, route, run_query
 from pinkybrain.node.core.specialists import Specialist, generation_settings, load_specialists
 from pinkybrain.node.services.cloud import CloudClient, CloudError, CloudModel, parse_cloud_models
@@ -38,6 +39,11 @@ EMBEDDED_DEFAULT = "gemma3-270m-q4-k-m"
 
 class NoModel(RuntimeError):
     """No model can answer: nothing usable in shared_models/ and no cloud model named."""
+
+
+class ModelRefused(NoModel):
+    """The model exists but this caller may not use it: a cloud model or an unshared one, asked for by
+    someone other than the node's owner (core.principals.may_use_cloud_model)."""
 
 
 class Brain:
@@ -83,15 +89,30 @@ class Brain:
     def _remotes(self) -> list:
         return [r for r in (getattr(self.runtime, "remote", None), self._public_remote()) if r is not None]
 
-    def choose_model(self, specialist: Specialist | None, explicit: str | None = None) -> str:
+    def usable(self, owner: bool) -> tuple[dict[str, Path], dict[str, CloudModel]]:
+        """The local and cloud models a caller may use: all for the owner; for anyone else only what
+        this node shares (a cloud model only if the owner shared it with force)."""
         local = self.local_models()
+        if owner:
+            return local, self.cloud_models
+        shared = {e["name"] for e in self.runtime.models.shared_entries()}
+        return ({n: p for n, p in local.items() if n in shared},
+                {n: cm for n, cm in self.cloud_models.items()
+                 if may_use_cloud_model(Principal.MEMBER, shared_with_force=n in shared)})
+
+    def choose_model(self, specialist: Specialist | None, explicit: str | None = None, *, owner: bool = True) -> str:
+        local, cloud = self.usable(owner)
         remote = self.remote_models()
         if explicit:
-            if explicit in local or explicit in self.cloud_models or explicit in remote:
+            if explicit in local or explicit in cloud or explicit in remote:
                 return explicit
-            available = sorted(local) + sorted(self.cloud_models) + [f"{n} (on a peer)" for n in remote]
+            if explicit in self.cloud_models:
+                raise ModelRefused(f"{explicit!r} is a cloud model of this node: only its owner may use it")
+            if explicit in self.local_models():
+                raise ModelRefused(f"{explicit!r} is not shared by this node: only its owner may use it")
+            available = sorted(local) + sorted(cloud) + [f"{n} (on a peer)" for n in remote]
             raise NoModel(f"no model {explicit!r}; available: {', '.join(available) or 'none'}")
-        candidates = list(local) + [n for n, cm in self.cloud_models.items() if cm.key_present] + remote
+        candidates = list(local) + [n for n, cm in cloud.items() if cm.key_present] + remote
         for pattern in (specialist.preferred_models if specialist else ()):
             for name in candidates:
                 if fnmatch.fnmatch(name, pattern):
@@ -177,7 +198,8 @@ class Brain:
             yield piece
 
     # -- plans for streaming and the OpenAI-compatible API ---------------------------------------------
-    def plan_single(self, prompt: str, requested: list[str], *, model: str | None, max_tokens: int | None) -> dict:
+    def plan_single(self, prompt: str, requested: list[str], *, model: str | None, max_tokens: int | None,
+                    owner: bool = True) -> dict:
         if requested:
             spec, routing = self.specialists[requested[0]], {"chosen": requested[0], "requested": True}
         else:
@@ -185,12 +207,12 @@ class Brain:
             spec = self.specialists[best.name]
             routing = {"chosen": best.name, "score": best.score, "reasons": list(best.reasons)}
         messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": prompt}]
-        chosen = self.choose_model(spec, model)
+        chosen = self.choose_model(spec, model, owner=owner)
         return {"specialist": spec.name, "model": chosen, "remote": self.is_remote(chosen), "messages": messages,
                 "settings": generation_settings(spec, max_tokens), "routing": routing}
 
     def plan_messages(self, model_field: str, messages: list[dict], *, max_tokens: int | None,
-                      temperature: float | None, top_p: float | None) -> dict:
+                      temperature: float | None, top_p: float | None, owner: bool = True) -> dict:
         """OpenAI requests: `pinkybrain` routes, `pinkybrain/<specialist>` names one, else a model name."""
         spec: Specialist | None = None
         model = None
@@ -203,9 +225,9 @@ class Brain:
                 raise NoModel(f"no specialist {name!r}; valid: {', '.join(sorted(self.specialists))}")
             spec = self.specialists[name]
         else:
-            model = self.choose_model(None, model_field)
+            model = self.choose_model(None, model_field, owner=owner)
         if spec is not None:
-            model = self.choose_model(spec)
+            model = self.choose_model(spec, owner=owner)
             if not any(m["role"] == "system" for m in messages):
                 messages = [{"role": "system", "content": spec.system_prompt}, *messages]
         settings = generation_settings(spec, max_tokens) if spec else {"temperature": 0.7, "top_p": 0.95,
@@ -223,7 +245,7 @@ class Brain:
                                        specialists=specialists, model=model, node_id=self.runtime.identity.node_id)
 
     # -- queries -----------------------------------------------------------------------------------
-    def _answerer(self, model_override: str | None, state: dict | None = None):
+    def _answerer(self, model_override: str | None, state: dict | None = None, owner: bool = True):
         """`state`, when given, learns whether an answer crossed the public mesh ("public") and which
         calls were refused for want of credit ("unpaid")."""
         state = {"public": False, "unpaid": []} if state is None else state
@@ -234,7 +256,7 @@ class Brain:
             meta: dict = {}
             model = model_override or ""
             try:
-                model = self.choose_model(specialist, model_override)
+                model = self.choose_model(specialist, model_override, owner=owner)
                 text, usage, _ = await self.complete(model, messages, meta=meta, **settings)
             except (InferenceError, CloudError, NoModel, RemoteFailed, InsufficientCredit) as exc:
                 # The answer of a failed call is an error the modes report and work around.
@@ -253,11 +275,18 @@ class Brain:
         return answer
 
     async def query(self, prompt: str, mode: str, requested: list[str], *, max_tokens: int | None = None,
-                    model: str | None = None, session_id: str | None = None) -> dict:
+                    model: str | None = None, session_id: str | None = None, owner: bool = True) -> dict:
         state: dict = {"public": False, "unpaid": []}
+        if model:
+            try:
+                self.choose_model(None, model, owner=owner)
+            except ModelRefused:
+                raise  # refused for the whole query (403), before any step runs
+            except NoModel:
+                pass  # each step reports it, as before
         try:
             result = await run_query(prompt, mode, specialists=self.specialists, requested=requested,
-                                     answer=self._answerer(model, state), max_tokens=max_tokens)
+                                     answer=self._answerer(model, state, owner), max_tokens=max_tokens)
         except NoAnswer as exc:
             if state["unpaid"] and len(state["unpaid"]) >= len(exc.errors):
                 raise state["unpaid"][0] from None  # refused only for want of credit: say so plainly (402)

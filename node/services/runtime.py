@@ -62,6 +62,8 @@ class NodeRuntime:
         self.memory = None
         self.memory_sync = None  # keeps self.memory converging with the private mesh's peers
         self.conversations = None
+        self.owner_key = None  # services.credentials.OwnerKey: the owner's credential, created at start
+        self.api_keys = None  # services.credentials.ApiKeyStore: the /v1 keys the owner issued
         self.brain = None
         self.trust = None
         self.ledger = None
@@ -76,6 +78,10 @@ class NodeRuntime:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        from pinkybrain.node.services.credentials import ApiKeyStore, ensure_owner_key
+
+        self.owner_key = await asyncio.to_thread(ensure_owner_key, self.home, self.identity.node_id)
+        self.api_keys = await asyncio.to_thread(ApiKeyStore.open, self.home)
         from pinkybrain.node.services.memory_store import MemoryStore
 
         self.memory = await asyncio.to_thread(
