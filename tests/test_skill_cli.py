@@ -34,16 +34,21 @@ def node_id(node) -> str:
 
 @pytest.fixture
 def cli(node, tmp_path, monkeypatch):
-    """Run a command in-process, discovering the node through the (redirected) localhost port."""
+    """Run a command in-process, discovering the node through the (redirected) localhost port. The CLI has
+    a home of its own into which the node's owner key was imported (`owner-key import`), as an owner who
+    drives the node from another machine does."""
     monkeypatch.chdir(tmp_path)  # no stray ./pinkybrain.yaml
     env = {"P2P_SECRET": node.secret, "PINKYBRAIN_DISCOVERY_PORTS": str(node.port),
            "PINKYBRAIN_HOME": str(tmp_path / "cli-home"), "PINKYBRAIN_URL": None, "PINKYBRAIN_CONFIG": None,
-           "PINKYBRAIN_MDNS_TIMEOUT": "0", "PINKYBRAIN_DEBUG": None}
+           "PINKYBRAIN_MDNS_TIMEOUT": "0", "PINKYBRAIN_DEBUG": None, "PINKYBRAIN_CREDENTIAL": None}
     app = build_app()
     runner = CliRunner()
+    token = runner.invoke(app, ["owner-key", "export"], env={**env, "PINKYBRAIN_HOME": str(node.home)}).stdout
+    imported = runner.invoke(app, ["owner-key", "import", token.strip()], env=env)
+    assert imported.exit_code == 0, imported.stderr
 
-    def run(*args: str, ok: bool = True):
-        result = runner.invoke(app, list(args), env=env)
+    def run(*args: str, ok: bool = True, extra_env: dict | None = None):
+        result = runner.invoke(app, list(args), env={**env, **(extra_env or {})})
         combined = result.stdout + result.stderr
         assert "Traceback" not in combined
         # Exit via typer.Exit/SystemExit only: any other exception escaped the one-line error handling.
@@ -181,3 +186,36 @@ def test_skill_does_not_import_node_code():
             "print([m for m in sys.modules if m.startswith('pinkybrain.node')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_api_keys_are_issued_by_the_owner_and_shown_once(cli, node):
+    import httpx
+
+    first = json.loads(cli("openai-key", "--json").stdout)
+    # The URL of the node this command actually talked to (found on its own port, not 8080).
+    assert first["base_url"] == f"http://localhost:{node.port}/v1"
+    assert first["api_key"].startswith("pbk-")
+    again = json.loads(cli("openai-key", "--json").stdout)
+    assert again["api_key"] == first["api_key"]  # shown again from this machine's 0600 copy, still valid
+
+    created = json.loads(cli("keys", "create", "app1", "--scope", "query", "--json").stdout)
+    key = created["api_key"]
+    listed = cli("keys", "list", "--json").stdout
+    assert "app1" in listed and key not in listed and first["api_key"] not in listed  # only hashes are kept
+    stored = (node.home / "api-keys.json").read_text()
+    assert key not in stored and oct((node.home / "api-keys.json").stat().st_mode & 0o777) == "0o600"
+
+    with httpx.Client(base_url=node.url, timeout=30) as raw:
+        models = raw.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert models.status_code == 200
+        assert "app1" in cli("keys", "create", "app1", ok=False).stderr  # names are unique
+        cli("keys", "revoke", "app1")
+        assert raw.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    rotated = json.loads(cli("openai-key", "--rotate", "--json").stdout)
+    assert rotated["api_key"] != first["api_key"]
+
+    # The same machine without the owner key (only the network secret): a peer cannot issue keys.
+    as_member = {"PINKYBRAIN_CREDENTIAL": "mesh"}
+    err = cli("keys", "list", ok=False, extra_env=as_member).stderr
+    assert "owner" in err and "mesh member" in err
+    assert "only the owner" in cli("openai-key", ok=False, extra_env=as_member).stderr
