@@ -18,7 +18,6 @@ def test_daemon_lifecycle(tmp_path):
     cfg = write_node_config(home, host="127.0.0.1", port=port, secret=None)
     run_cli("config", "set", "--config", str(cfg), "p2p.secret", "Tq7v" + os.urandom(24).hex(), env=node_env(home))
     env = node_env(home, {"PINKYBRAIN_CONFIG": str(cfg)})
-    secret = __import__("yaml").safe_load(cfg.read_text())["p2p"]["secret"]
 
     started = run_cli("serve", "--daemon", "--json", env=env)
     assert started.returncode == 0, started.stderr

@@ -156,27 +156,27 @@ CLI_COMMANDS: tuple[tuple[str, str], ...] = (
     ("score", "GET /api/score/{peer}"),
     ("credits", "GET /api/credits"),
     ("query", "POST /api/query"),
-    ("memory get|set|delete|list", "GET|POST|DELETE /api/memory..."),
+    ("memory get/set/delete/list", "GET /api/memory"),
     ("models list", "GET /api/models"),
-    ("models share|unshare", "POST /api/models/{name}/share"),
-    ("conversations list|search|export", "GET /api/conversations"),
+    ("models share/unshare", "POST /api/models/{name}/share"),
+    ("conversations list/search/export", "GET /api/conversations"),
     ("conversations set-privacy", "POST /api/conversations/{session_id}/privacy"),
     ("trust show", "GET /api/trust/{node_id}"),
-    ("trust vouch|revoke", "POST /api/trust/vouch"),
-    ("mesh join|leave", "POST /api/network/mesh/join"),
-    ("update check|apply", "GET /api/update"),
+    ("trust vouch/revoke", "POST /api/trust/vouch"),
+    ("mesh join/leave", "POST /api/network/mesh/join"),
+    ("update check/apply", "GET /api/update"),
     ("daemon status", "GET /api/daemon"),
-    ("keys create|list|revoke", "GET /api/keys"),
+    ("keys create/list/revoke", "GET /api/keys"),
     ("openai-key", "POST /api/keys"),
 )
 LOCAL_COMMANDS = ("serve", "identity", "config", "owner-key", "release", "tracker")
 
 
 def cli_principal(route: str) -> Principal:
+    """The principal a command needs: its route's, but at least a member's (the skill signs as the owner
+    or as a mesh member; public peers reach the HTTP API with their own Ed25519 signatures, not the CLI)."""
     method, path = route.split(" ", 1)
-    method = method.split("|")[0]
-    path = "/api/memory" if path == "/api/memory..." else path
-    return next(r.principal for r in ROUTES if r.method == method and r.path == path)
+    return max(MEM, next(r.principal for r in ROUTES if r.method == method and r.path == path))
 
 
 WHO = {OWN: "owner", MEM: "owner, member", PUB: "owner, member, public peer"}

@@ -96,9 +96,10 @@ class Brain:
         if owner:
             return local, self.cloud_models
         shared = {e["name"] for e in self.runtime.models.shared_entries()}
+        cloud_consent = self.runtime.cfg["sharing.cloud_models"]  # as the mesh's serving side checks it
         return ({n: p for n, p in local.items() if n in shared},
                 {n: cm for n, cm in self.cloud_models.items()
-                 if may_use_cloud_model(Principal.MEMBER, shared_with_force=n in shared)})
+                 if may_use_cloud_model(Principal.MEMBER, shared_with_force=cloud_consent and n in shared)})
 
     def choose_model(self, specialist: Specialist | None, explicit: str | None = None, *, owner: bool = True) -> str:
         local, cloud = self.usable(owner)
