@@ -403,3 +403,37 @@ def test_every_cli_command_has_a_row_in_the_table():
             assert name in LOCAL_COMMANDS or words in shown or (
                 sub and any(row.startswith(f"{name} ") and sub in row.split(" ", 1)[1].split("/")
                             for row, _ in CLI_COMMANDS)), f"`pinkybrain {words}` has no row in CLI_COMMANDS"
+
+
+def test_the_owner_key_is_random_private_and_copied_only_on_purpose(mesh, tmp_path):
+    import stat
+
+    from nodes import node_env, run_cli
+
+    # The nodes made theirs at start: one each, 0600, although all three share one secret.
+    keys = {}
+    for name in ("a", "b", "c"):
+        path = mesh[name].home / "owner.key"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        keys[name] = json.loads(path.read_text())["key"]
+        assert mesh["secret"] not in path.read_text()
+    assert len(set(keys.values())) == 3
+    # `identity init` makes it too, bound to the new node id; --force replaces both.
+    env = node_env(tmp_path / "home", {"P2P_SECRET": mesh["secret"]})
+    made = run_cli("identity", "init", "--json", env=env)
+    assert made.returncode == 0, made.stderr
+    info = json.loads(made.stdout)
+    owner_file = tmp_path / "home" / "owner.key"
+    first = json.loads(owner_file.read_text())
+    assert first["node_id"] == info["node_id"] and info["owner_key_file"] == str(owner_file)
+    assert stat.S_IMODE(owner_file.stat().st_mode) == 0o600
+    assert run_cli("identity", "init", "--force", env=env).returncode == 0
+    assert json.loads(owner_file.read_text())["key"] != first["key"]
+    # Export on the node's machine, import on another: only then does that machine act as the owner.
+    token = run_cli("owner-key", "export", env=env).stdout.strip()
+    other = node_env(tmp_path / "laptop", {"P2P_SECRET": mesh["secret"]})
+    assert run_cli("owner-key", "import", "pbowner1:not:a-key", env=other).returncode == 1
+    imported = run_cli("owner-key", "import", "-", env=other, input=token + "\n")
+    assert imported.returncode == 0, imported.stderr
+    kept = tmp_path / "laptop" / "owner-keys.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and token.split(":")[2] in kept.read_text()
