@@ -1,11 +1,16 @@
-"""Signed API throughput and latency: `GET /api/status` on a real node vs a bare uvicorn+Starlette app.
+"""Signed API throughput and latency: `GET /api/status` on a real node vs a bare uvicorn+Starlette app,
+and what each authentication check costs per request.
 
 One run starts, on 127.0.0.1 only:
   * a node (`python -m pinkybrain.node serve`) in a throw-away PINKYBRAIN_HOME with a random secret,
   * a baseline server: the same uvicorn settings serving a trivial, unsigned Starlette endpoint,
-then drives both from a separate load-generator process (httpx, HMAC-signed for the node) at each
-concurrency level, and prints req/s, p50 and p99 with the node's ratio to the baseline. The ratio is
-what our auth middleware + FastAPI + the status handler cost over bare ASGI on this machine.
+then drives both from a separate load-generator process (httpx, HMAC-signed for the node: with the
+network secret as a mesh member, and with the owner key as the owner) at each concurrency level, and
+prints req/s, p50 and p99 with the node's ratio to the baseline. The ratio is what our auth middleware +
+FastAPI + the status handler cost over bare ASGI on this machine.
+
+A second table (in-process, no sockets) times the auth middleware alone for each credential and each
+kind of refusal, against the same trivial ASGI app called without it: the cost of the checks per request.
 
     python bench/api_load.py [--requests 2000] [--concurrency 1,8,32] [--rounds 3] [--max-seconds 60] [--json]
 
@@ -33,6 +38,7 @@ from pathlib import Path
 import httpx
 
 SECRET_ENV = "PB_BENCH_SECRET"  # the secret reaches the load generator by environment, never argv (ps)
+CREDENTIAL_ENV = "PB_BENCH_CREDENTIAL"  # mesh (the secret) or owner (PB_BENCH_SECRET holds the owner key)
 STATUS_PATH = "/api/status"
 START_TIMEOUT_SECS = 60.0
 
@@ -54,12 +60,12 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def _auth(secret: str | None) -> httpx.Auth | None:
+def _auth(secret: str | None, credential: str = "mesh") -> httpx.Auth | None:
     if not secret:
         return None
     from pinkybrain.skill.signing import HmacAuth
 
-    return HmacAuth(secret)
+    return HmacAuth(secret, credential=credential)
 
 
 # --------------------------------------------------------------------------------- baseline server
@@ -94,13 +100,15 @@ async def _drive(
     warmup: int,
     max_seconds: float,
     server_pid: int | None,
+    credential: str = "mesh",
 ) -> dict:
     import psutil
 
     # One client (one keep-alive connection) per concurrent worker: a single httpx pool shared by 32
     # tasks spends most of its time in pool bookkeeping, and the numbers would describe httpx, not us.
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    clients = [httpx.AsyncClient(auth=_auth(secret), limits=limits, timeout=30.0) for _ in range(concurrency)]
+    clients = [httpx.AsyncClient(auth=_auth(secret, credential), limits=limits, timeout=30.0)
+               for _ in range(concurrency)]
     server = psutil.Process(server_pid) if server_pid else None
 
     async def phase(count: int, deadline: float, latencies: list[float] | None) -> tuple[int, int]:
@@ -175,6 +183,7 @@ def run_load_worker(args: argparse.Namespace) -> None:
             args.warmup,
             args.max_seconds,
             args.server_pid,
+            os.environ.get(CREDENTIAL_ENV, "mesh"),
         )
     )
     print(json.dumps(result))
@@ -185,12 +194,14 @@ def median_round(rounds: list[dict]) -> dict:
 
 
 def measure(
-    url: str, secret: str | None, level: int, args: argparse.Namespace, cpu: int | None, server_pid: int
+    url: str, secret: str | None, level: int, args: argparse.Namespace, cpu: int | None, server_pid: int,
+    credential: str = "mesh",
 ) -> dict:
     """One level against one server, in a separate process (so client CPU is not the server's)."""
-    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, CREDENTIAL_ENV)}
     if secret:
         env[SECRET_ENV] = secret
+        env[CREDENTIAL_ENV] = credential
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -220,6 +231,126 @@ def measure(
     if proc.returncode != 0:
         raise RuntimeError(f"load generator for {url} exited {proc.returncode}")
     return json.loads(out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ auth checks alone
+
+
+def _owner_key(home: Path) -> str | None:
+    """The owner key `identity init` created (None for a node version without owner keys)."""
+    try:
+        return json.loads((home / "owner.key").read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def auth_costs(iterations: int, repeats: int = 5) -> list[dict]:
+    """Microseconds per request the auth middleware adds, per credential and per refusal, in-process.
+
+    Each case runs `iterations` requests (signed beforehand: signing is the client's cost) through
+    SignedRequestMiddleware around a trivial ASGI app, `repeats` times; the fastest repeat (in CPU time)
+    counts, the least disturbed by other load. The same app called without the middleware is the baseline."""
+    from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware
+    from pinkybrain.node.core.auth import NonceCache, RequestVerifier
+    from pinkybrain.node.core.identity import Identity
+    from pinkybrain.node.services.credentials import ApiKeyStore
+    from pinkybrain.node.services.trust_store import TrustStore
+    from pinkybrain.skill.signing import signature_headers
+
+    tmp = Path(tempfile.mkdtemp(prefix="pinkybrain-bench-auth-"))
+    node, peer = Identity.generate(), Identity.generate()
+    trust = TrustStore.open(tmp, node.node_id)
+    try:
+        trust.vouch(node, peer.node_id, "full")
+        keys = ApiKeyStore.open(tmp)
+        api_key = keys.create("bench", "query")
+        secret, owner_key = secrets.token_urlsafe(32), secrets.token_hex(32)
+        auth = Authenticator(
+            RequestVerifier(secret, NonceCache(), owner_key=owner_key,
+                            peer_valid=lambda node_id: trust.is_valid(node_id).valid), keys)
+
+        def peer_headers(method: str, path: str, body: bytes) -> dict:
+            import hashlib
+
+            ts, nonce = f"{time.time():.3f}", secrets.token_hex(16)
+            canonical = "\n".join(("PB1-ED25519", method, path, "", ts, nonce, hashlib.sha256(body).hexdigest()))
+            return {"X-PinkyBrain-Sig": peer.sign(canonical.encode()).hex(), "X-PinkyBrain-Timestamp": ts,
+                    "X-PinkyBrain-Nonce": nonce, "X-PinkyBrain-Credential": "peer", "X-PinkyBrain-Peer": peer.node_id}
+
+        body_1k = json.dumps({"key": "k", "value": "v" * 1000}).encode()
+        cases = {
+            "bare app (no middleware)": ("GET", "/api/status", b"", lambda m, p, b: {}),
+            "member: secret HMAC, GET /api/status": ("GET", "/api/status", b"",
+                                                     lambda m, p, b: signature_headers(secret, m, p, "", b)),
+            "owner: owner-key HMAC, GET /api/status": (
+                "GET", "/api/status", b"", lambda m, p, b: signature_headers(owner_key, m, p, "", b, "owner")),
+            "owner: POST /api/memory/set, 1 KiB body": (
+                "POST", "/api/memory/set", body_1k,
+                lambda m, p, b: signature_headers(owner_key, m, p, "", b, "owner")),
+            "query key: bearer, GET /v1/models": ("GET", "/v1/models", b"",
+                                                  lambda m, p, b: {"Authorization": f"Bearer {api_key}"}),
+            "public peer: Ed25519 + WoT, GET /api/conversations": ("GET", "/api/conversations", b"", peer_headers),
+            "refused 403: member -> POST /api/trust/vouch": (
+                "POST", "/api/trust/vouch", b"", lambda m, p, b: signature_headers(secret, m, p, "", b)),
+            "refused 401: unsigned GET /api/status": ("GET", "/api/status", b"", lambda m, p, b: {}),
+        }
+
+        async def app(scope, receive, send):
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        middleware = SignedRequestMiddleware(app, lambda: auth)
+
+        async def run_case(name: str) -> tuple[float, dict]:
+            method, path, body, sign = cases[name]
+            target = app if name.startswith("bare") else middleware
+            best, statuses = math.inf, {}
+            for _ in range(repeats):
+                scopes = []
+                for _ in range(iterations):
+                    headers = {"content-length": str(len(body)), **sign(method, path, body)}
+                    scopes.append({"type": "http", "method": method, "path": path, "query_string": b"",
+                                   "client": ("127.0.0.1", 1),
+                                   "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+
+                async def receive(body=body):
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                async def send(message):
+                    if message["type"] == "http.response.start":
+                        statuses[message["status"]] = statuses.get(message["status"], 0) + 1
+
+                # CPU time of this process: on a busy machine, wall time would mostly measure the others.
+                started = time.process_time()
+                for scope in scopes:
+                    await target(scope, receive, send)
+                best = min(best, (time.process_time() - started) / iterations)
+            return best, statuses
+
+        import logging
+
+        logging.getLogger("pinkybrain.auth").setLevel(logging.ERROR)  # the 401 case logs a line per request
+        out = []
+        for name in cases:
+            seconds, statuses = asyncio.run(run_case(name))
+            out.append({"case": name, "us_per_request": seconds * 1e6, "statuses": statuses})
+        base = out[0]["us_per_request"]
+        for row in out:
+            row["added_us"] = row["us_per_request"] - base
+        return out
+    finally:
+        trust.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_auth_costs(rows: list[dict]) -> str:
+    lines = ["", "auth checks alone (in-process, no sockets; CPU time, fastest of 5 repeats)",
+             f"{'case':<52} {'us/req':>8} {'added us':>9} {'status':>7}"]
+    for row in rows:
+        status = ",".join(str(s) for s in sorted(row["statuses"]))
+        lines.append(f"{row['case']:<52} {row['us_per_request']:>8.1f} {row['added_us']:>9.1f} {status:>7}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ orchestration
@@ -403,26 +534,30 @@ def run_bench(args: argparse.Namespace) -> int:
         results = []
         if not args.json:
             print(f"{TABLE_HEADER}\n{'-' * len(TABLE_HEADER)}", flush=True)
+        owner_key = _owner_key(home)
         for level in levels:
             # Rounds alternate baseline and node so background noise and drift hit both alike; the
-            # median round (by req/s) of each is reported.
-            base_rounds, node_rounds = [], []
+            # median round (by req/s) of each is reported. "node" signs as a mesh member (the network
+            # secret), "owner" with the owner key, when the node has one.
+            base_rounds, node_rounds, owner_rounds = [], [], []
             for _ in range(args.rounds):
                 base_rounds.append(measure(base_url, None, level, args, client_cpu, baseline.pid))
                 node_rounds.append(measure(node_url, secret, level, args, client_cpu, node.pid))
+                if owner_key:
+                    owner_rounds.append(measure(node_url, owner_key, level, args, client_cpu, node.pid, "owner"))
             base, mine = median_round(base_rounds), median_round(node_rounds)
-            results.append(
-                {
-                    "concurrency": level,
-                    "baseline": base,
-                    "node": mine,
-                    "rounds": {"baseline": base_rounds, "node": node_rounds},
-                }
-            )
+            entry = {"concurrency": level, "baseline": base, "node": mine,
+                     "rounds": {"baseline": base_rounds, "node": node_rounds}}
+            if owner_rounds:
+                entry["owner"] = median_round(owner_rounds)
+                entry["rounds"]["owner"] = owner_rounds
+            results.append(entry)
             if not args.json:
-                print(
-                    format_row("baseline", base, base), format_row("node", mine, base), sep="\n", flush=True
-                )
+                rows = [format_row("baseline", base, base), format_row("node", mine, base)]
+                if owner_rounds:
+                    rows.append(format_row("owner", entry["owner"], base))
+                print(*rows, sep="\n", flush=True)
+        checks = auth_costs(args.auth_iterations) if args.auth_iterations else []
         if args.json:
             print(
                 json.dumps(
@@ -432,6 +567,7 @@ def run_bench(args: argparse.Namespace) -> int:
                         "cpus": len(cpus) or os.cpu_count(),
                         "pinned": server_cpu is not None,
                         "results": results,
+                        "auth_checks": checks,
                     },
                     indent=2,
                 )
@@ -444,6 +580,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 "(independent of client speed). client cpu near 100%: the load generator set the pace, "
                 "so req/s understates what that server could do."
             )
+            if checks:
+                print(format_auth_costs(checks))
         failed = sum(x["errors"] for r in results for side in r["rounds"].values() for x in side)
         if failed:
             tail = node_log.read_text(errors="replace")[-2000:]
@@ -474,6 +612,8 @@ def main() -> None:
         help="alternating baseline/node rounds per level; the median round is shown",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--auth-iterations", type=int, default=3000,
+                        help="requests per case for the in-process auth-check table (0: skip it)")
     parser.add_argument(
         "--no-pin",
         dest="pin",

@@ -219,7 +219,9 @@ def run_bench(args: argparse.Namespace) -> int:
         from pinkybrain.skill.signing import HmacAuth
 
         local = InProcess(name, model_path, args)
-        with httpx.Client(auth=HmacAuth(secret), timeout=QUERY_TIMEOUT) as client:
+        # The node's owner asks (its model is not shared: a mesh member's query would be refused).
+        owner_key = json.loads((home / "owner.key").read_text())["key"]
+        with httpx.Client(auth=HmacAuth(owner_key, credential="owner"), timeout=QUERY_TIMEOUT) as client:
             query_url = f"{base_url}/api/query"
             inside: list[dict] = []  # the node's own timings of each measured query
 

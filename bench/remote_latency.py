@@ -196,22 +196,27 @@ def run_bench(args: argparse.Namespace) -> int:
 
         from pinkybrain.skill.signing import HmacAuth
 
-        with httpx.Client(auth=HmacAuth(secret), timeout=QUERY_TIMEOUT) as client:
+        def owner(home: Path) -> HmacAuth:
+            return HmacAuth(json.loads((home / "owner.key").read_text())["key"], credential="owner")
+
+        # Each node driven by its owner (sharing is the owner's; B's own query is not held to its guard).
+        with httpx.Client(auth=owner(home_b), timeout=QUERY_TIMEOUT) as client, \
+                httpx.Client(auth=owner(home_a), timeout=QUERY_TIMEOUT) as client_a:
             shared = client.post(f"{base['b']}/api/models/{name}/share")
             if shared.status_code != 200:
                 print(f"remote_latency: B could not share {name}: {shared.text[:300]}", file=sys.stderr)
                 return 2
-            ids = {n: client.get(f"{u}/api/ping").json()["node_id"] for n, u in base.items()}
+            ids = {n: c.get(f"{base[n]}/api/ping").json()["node_id"] for n, c in (("a", client_a), ("b", client))}
             try:
-                wait_linked(client, base["a"], ids["b"], name)
+                wait_linked(client_a, base["a"], ids["b"], name)
             except NotReady as exc:
                 print(f"remote_latency: {exc}", file=sys.stderr)
                 return 2
             paths = {
                 "local": lambda: ask(client, base["b"], args),
-                "remote": lambda: ask(client, base["a"], args),
+                "remote": lambda: ask(client_a, base["a"], args),
                 "local-stream": lambda: ask_stream(client, base["b"], args),
-                "remote-stream": lambda: ask_stream(client, base["a"], args),
+                "remote-stream": lambda: ask_stream(client_a, base["a"], args),
             }
             warm = time.perf_counter()
             samples = {p: fn() for p, fn in paths.items()}  # loads the model on B, fills llama.cpp's caches

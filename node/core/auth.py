@@ -170,8 +170,8 @@ class RequestVerifier:
             key = b""
         else:
             key = self._owner_key if claim.credential == "owner" else self._secret_key
-            expected = hmac.new(key, canonical_string(method, path, query, claim.timestamp, claim.nonce, body),
-                                hashlib.sha256).hexdigest()
+            expected = hmac.digest(key, canonical_string(method, path, query, claim.timestamp, claim.nonce, body),
+                                   "sha256").hex()
             if not hmac.compare_digest(expected.encode(), claim.sig.encode()):
                 which = "owner key" if claim.credential == "owner" else "secret"
                 raise AuthError("bad_signature", f"signature does not match: wrong {which} or altered request")
