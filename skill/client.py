@@ -111,6 +111,11 @@ class NodeClient:
 
     def _answer(self, method: str, path: str, response: httpx.Response, raw: bool) -> Any:
         if response.status_code == 401:
+            body = _json_or_none(response)
+            if getattr(self.auth, "credential", "mesh") == "owner" and isinstance(body, dict) \
+                    and body.get("error") == "bad_signature":
+                raise SkillError(f"the node at {self.base_url} refused this machine's owner key for it (replaced "
+                                 "since? run `pinkybrain owner-key export` on its machine and import it again)")
             raise SkillError(describe_refusal(self.base_url, response))
         if response.status_code >= 400:
             body = _json_or_none(response)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -96,7 +97,7 @@ class SignedRequestMiddleware:
             principal = context.principal
         else:
             try:
-                claim = auth.verifier.check_headers(headers)
+                claim = auth.verifier.check_headers(headers, now := time.time())
             except AuthError as exc:
                 await self._refuse(scope, send, exc)
                 return
@@ -126,7 +127,7 @@ class SignedRequestMiddleware:
         if claim is not None:
             try:
                 context = auth.verifier.verify_claim(
-                    claim, method, path, scope.get("query_string", b"").decode("latin-1"), body)
+                    claim, method, path, scope.get("query_string", b"").decode("latin-1"), body, now)
             except AuthError as exc:
                 await self._refuse(scope, send, exc)
                 return

@@ -83,7 +83,7 @@ class NonceCache:
         return True
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Claim:
     """What a request's headers claim, checked for shape and freshness before any body is read."""
 
@@ -129,7 +129,8 @@ class RequestVerifier:
             raise AuthError(
                 "bad_nonce", f"{NONCE_HEADER} must be at most {MAX_NONCE_LEN} printable characters"
             )
-        credential = headers.get(CREDENTIAL_HEADER, "mesh").strip().lower()
+        credential = headers.get(CREDENTIAL_HEADER)
+        credential = "mesh" if credential is None else credential.strip().lower()
         if credential not in CREDENTIALS:
             raise AuthError("bad_credential", f"{CREDENTIAL_HEADER} must be one of {', '.join(CREDENTIALS)}")
         sig = sig.strip().lower()
