@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from pinkybrain.node.api.errors import errors
 from pinkybrain.node.core.credits import InsufficientCredit
 from pinkybrain.node.core.router import NoAnswer, RouterError
 from pinkybrain.node.services.brain import NoModel
@@ -52,7 +53,15 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-@router.post("/api/query", summary="Submit an AI query")
+@router.post(
+    "/api/query",
+    summary="Submit an AI query",
+    responses={
+        200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+              "description": "The answer, or with `stream: true` server-sent events (token, done, error)"},
+        **errors(400, 402, 502, 503),
+    },
+)
 async def query(runtime: RuntimeDep, body: QueryRequest):
     brain = runtime.brain
     if body.mode not in MODES:
