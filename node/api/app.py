@@ -10,13 +10,15 @@ import platform
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pinkybrain import __version__
 from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware, principal_of
+from pinkybrain.node.api.errors import COMMON_ERRORS, api_error, errors
 from pinkybrain.node.api.keys import router as keys_router
 from pinkybrain.node.api.query import router as query_router
 from pinkybrain.node.api.trust import router as trust_router
@@ -39,8 +41,7 @@ class PrivacyRequest(BaseModel):
     privacy: Literal["private", "peers-only", "public"]
 
 
-def error(status: int, code: str, detail: str, **extra) -> HTTPException:
-    return HTTPException(status_code=status, detail={"error": code, "detail": detail, **extra})
+error = api_error
 
 
 def get_runtime(request: Request) -> NodeRuntime:
@@ -117,7 +118,7 @@ async def daemon(runtime: RuntimeDep):
     }
 
 
-@router.get("/api/update", summary="Check for available updates")
+@router.get("/api/update", summary="Check for available updates", responses=errors(409, 502))
 async def update(
     runtime: RuntimeDep,
     fetch: Annotated[bool, Query(description="false: only the last attempt and its progress")] = True,
@@ -158,7 +159,7 @@ async def discover(runtime: RuntimeDep):
     }
 
 
-@router.post("/api/network/mesh/join", summary="Join the public mesh")
+@router.post("/api/network/mesh/join", summary="Join the public mesh", responses=errors(400))
 async def mesh_join(runtime: RuntimeDep):
     from pinkybrain.node.services.tracker_client import TrackerError
 
@@ -176,7 +177,9 @@ async def mesh_join(runtime: RuntimeDep):
                                f"as {shown or 'a relay-only node (no public address)'}"}
 
 
-@router.post("/api/update/apply", summary="Apply an available update", status_code=202)
+@router.post(
+    "/api/update/apply", summary="Apply an available update", status_code=202, responses=errors(409, 502)
+)
 async def update_apply(
     runtime: RuntimeDep,
     allow_downgrade: Annotated[bool, Body(embed=True, description="install an older version")] = False,
@@ -222,25 +225,25 @@ def memory_store(runtime: NodeRuntime, network: str):
     return store
 
 
-@router.get("/api/memory", summary="List memory keys")
+@router.get("/api/memory", summary="List memory keys", responses=errors(400, 409))
 async def memory_list(runtime: RuntimeDep, prefix: str = "", network: Network = "private"):
     keys = await asyncio.to_thread(memory_call, memory_store(runtime, network).list, prefix)
     return {"keys": keys, "count": len(keys), "prefix": prefix, "network": network}
 
 
-@router.get("/api/memory/{key:path}", summary="Read a CRDT memory value")
+@router.get("/api/memory/{key:path}", summary="Read a CRDT memory value", responses=errors(400, 404, 409))
 async def memory_get(runtime: RuntimeDep, key: str, network: Network = "private"):
     value = await asyncio.to_thread(memory_call, memory_store(runtime, network).get, key)
     return {"key": key, "value": value, "network": network}
 
 
-@router.post("/api/memory/set", summary="Write a CRDT memory value")
+@router.post("/api/memory/set", summary="Write a CRDT memory value", responses=errors(400, 409))
 async def memory_set(runtime: RuntimeDep, body: MemorySetRequest):
     await asyncio.to_thread(memory_call, memory_store(runtime, body.network).set, body.key, body.value)
     return {"key": body.key, "stored": True, "network": body.network}
 
 
-@router.delete("/api/memory/{key:path}", summary="Delete a CRDT memory key")
+@router.delete("/api/memory/{key:path}", summary="Delete a CRDT memory key", responses=errors(400, 404, 409))
 async def memory_delete(runtime: RuntimeDep, key: str, network: Network = "private"):
     await asyncio.to_thread(memory_call, memory_store(runtime, network).delete, key)
     return {"key": key, "deleted": True, "network": network}
@@ -267,9 +270,11 @@ def model_call(fn, name):
         raise error(400, "refused_path", str(exc)) from None
     except ModelNotFound as exc:
         raise error(404, "not_found", str(exc)) from None
+    except OSError as exc:  # a name the filesystem cannot hold (too long, NUL): the caller's input
+        raise error(400, "bad_name", f"cannot use model name {name[:80]!r}: {exc.strerror or exc}") from None
 
 
-@router.post("/api/models/{name}/share", summary="Share a model to the mesh")
+@router.post("/api/models/{name}/share", summary="Share a model to the mesh", responses=errors(400, 403, 404))
 async def model_share(runtime: RuntimeDep, name: str, force: bool = False):
     try:
         entry = await asyncio.to_thread(model_call, lambda n: runtime.models.share(n, force=force), name)
@@ -278,7 +283,7 @@ async def model_share(runtime: RuntimeDep, name: str, force: bool = False):
     return {"shared": True, "entry": entry, **({"cost_warning": entry["cost_warning"]} if "cost_warning" in entry else {})}
 
 
-@router.post("/api/models/{name}/unshare", summary="Stop sharing a model")
+@router.post("/api/models/{name}/unshare", summary="Stop sharing a model", responses=errors(400, 404))
 async def model_unshare(runtime: RuntimeDep, name: str):
     entry = await asyncio.to_thread(model_call, runtime.models.unshare, name)
     return {"shared": False, "name": entry["name"]}
@@ -296,17 +301,17 @@ def conversation_call(fn, *args):
 
 # Privacy levels (core.principals.visible_privacy): the owner sees every conversation, a mesh member
 # peers-only and public ones, a public peer public ones. Read at each request: a change applies at once.
-@router.get("/api/conversations", summary="List conversations")
+@router.get("/api/conversations", summary="List conversations", responses=errors(400))
 async def conversations_list(
     runtime: RuntimeDep, principal: PrincipalDep,
-    limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0),
+    limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0, le=1_000_000_000),
 ):
     items = await asyncio.to_thread(conversation_call, lambda: runtime.conversations.list_sessions(
         limit, offset, privacy=None if principal is Principal.OWNER else visible_privacy(principal)))
     return {"conversations": items, "count": len(items)}
 
 
-@router.post("/api/conversations/search", summary="Search conversation history")
+@router.post("/api/conversations/search", summary="Search conversation history", responses=errors(400))
 async def conversations_search(
     runtime: RuntimeDep, principal: PrincipalDep,
     q: str = Query(min_length=1, max_length=1000), limit: int = Query(20, ge=1, le=200),
@@ -326,7 +331,15 @@ def require_visible(runtime: NodeRuntime, principal: Principal, session_id: str)
                                       f"{'and mesh members ' if level == 'peers-only' else ''}may read it")
 
 
-@router.post("/api/conversations/{session_id}/export", summary="Export a conversation")
+@router.post(
+    "/api/conversations/{session_id}/export",
+    summary="Export a conversation",
+    responses={
+        200: {"content": {"application/json": {}, "text/markdown": {"schema": {"type": "string"}}},
+              "description": "The conversation as JSON or Markdown"},
+        **errors(400, 404),
+    },
+)
 async def conversations_export(
     runtime: RuntimeDep, principal: PrincipalDep, session_id: str, format: Literal["json", "markdown"] = "json"
 ):
@@ -339,7 +352,9 @@ async def conversations_export(
     return PlainTextResponse(text, media_type=media)
 
 
-@router.post("/api/conversations/{session_id}/privacy", summary="Set a conversation's privacy level")
+@router.post(
+    "/api/conversations/{session_id}/privacy", summary="Set a conversation's privacy level", responses=errors(400, 404)
+)
 async def conversations_privacy(runtime: RuntimeDep, session_id: str, body: PrivacyRequest):
     await asyncio.to_thread(conversation_call, runtime.conversations.set_privacy, session_id, body.privacy)
     return {"session_id": session_id, "privacy": body.privacy}
@@ -400,13 +415,14 @@ def _new_app(lifespan=None) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
-    app.include_router(router)
-    app.include_router(query_router)
-    app.include_router(trust_router)
-    app.include_router(keys_router)
+    app.include_router(router, responses=COMMON_ERRORS)
+    app.include_router(query_router, responses=COMMON_ERRORS)
+    app.include_router(trust_router, responses=COMMON_ERRORS)
+    app.include_router(keys_router, responses=COMMON_ERRORS)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException):
+    # Starlette's class: FastAPI's own 400s (unparseable body), 404s and 405s get the same error shape.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
         body = (
             exc.detail if isinstance(exc.detail, dict) else {"error": "http_error", "detail": str(exc.detail)}
         )

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from pinkybrain.node.api.auth import principal_of
+from pinkybrain.node.api.errors import errors
 from pinkybrain.node.core.credits import InsufficientCredit
 from pinkybrain.node.core.principals import Principal, visible_privacy
 from pinkybrain.node.core.router import NoAnswer, RouterError
@@ -77,7 +78,15 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-@router.post("/api/query", summary="Submit an AI query")
+@router.post(
+    "/api/query",
+    summary="Submit an AI query",
+    responses={
+        200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+              "description": "The answer, or with `stream: true` server-sent events (token, done, error)"},
+        **errors(400, 402, 502, 503),
+    },
+)
 async def query(runtime: RuntimeDep, principal: PrincipalDep, body: QueryRequest):
     brain = runtime.brain
     owner = principal is Principal.OWNER

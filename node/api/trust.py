@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
+from pinkybrain.node.api.errors import errors
 from pinkybrain.node.core.identity import IdentityError, validate_node_id
 from pinkybrain.node.core.trust import MAX_TTL_SECS, TrustError
 from pinkybrain.node.services.runtime import NodeRuntime
@@ -43,7 +44,7 @@ class RevokeRequest(BaseModel):
     node_id: str
 
 
-@router.post("/api/trust/vouch", summary="Vouch for a node (signed, expiring attestation)")
+@router.post("/api/trust/vouch", summary="Vouch for a node (signed, expiring attestation)", responses=errors(400))
 async def vouch(runtime: RuntimeDep, body: VouchRequest):
     subject = _node_id(body.node_id)
     if subject == runtime.identity.node_id:
@@ -56,14 +57,14 @@ async def vouch(runtime: RuntimeDep, body: VouchRequest):
     return {"attestation": att.to_dict(), "verdict": runtime.trust.is_valid(subject).to_dict()}
 
 
-@router.post("/api/trust/revoke", summary="Revoke this node's vouches for a node")
+@router.post("/api/trust/revoke", summary="Revoke this node's vouches for a node", responses=errors(400))
 async def revoke(runtime: RuntimeDep, body: RevokeRequest):
     subject = _node_id(body.node_id)
     rev = await asyncio.to_thread(runtime.trust.revoke, runtime.identity, subject)
     return {"revocation": rev.to_dict(), "verdict": runtime.trust.is_valid(subject).to_dict()}
 
 
-@router.get("/api/trust/{node_id}", summary="Whether this node finds a key valid, and why")
+@router.get("/api/trust/{node_id}", summary="Whether this node finds a key valid, and why", responses=errors(400))
 async def show(runtime: RuntimeDep, node_id: str):
     shown = await asyncio.to_thread(runtime.trust.show, _node_id(node_id))
     verdict_keys = set(runtime.trust.is_valid(shown["subject"]).to_dict())
@@ -72,12 +73,12 @@ async def show(runtime: RuntimeDep, node_id: str):
             **{k: v for k, v in shown.items() if k not in verdict_keys}}
 
 
-@router.get("/api/score/{peer}", summary="Credit score for a peer")
+@router.get("/api/score/{peer}", summary="Credit score for a peer", responses=errors(400))
 async def score(runtime: RuntimeDep, peer: str):
     return await asyncio.to_thread(runtime.ledger.score, _node_id(peer))
 
 
-@router.get("/api/credits", summary="This node's credit balance and ledger summary")
+@router.get("/api/credits", summary="This node's credit balance and ledger summary", responses=errors(400))
 async def credits(
     runtime: RuntimeDep,
     receipts: Annotated[int, Query(ge=0, le=1000, description="also list the latest N receipts")] = 0,
