@@ -596,3 +596,87 @@ def test_failed_append_is_not_acked_or_visible(tmp_path):
         store.set("later", 4)
     with MemoryStore.open(tmp_path, "private") as store:
         assert store.items() == [("kept", 1), ("later", 4)]
+
+
+# -- group commit -------------------------------------------------------------------------------------
+def test_write_batch_is_one_commit_and_refuses_ops_one_by_one(tmp_path):
+    with MemoryStore.open(tmp_path, "private", max_value_bytes=64) as store:
+        before = store.commits
+        results = store.write_batch([
+            ("set", "a", 1), ("set", "big", "x" * 500), ("delete", "absent", None), ("set", "b", 2),
+        ])
+        assert isinstance(results[0], bytes) and isinstance(results[3], bytes)
+        assert isinstance(results[1], ValueError) and isinstance(results[2], KeyError)
+        assert store.commits == before + 1
+        assert store.items() == [("a", 1), ("b", 2)]
+    with MemoryStore.open(tmp_path, "private") as store:
+        assert store.items() == [("a", 1), ("b", 2)]
+
+
+def test_concurrent_api_writes_share_commits(tmp_path):
+    import asyncio
+
+    from pinkybrain.node.services.memory_writes import committer_for
+
+    async def burst(store):
+        committer = committer_for(store)
+        await asyncio.gather(*(committer.set(f"k{i:03}", i) for i in range(200)))
+        with pytest.raises(KeyError):
+            await committer.delete("never-there")
+
+    with MemoryStore.open(tmp_path, "private") as store:
+        asyncio.run(burst(store))
+        assert len(store.list()) == 200
+        assert store.commits < 200  # writes that waited for a commit in flight went in together
+    with MemoryStore.open(tmp_path, "private") as store:
+        assert [store.get(f"k{i:03}") for i in range(200)] == list(range(200))
+
+
+_BURST_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from pinkybrain.node.services.memory_store import MemoryStore
+    from pinkybrain.node.services.memory_writes import committer_for
+
+    store = MemoryStore.open(Path(sys.argv[1]), "private")
+    committer = committer_for(store)
+
+    async def writer(w):
+        i = 0
+        while True:
+            await committer.set(f"w{w:02}-{i:05}", {"w": w, "i": i})
+            print(f"ACK {w} {i}", flush=True)
+            i += 1
+
+    async def main():
+        await asyncio.gather(*(writer(w) for w in range(16)))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_acked_writes_survive_sigkill_in_a_concurrent_burst(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _BURST_CHILD, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acked: set[tuple[int, int]] = set()
+    try:
+        for line in proc.stdout:
+            parts = line.split()
+            if len(parts) != 3 or parts[0] != "ACK":
+                continue  # a line the kill cut short acknowledges nothing
+            acked.add((int(parts[1]), int(parts[2])))
+            if len(acked) >= 400:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(acked) >= 400, proc.stderr.read()
+    with MemoryStore.open(tmp_path, "private") as store:
+        lost = [(w, i) for w, i in acked
+                if f"w{w:02}-{i:05}" not in store or store.get(f"w{w:02}-{i:05}") != {"w": w, "i": i}]
+        assert lost == []

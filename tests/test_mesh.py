@@ -154,6 +154,54 @@ def test_rpc_unary_stream_binary_and_errors():
     run(scenario())
 
 
+def test_small_messages_are_batched_under_load_and_arrive_in_order():
+    from pinkybrain.node.services.peer_link import decode_message, encode_batch, encode_message, split_batch
+
+    parts = [encode_message({"t": "x", "n": i}, b"b" * i) for i in range(5)]
+    head, body = decode_message(encode_batch(parts))
+    assert head == {"t": "batch"} and [bytes(p) for p in split_batch(body)] == parts
+    assert [decode_message(p) for p in split_batch(body)][3] == ({"t": "x", "n": 3}, b"bbb")
+    with pytest.raises(ValueError):
+        split_batch((100).to_bytes(4, "big") + b"short")
+
+    async def scenario():
+        async with Node("a") as a, Node("b") as b:
+            got: list[int] = []
+
+            async def sink(ctx, n):
+                got.append(n)
+                return None
+
+            b.mesh.register_handler("sink", sink)
+            link = await a.mesh.connect(b.url)
+            assert link.batches  # both ends announced the feature
+            frames0 = link.counters["frames_out"]
+            # Requests queued at once (rounds under the peer's in-flight limit): the writer packs what
+            # is waiting into shared frames.
+            for round_ in range(10):
+                await asyncio.gather(*(a.mesh.request(b.id, "sink", round_ * 20 + i) for i in range(20)))
+            assert got == list(range(200))
+            assert link.counters["frames_out"] - frames0 < 100
+            # An idle link still answers at once, one message per frame.
+            assert await a.mesh.request(b.id, "mesh.echo", "alone") == "alone"
+
+    run(scenario())
+
+
+def test_a_batch_inside_a_batch_is_dropped_as_malformed():
+    from pinkybrain.node.services.peer_link import encode_batch, encode_message
+
+    async def scenario():
+        async with Node("a") as a, Node("b") as b:
+            link = await a.mesh.connect(b.url)
+            inner = encode_batch([encode_message({"t": "ping", "n": 1})])
+            await link.transport.send(link.channel.seal(encode_batch([inner])))
+            await eventually(lambda: b.mesh.rejected["malformed"] >= 1)
+            assert await a.mesh.request(b.id, "mesh.echo", 1) == 1  # the link carries on
+
+    run(scenario())
+
+
 def test_timeout_cancellation_and_early_exit_stop_the_remote_handler():
     async def scenario():
         async with Node("a") as a, Node("b") as b:

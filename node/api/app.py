@@ -25,6 +25,7 @@ from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
 from pinkybrain.node.core.principals import Principal, visible_privacy
 from pinkybrain.node.services import updater
+from pinkybrain.node.services.memory_writes import committer_for
 from pinkybrain.node.services.models import CloudShareRefused, ModelNotFound, ModelPathError
 from pinkybrain.node.services.runtime import NodeRuntime
 
@@ -87,6 +88,7 @@ async def status(runtime: RuntimeDep):
             "cloud_models": runtime.cfg["sharing.cloud_models"],
         },
         "credit": {**runtime.ledger.summary(), "earn_per_query": runtime.cfg["credit.earn_per_query"]},
+        "memory": {"commits": runtime.memory.commits if runtime.memory is not None else 0},
     }
 
 
@@ -199,17 +201,38 @@ async def mesh_leave(runtime: RuntimeDep):
 
 
 # -- memory -------------------------------------------------------------------------------------
-def memory_call(fn, *args):
+def memory_refusal(exc: Exception, key: str | None) -> HTTPException | None:
+    """The HTTP error for a refused memory read or write, or None for an unexpected failure."""
     from pinkybrain.node.core.memory_doc import MemoryLimitError
 
+    if isinstance(exc, MemoryLimitError):
+        return error(413, "too_large", str(exc))
+    if isinstance(exc, KeyError):
+        return error(404, "not_found", f"no memory key {key!r}" if key is not None else str(exc))
+    if isinstance(exc, ValueError):
+        return error(400, "bad_key", str(exc))
+    return None
+
+
+def memory_call(fn, *args):
     try:
         return fn(*args)
-    except MemoryLimitError as exc:
-        raise error(413, "too_large", str(exc)) from None
-    except KeyError as exc:
-        raise error(404, "not_found", f"no memory key {args[0]!r}" if args else str(exc)) from None
-    except ValueError as exc:
-        raise error(400, "bad_key", str(exc)) from None
+    except Exception as exc:
+        refusal = memory_refusal(exc, args[0] if args else None)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+async def memory_write(write, key: str):
+    """Await a group-committed write (services.memory_writes); refusals map as memory_call's do."""
+    try:
+        return await write
+    except Exception as exc:
+        refusal = memory_refusal(exc, key)
+        if refusal is None:
+            raise
+        raise refusal from None
 
 
 Network = Literal["private", "public"]
@@ -239,13 +262,13 @@ async def memory_get(runtime: RuntimeDep, key: str, network: Network = "private"
 
 @router.post("/api/memory/set", summary="Write a CRDT memory value", responses=errors(400, 409))
 async def memory_set(runtime: RuntimeDep, body: MemorySetRequest):
-    await asyncio.to_thread(memory_call, memory_store(runtime, body.network).set, body.key, body.value)
+    await memory_write(committer_for(memory_store(runtime, body.network)).set(body.key, body.value), body.key)
     return {"key": body.key, "stored": True, "network": body.network}
 
 
 @router.delete("/api/memory/{key:path}", summary="Delete a CRDT memory key", responses=errors(400, 404, 409))
 async def memory_delete(runtime: RuntimeDep, key: str, network: Network = "private"):
-    await asyncio.to_thread(memory_call, memory_store(runtime, network).delete, key)
+    await memory_write(committer_for(memory_store(runtime, network)).delete(key), key)
     return {"key": key, "deleted": True, "network": network}
 
 

@@ -160,7 +160,8 @@ class Channel:
         if counter <= self.last_received:
             raise FrameRejected("replay", f"stale frame counter {counter} (last {self.last_received})")
         try:
-            plaintext = self._recv.decrypt(self._nonce(counter), frame[HEADER.size :], frame[: HEADER.size])
+            view = memoryview(frame)  # no copy of the ciphertext before decrypting it
+            plaintext = self._recv.decrypt(self._nonce(counter), view[HEADER.size :], view[: HEADER.size])
         except InvalidTag:
             raise FrameRejected("auth", "frame failed authentication (tampered or forged)") from None
         self.last_received = counter

@@ -106,6 +106,7 @@ class MemoryStore:
         self._listeners: list[Listener] = []
         self._closed = False
         self._failed: MemoryStoreError | None = None
+        self.commits = 0  # durable transactions (fsyncs of the log), for status and benchmarks
 
     @classmethod
     def open(
@@ -174,21 +175,39 @@ class MemoryStore:
     # -- local writes -------------------------------------------------------------------------------
     def set(self, key: str, value: Any) -> bytes:
         """Store `value` under `key`; returns once durable, with the Yjs update to send to peers."""
-        with self._lock:
-            self._check_usable()
-            update = self._doc.set(key, value)
-            self._persist(update, "local")
-            self._notify(update)
-            return update
+        return self._single(self.write_batch([("set", key, value)]))
 
     def delete(self, key: str) -> bytes:
         """Remove `key` (KeyError if absent); returns once durable, with the Yjs update."""
+        return self._single(self.write_batch([("delete", key, None)]))
+
+    def write_batch(self, ops: list[tuple[str, str, Any]]) -> list[bytes | Exception]:
+        """Local writes made durable together: one transaction, so one fsync for all (group commit).
+
+        `ops` are ("set", key, value) or ("delete", key, None). Each op's own refusal (bad key or value,
+        a limit, an absent key) takes its place in the result instead of its Yjs update and changes
+        nothing; a commit that fails raises for all of them, and none is visible or sent to peers.
+        """
         with self._lock:
             self._check_usable()
-            update = self._doc.delete(key)
-            self._persist(update, "local")
-            self._notify(update)
-            return update
+            results: list[bytes | Exception] = []
+            for kind, key, value in ops:
+                try:
+                    results.append(self._doc.set(key, value) if kind == "set" else self._doc.delete(key))
+                except Exception as exc:  # noqa: BLE001 - the document refused this op alone, in memory
+                    results.append(exc)
+            updates = [r for r in results if isinstance(r, bytes)]
+            if updates:
+                self._persist(updates, "local")
+                for update in updates:
+                    self._notify(update)
+            return results
+
+    @staticmethod
+    def _single(results: list[bytes | Exception]) -> bytes:
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return results[0]
 
     # -- sync ---------------------------------------------------------------------------------------
     def add_listener(self, callback: Listener) -> Callable[[], None]:
@@ -218,7 +237,7 @@ class MemoryStore:
             # stored, so a restart can never merge in an entry that was not checked.
             applied = self._doc.integrate_remote(update)
             if applied is not None:
-                self._persist(applied, "remote")
+                self._persist([applied], "remote")
             return applied is not None
 
     def state_vector(self) -> bytes:
@@ -276,17 +295,23 @@ class MemoryStore:
         if self._failed is not None:
             raise self._failed
 
-    def _persist(self, update: bytes, origin: str) -> None:
+    def _persist(self, updates: list[bytes], origin: str) -> None:
         try:
-            # Autocommit: with WAL + synchronous=FULL the row is fsynced before execute() returns.
-            self._conn.execute(
-                "INSERT INTO updates (data, sha256, origin) VALUES (?, ?, ?)", (update, _digest(update), origin)
-            )
+            # One transaction: with WAL + synchronous=FULL, COMMIT fsyncs every row at once.
+            self._conn.execute("BEGIN IMMEDIATE")
+            for update in updates:
+                self._conn.execute(
+                    "INSERT INTO updates (data, sha256, origin) VALUES (?, ?, ?)", (update, _digest(update), origin)
+                )
+            self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
             failure = sqlite_failure(_SPEC, self.path, exc)
             self._reload_after_failed_write()
             raise failure from exc
-        self._pending += 1
+        self.commits += 1
+        self._pending += len(updates)
         if self._pending >= self.compact_every:
             self._auto_compact()
 

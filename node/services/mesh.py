@@ -739,7 +739,8 @@ class Mesh:
 
     # -- what we tell peers ------------------------------------------------------------------------
     def _hello(self) -> dict:
-        hello: dict = {"name": self.name[:64], "version": self.version, "stealth": self.stealth}
+        hello: dict = {"name": self.name[:64], "version": self.version, "stealth": self.stealth,
+                       "features": ["batch"]}
         if not self.stealth:
             hello["port"] = self.listen_port
             if self.listen_host not in WILDCARD_HOSTS:

@@ -204,10 +204,42 @@ def decode_message(data: bytes) -> tuple[dict, bytes]:
     (n,) = _LEN.unpack_from(data)
     if n > len(data) - _LEN.size:
         raise ValueError("message header runs past the frame")
-    msg = json.loads(data[_LEN.size : _LEN.size + n])
+    msg = json.loads(bytes(data[_LEN.size : _LEN.size + n]))
     if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
         raise ValueError("message header is not an object with a type")
     return msg, bytes(data[_LEN.size + n :])
+
+
+_BATCH_HEAD = encode_message({"t": "batch"})
+BATCH_MAX_MESSAGES = 128
+# Only small messages are packed together: a large one already fills its frame, and copying it into a
+# batch costs more than the frame it would save.
+BATCH_MAX_MESSAGE_BYTES = 8 * 1024
+# Room kept in a batch frame for its own header and the channel's (counter, tag).
+_BATCH_SLACK = 64
+
+
+def encode_batch(messages: list[bytes]) -> bytes:
+    """Several encoded messages in one frame: `batch`'s body is each message behind its length."""
+    parts = [_BATCH_HEAD]
+    for data in messages:
+        parts += (_LEN.pack(len(data)), data)
+    return b"".join(parts)
+
+
+def split_batch(body: bytes) -> list[bytes]:
+    """The messages of a batch body; ValueError when a length runs past the end."""
+    out, view, at = [], memoryview(body), 0
+    while at < len(view):
+        if len(view) - at < _LEN.size:
+            raise ValueError("batch entry shorter than its length prefix")
+        (n,) = _LEN.unpack_from(view, at)
+        at += _LEN.size
+        if n > len(view) - at:
+            raise ValueError("batch entry runs past the frame")
+        out.append(view[at : at + n])
+        at += n
+    return out
 
 
 def pack_payload(msg: dict, payload: Any) -> bytes:
@@ -396,6 +428,8 @@ class Link:
         self.name = _text(hello.get("name"), MAX_NAME)
         self.version = _text(hello.get("version"), 32)
         self.stealth = bool(hello.get("stealth"))
+        # Peers that say they read batch frames get small messages packed together under load.
+        self.batches = "batch" in (hello.get("features") if isinstance(hello.get("features"), list) else [])
         self.initiator_id = mesh.node_id if direction == "outbound" else result.peer_id
         self.url = None if self.stealth else self._advertised_url(hello, dialed_url)
         self.channel = Channel(
@@ -424,6 +458,8 @@ class Link:
         self._pings: dict[int, float] = {}
         self._ping_seq = 0
         self._outq: asyncio.Queue = asyncio.Queue()
+        self._carry: tuple[bytes, asyncio.Future | None] | None = None  # taken but did not fit a batch
+        self._inflight: list[tuple[bytes, asyncio.Future | None]] = []  # the frame being sent
         self._closing = asyncio.Event()
         self.finished = asyncio.Event()
         self.close_reason: str | None = None
@@ -510,8 +546,10 @@ class Link:
                 )
         await self.transport.close(self._close_code, self.close_reason or "")
         gone = PeerGone(f"peer {self.short} went away: {self.close_reason}")
+        unsent = [*self._inflight, *([self._carry] if self._carry else [])]
         while not self._outq.empty():
-            _, fut = self._outq.get_nowait()
+            unsent.append(self._outq.get_nowait())
+        for _, fut in unsent:
             if fut is not None and not fut.done():
                 fut.set_exception(gone)
         for call in list(self._calls.values()):
@@ -573,17 +611,45 @@ class Link:
 
     async def _write_loop(self) -> None:
         while True:
-            data, fut = await self._outq.get()
-            if fut is not None and fut.done():  # its sender gave up (cancelled): skip it
+            batch = self._inflight = self._next_batch(await self._next_item())
+            if not batch:
                 continue
+            data = batch[0][0] if len(batch) == 1 else encode_batch([d for d, _ in batch])
             frame = self.channel.seal(data)
             await self._pace(len(frame))
             await self.transport.send(frame)
             self.counters["frames_out"] += 1
             self.counters["bytes_out"] += len(frame)
             self.mesh.stats["frames_out"] += 1
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            self._inflight = []
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def _next_item(self) -> tuple[bytes, asyncio.Future | None]:
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        return await self._outq.get()
+
+    def _next_batch(self, first: tuple[bytes, asyncio.Future | None]) -> list:
+        """`first` plus what is already queued, as far as one frame holds: never waits for more, so an
+        idle link sends at once, and a busy one sends fewer, larger frames."""
+        batch = [item for item in (first,) if item[1] is None or not item[1].done()]
+        if not self.batches or len(first[0]) > BATCH_MAX_MESSAGE_BYTES:
+            return batch
+        room = self.settings.max_frame - _BATCH_SLACK - len(_BATCH_HEAD)
+        size = sum(len(d) + _LEN.size for d, _ in batch)
+        while len(batch) < BATCH_MAX_MESSAGES and not self._outq.empty():
+            data, fut = self._outq.get_nowait()
+            if fut is not None and fut.done():  # its sender gave up (cancelled): skip it
+                continue
+            if len(data) > BATCH_MAX_MESSAGE_BYTES or size + len(data) + _LEN.size > room:
+                self._carry = (data, fut)
+                break
+            batch.append((data, fut))
+            size += len(data) + _LEN.size
+        return batch
 
     # -- receiving ---------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -604,10 +670,17 @@ class Link:
             self.mesh.stats["frames_in"] += 1
             try:
                 msg, body = decode_message(plaintext)
+                if msg["t"] == "batch":
+                    messages = [decode_message(part) for part in split_batch(body)]
+                    if any(m["t"] == "batch" for m, _ in messages):
+                        raise ValueError("nested batch")
+                else:
+                    messages = [(msg, body)]
             except ValueError:
                 self._rejected("malformed", "undecodable message")
                 continue
-            self._dispatch(msg, body)
+            for msg, body in messages:
+                self._dispatch(msg, body)
 
     def _rejected(self, reason: str, detail: str) -> None:
         self.rejected[reason] += 1
