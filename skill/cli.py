@@ -668,3 +668,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(daemon_app, name="daemon")
     app.add_typer(update_app, name="update")
     app.add_typer(conversations_app, name="conversations")
+    from pinkybrain.skill.dashboard import dashboard
+
+    app.command("dashboard")(dashboard)

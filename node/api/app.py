@@ -20,6 +20,9 @@ from pinkybrain.node.api.auth import SignedRequestMiddleware
 from pinkybrain.node.api.query import router as query_router
 from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
+from pinkybrain.node.dashboard.events import recent_events
+from pinkybrain.node.dashboard.routes import api_router as dashboard_api_router
+from pinkybrain.node.dashboard.routes import router as dashboard_router
 from pinkybrain.node.services import updater
 from pinkybrain.node.services.models import CloudShareRefused, ModelNotFound, ModelPathError
 from pinkybrain.node.services.runtime import NodeRuntime
@@ -330,6 +333,7 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
 
     app = _new_app(lifespan)
     app.state.runtime = runtime
+    recent_events()  # the events panel's memory of operational lines (a bounded deque)
     from pinkybrain.node.api.p2p import router as p2p_router
 
     app.include_router(p2p_router)  # peer links (WebSocket /p2p): not part of the signed HTTP API
@@ -356,6 +360,8 @@ def _new_app(lifespan=None) -> FastAPI:
     app.include_router(router)
     app.include_router(query_router)
     app.include_router(trust_router)
+    app.include_router(dashboard_api_router)
+    app.include_router(dashboard_router)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
