@@ -818,3 +818,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(owner_key_app, name="owner-key")
     app.command("openai-key")(openai_key)
+    from pinkybrain.skill.dashboard import dashboard
+
+    app.command("dashboard")(dashboard)

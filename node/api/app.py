@@ -10,7 +10,7 @@ import platform
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
@@ -24,6 +24,9 @@ from pinkybrain.node.api.query import router as query_router
 from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
 from pinkybrain.node.core.principals import Principal, visible_privacy
+from pinkybrain.node.dashboard.events import recent_events
+from pinkybrain.node.dashboard.routes import api_router as dashboard_api_router
+from pinkybrain.node.dashboard.routes import router as dashboard_router
 from pinkybrain.node.services import updater
 from pinkybrain.node.services.memory_writes import committer_for
 from pinkybrain.node.services.models import CloudShareRefused, ModelNotFound, ModelPathError
@@ -396,6 +399,7 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
 
     app = _new_app(lifespan)
     app.state.runtime = runtime
+    recent_events()  # the events panel's memory of operational lines (a bounded deque)
     from pinkybrain.node.api.p2p import router as p2p_router
 
     app.include_router(p2p_router)  # peer links (WebSocket /p2p): not part of the signed HTTP API
@@ -442,6 +446,8 @@ def _new_app(lifespan=None) -> FastAPI:
     app.include_router(query_router, responses=COMMON_ERRORS)
     app.include_router(trust_router, responses=COMMON_ERRORS)
     app.include_router(keys_router, responses=COMMON_ERRORS)
+    app.include_router(dashboard_api_router, responses=COMMON_ERRORS)
+    app.include_router(dashboard_router)
 
     # Starlette's class: FastAPI's own 400s (unparseable body), 404s and 405s get the same error shape.
     @app.exception_handler(StarletteHTTPException)

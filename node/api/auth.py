@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from pinkybrain.node.core.auth import SIG_HEADER, AuthError, RequestVerifier
 from pinkybrain.node.core.principals import AUTH_SCOPE_KEY, AuthContext, Principal, RouteTable, refusal
+from pinkybrain.node.dashboard.routes import cookie_principal, is_dashboard_page
 
 log = logging.getLogger("pinkybrain.auth")
 BEARER_PRINCIPAL = {"owner": Principal.OWNER, "query": Principal.MEMBER}
@@ -77,7 +78,8 @@ class SignedRequestMiddleware:
         self.authenticator_factory = authenticator_factory
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_dashboard_page(scope["path"]):
+            # WebSockets authenticate in their handshake; the dashboard's page routes check their cookie.
             await self.app(scope, receive, send)
             return
         auth: Authenticator = self.authenticator_factory()
@@ -95,6 +97,10 @@ class SignedRequestMiddleware:
                     "`pinkybrain keys create NAME`)", "invalid_api_key"))
                 return
             principal = context.principal
+        elif SIG_HEADER not in headers and cookie_principal(scope["app"], headers):
+            # The owner's dashboard page: its session cookie plus the session's CSRF token.
+            context = AuthContext(principal=Principal.OWNER, credential=b"", nonce=None, key_name="dashboard")
+            principal = Principal.OWNER
         else:
             try:
                 claim = auth.verifier.check_headers(headers, now := time.time())

@@ -135,6 +135,8 @@ SCHEMA: tuple[Key, ...] = (
     # ours
     Key("logging.level", "choice", "info", "log level", choices=("debug", "info", "warning", "error")),
     # ours: signed self-update
+    Key("dashboard.allow_remote", "bool", False,
+        "serve the owner's dashboard to other machines too (default: this machine only) (ours)"),
     Key("update.url", "str", None, "URL of the signed release manifest (default: no feed) (ours)"),
     Key(
         "update.public_key",

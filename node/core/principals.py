@@ -94,6 +94,8 @@ ROUTES: tuple[RouteRule, ...] = (
     RouteRule("GET", "/api/keys", OWN),
     RouteRule("POST", "/api/keys", OWN),
     RouteRule("DELETE", "/api/keys/{name}", OWN),
+    RouteRule("POST", "/api/dashboard/login", OWN, note="a one-time dashboard login link"),
+    RouteRule("GET", "/api/events", OWN, note="recent operational log lines (the dashboard's events)"),
     RouteRule("GET", "/v1/models", MEM, note="members and query keys do not see unshared cloud models"),
     RouteRule("POST", "/v1/chat/completions", MEM, body_limit=4096 * KIB, note=CLOUD_NOTE),
 )
