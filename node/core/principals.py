@@ -170,6 +170,7 @@ CLI_COMMANDS: tuple[tuple[str, str], ...] = (
     ("daemon status", "GET /api/daemon"),
     ("keys create/list/revoke", "GET /api/keys"),
     ("openai-key", "POST /api/keys"),
+    ("dashboard", "POST /api/dashboard/login"),
 )
 LOCAL_COMMANDS = ("serve", "identity", "config", "owner-key", "release", "tracker")
 
