@@ -32,10 +32,11 @@ schema = schemathesis.openapi.from_path(str(DOCS))
 
 
 class SignedRequests(requests.auth.AuthBase):
-    """PB1 signature over the final prepared request, as the skill signs (tests/test_signing_compat.py)."""
+    """PB1 signature over the final prepared request, as the skill signs (tests/test_signing_compat.py),
+    with the owner key: the owner may call every route, so every handler is exercised."""
 
-    def __init__(self, secret: str):
-        self.secret = secret
+    def __init__(self, owner_key: str):
+        self.secret = owner_key
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         body = r.body or b""
@@ -49,6 +50,7 @@ class SignedRequests(requests.auth.AuthBase):
         r.headers["X-PinkyBrain-Sig"] = hmac.new(self.secret.encode(), canonical, hashlib.sha256).hexdigest()
         r.headers["X-PinkyBrain-Timestamp"] = ts
         r.headers["X-PinkyBrain-Nonce"] = nonce
+        r.headers["X-PinkyBrain-Credential"] = "owner"
         return r
 
 
@@ -74,6 +76,6 @@ def fuzz_node(tmp_path_factory):
     database=None,
 )
 def test_no_server_error_or_schema_violation(case, fuzz_node):
-    response = case.call(base_url=fuzz_node.url, auth=SignedRequests(fuzz_node.secret), timeout=60)
+    response = case.call(base_url=fuzz_node.url, auth=SignedRequests(fuzz_node.owner_key()), timeout=60)
     assert response.status_code != 500, f"500 for {case.method} {case.formatted_path}: {response.text[:300]}"
     case.validate_response(response, checks=CHECKS)
