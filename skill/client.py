@@ -3,13 +3,25 @@ failure turned into a SkillError whose message is one line a user can act on."""
 
 from __future__ import annotations
 
+import codecs
+import ipaddress
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from pinkybrain.skill.signing import HmacAuth
+from pinkybrain.skill.signing import (
+    SEAL_HEADER,
+    SEALED_HEADER,
+    HmacAuth,
+    ProofError,
+    RequestSeal,
+    check_proof,
+)
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -46,6 +58,25 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def should_seal(url: str) -> bool:
+    """Seal every request that leaves this machine; PINKYBRAIN_SEAL=always seals on loopback too."""
+    return os.environ.get("PINKYBRAIN_SEAL", "").strip().lower() == "always" or not is_loopback(url)
+
+
+def unproven(url: str, why: str) -> str:
+    return f"the responder at {url} is not a proven node of your network ({why}); its answer is refused"
+
+
 def path_part(value: str) -> str:
     """One path segment: keys and names may hold '/', '?', '#' or spaces."""
     return quote(value, safe="")
@@ -69,9 +100,17 @@ def describe_refusal(url: str, response: httpx.Response) -> str:
 
 
 class NodeClient:
-    def __init__(self, base_url: str, secret: str, timeout: float | None = None):
+    """Every answer must carry the node's proof (check_proof), from one node id throughout: `node_id` pins it
+    (--node), else the first proven answer (or discovery's) sets it. Off loopback, bodies go sealed."""
+
+    def __init__(self, base_url: str, secret: str, timeout: float | None = None, *, node_id: str | None = None,
+                 pinned: bool = False, seal: bool | None = None):
         self.base_url = normalize_url(base_url)
         self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        self.secret = secret
+        self.node_id = node_id
+        self.pinned = pinned
+        self.seal = should_seal(self.base_url) if seal is None else seal
         self._http = httpx.Client(base_url=self.base_url, auth=HmacAuth(secret), timeout=self.timeout,
                                   headers={"User-Agent": "pinkybrain-skill"})
 
@@ -87,15 +126,56 @@ class NodeClient:
     def request(self, method: str, path: str, *, params: dict | None = None, json_body: Any = None,
                 timeout: float | None = None, raw: bool = False) -> Any:
         """Send a signed request; return the parsed JSON (or the text when raw), else raise SkillError."""
-        kwargs: dict = {"params": {k: v for k, v in (params or {}).items() if v is not None}}
-        if json_body is not None:
-            # Serialised here, so the bytes signed are the bytes sent.
-            kwargs["content"] = json.dumps(json_body).encode()
-            kwargs["headers"] = {"Content-Type": "application/json"}
-        if timeout is not None:
-            kwargs["timeout"] = timeout
+        content = json.dumps(json_body).encode() if json_body is not None else None
+        with self._errors(method, path, timeout):
+            response, seal = self._send(method, path, params, content, timeout, stream=False)
+            opened = b"".join(_pieces(response, seal)) if SEALED_HEADER in response.headers else None
+        return self._answer(method, path, response, raw, opened)
+
+    @contextmanager
+    def stream_lines(self, method: str, path: str, content: bytes, timeout: float | None = None
+                     ) -> Iterator[Iterator[str]]:
+        """A signed, proven (and off loopback sealed) request whose answer is read line by line as it comes;
+        an error answer raises SkillError before any line. Transport errors while reading are httpx's."""
+        with self._errors(method, path, timeout):
+            response, seal = self._send(method, path, None, content, timeout, stream=True)
         try:
-            response = self._http.request(method, path, **kwargs)
+            if response.status_code >= 400:
+                with self._errors(method, path, timeout):
+                    opened = b"".join(_pieces(response, seal))
+                self._answer(method, path, response, False, opened)
+            yield self._lines(response, seal)
+        finally:
+            response.close()
+
+    def _send(self, method: str, path: str, params: dict | None, content: bytes | None, timeout: float | None,
+              stream: bool) -> tuple[httpx.Response, RequestSeal | None]:
+        """Send one request (sealed off loopback) and check the proof on its answer."""
+        query = str(httpx.QueryParams({k: v for k, v in (params or {}).items() if v is not None}))
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        seal = None
+        if self.seal:
+            seal = RequestSeal(self._sealing_node(timeout))
+            # The query travels inside the seal; the signature covers the sealed bytes.
+            content, query = seal.seal(query, content or b""), ""
+            headers[SEAL_HEADER] = seal.header
+        request = self._http.build_request(method, path + (f"?{query}" if query else ""), content=content,
+                                           headers=headers, timeout=self.timeout if timeout is None else timeout)
+        response = self._http.send(request, stream=stream)
+        try:
+            self._prove(response, seal)
+        except BaseException:
+            response.close()
+            raise
+        return response, seal
+
+    @contextmanager
+    def _errors(self, method: str, path: str, timeout: float | None):
+        """Transport failures and a missing or wrong proof become one-line SkillErrors."""
+        try:
+            yield
+        except ProofError as exc:
+            raise SkillError(unproven(self.base_url, str(exc))) from None
         except httpx.ConnectError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else str(exc) or "cannot connect"
             raise SkillError(f"cannot reach the node at {self.base_url}: {reason}") from None
@@ -105,9 +185,47 @@ class NodeClient:
                              f"(raise it with --timeout)") from None
         except httpx.HTTPError as exc:
             raise SkillError(f"request to {self.base_url}{path} failed: {exc or type(exc).__name__}") from None
-        return self._answer(method, path, response, raw)
 
-    def _answer(self, method: str, path: str, response: httpx.Response, raw: bool) -> Any:
+    def _lines(self, response: httpx.Response, seal: RequestSeal | None) -> Iterator[str]:
+        """Text lines of a streamed answer (server-sent events), each as soon as it is complete."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        try:
+            for piece in _pieces(response, seal):
+                pending += decoder.decode(piece)
+                *complete, pending = pending.split("\n")
+                for line in complete:
+                    yield line.removesuffix("\r")
+        except ProofError as exc:
+            raise SkillError(unproven(self.base_url, str(exc))) from None
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            yield pending.removesuffix("\r")
+
+    def _sealing_node(self, timeout: float | None) -> str:
+        """The node id to seal to: pinned, found by discovery, or proven by a signed ping (not sealed: its
+        answer holds nothing secret)."""
+        if self.node_id is None:
+            request = self._http.build_request("GET", "/api/ping", timeout=self.timeout if timeout is None else timeout)
+            response = self._http.send(request)
+            if response.status_code == 401:
+                raise SkillError(describe_refusal(self.base_url, response))
+            self._prove(response, None)
+        return self.node_id
+
+    def _prove(self, response: httpx.Response, seal: RequestSeal | None) -> None:
+        if response.status_code == 401:
+            return  # auth's refusal: reported as such by _answer; nothing in it is trusted
+        nonce = response.request.headers.get("X-PinkyBrain-Nonce", "")
+        self.node_id = check_proof(self.secret, nonce, response.headers, self.node_id)
+        if seal is not None and response.status_code < 400 and SEALED_HEADER not in response.headers:
+            raise ProofError("it answered a sealed request in clear text")
+
+    def _answer(self, method: str, path: str, response: httpx.Response, raw: bool, content: bytes | None = None
+                ) -> Any:
+        if content is not None and SEALED_HEADER in response.headers:  # opened from sealed frames
+            response = httpx.Response(response.status_code, headers=response.headers, content=content,
+                                      request=response.request)
         if response.status_code == 401:
             raise SkillError(describe_refusal(self.base_url, response))
         if response.status_code >= 400:
@@ -136,3 +254,14 @@ class NodeClient:
 
     def delete(self, path: str, **kw) -> Any:
         return self.request("DELETE", path, **kw)
+
+
+
+def _pieces(response: httpx.Response, seal: RequestSeal | None) -> Iterator[bytes]:
+    """The answer's body as it comes: opened frame by frame when the node sealed it."""
+    if seal is None or SEALED_HEADER not in response.headers:
+        yield from response.iter_bytes()
+        return
+    for chunk in response.iter_raw():
+        yield from seal.open_frames(chunk)
+    seal.check_complete()

@@ -18,8 +18,10 @@ from pydantic import BaseModel
 from pinkybrain import __version__
 from pinkybrain.node.api.auth import SignedRequestMiddleware
 from pinkybrain.node.api.query import router as query_router
+from pinkybrain.node.api.sealing import SkillLinkMiddleware
 from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
+from pinkybrain.node.core.skill_link import SkillLink
 from pinkybrain.node.services import updater
 from pinkybrain.node.services.models import CloudShareRefused, ModelNotFound, ModelPathError
 from pinkybrain.node.services.runtime import NodeRuntime
@@ -334,6 +336,8 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
 
     app.include_router(p2p_router)  # peer links (WebSocket /p2p): not part of the signed HTTP API
     verifier = RequestVerifier(secret=runtime.cfg["p2p.secret"], nonces=NonceCache())
+    # Added first, so it runs inside auth and reads what auth established (scope["pinkybrain.auth"]).
+    app.add_middleware(SkillLinkMiddleware, link=SkillLink(runtime.identity))
     app.add_middleware(SignedRequestMiddleware, verifier_factory=lambda: verifier)
     return app
 

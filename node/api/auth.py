@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 
-from pinkybrain.node.core.auth import SIG_HEADER, AuthError, RequestVerifier, bearer_ok
+from pinkybrain.node.core.auth import NONCE_HEADER, SIG_HEADER, AuthError, RequestVerifier, bearer_ok
+from pinkybrain.node.core.principals import SCOPE_KEY, AuthContext, Principal
 
 log = logging.getLogger("pinkybrain.auth")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -68,6 +69,7 @@ class SignedRequestMiddleware:
         if scope["path"].startswith("/v1/") and SIG_HEADER not in headers:
             # OpenAI clients cannot sign: the /v1 endpoints also take a bearer key derived from the secret.
             if bearer_ok(verifier.secret, headers.get("authorization")):
+                scope = {**scope, SCOPE_KEY: AuthContext(Principal.MEMBER, b"", None)}
                 await self.app(scope, _replay(body, receive), send)
                 return
             await _send_json(send, 401, {"error": {"message": "invalid or missing API key (pinkybrain openai-key "
@@ -89,7 +91,7 @@ class SignedRequestMiddleware:
             status = 503 if exc.code == "busy" else 401
             await _send_json(send, status, {"error": exc.code, "detail": exc.message})
             return
-
+        scope = {**scope, SCOPE_KEY: AuthContext(Principal.MEMBER, verifier.secret.encode(), headers[NONCE_HEADER])}
         await self.app(scope, _replay(body, receive), send)
 
 
