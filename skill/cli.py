@@ -104,10 +104,10 @@ def handled(fn: Callable) -> Callable:
         finally:
             _target.reset(token)
 
-    signature = inspect.signature(fn)
+    signature = inspect.signature(fn, eval_str=True)
     if "url" in signature.parameters:  # a command that talks to a node also takes --node and --verbose
         extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint)
-                 for name, default, hint in (("node", None, "NodeOpt"), ("verbose", False, "VerboseOpt"))]
+                 for name, default, hint in (("node", None, NodeOpt), ("verbose", False, VerboseOpt))]
         wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
         wrapper.__annotations__ = {**fn.__annotations__, "node": "NodeOpt", "verbose": "VerboseOpt"}
     return wrapper
