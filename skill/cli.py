@@ -24,7 +24,7 @@ import httpx
 import typer
 
 from pinkybrain.skill import output
-from pinkybrain.skill.client import NodeClient, SkillError, normalize_url, path_part
+from pinkybrain.skill.client import NodeClient, SkillError, path_part
 from pinkybrain.skill.signing import NodeIdError, canonical_node_id
 
 MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
@@ -70,12 +70,12 @@ def connect(url: str | None, timeout: float | None) -> Connection:
     local = load_local_config()
     secret = local.require_secret()
     if url:
-        base, via, ping, node_id = normalize_url(url), "url-flag", {}, pinned
-    else:
-        found = discover(local, secret, pinned, verbose)
-        base, via, ping, node_id = found.url, found.via, found.info, found.node_id
-    # Every answer is checked against node_id (the pinned one, or the one discovery proved).
-    return Connection(NodeClient(base, secret, timeout, node_id=node_id, pinned=pinned is not None), base, via, ping)
+        client = NodeClient(url, secret, timeout, node_id=pinned)  # proves itself before anything is sent
+        return Connection(client, client.base_url, "url-flag", {})
+    found = discover(local, secret, pinned, verbose)
+    # Every answer is checked against the node id discovery proved (the pinned one, if any).
+    return Connection(NodeClient(found.url, secret, timeout, node_id=found.node_id, proven=True), found.url,
+                      found.via, found.info)
 
 
 def fail(message: str, code: int = 1) -> None:

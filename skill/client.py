@@ -100,16 +100,18 @@ def describe_refusal(url: str, response: httpx.Response) -> str:
 
 
 class NodeClient:
-    """Every answer must carry the node's proof (check_proof), from one node id throughout: `node_id` pins it
-    (--node), else the first proven answer (or discovery's) sets it. Off loopback, bodies go sealed."""
+    """Every answer must carry the node's proof (check_proof), from one node id throughout: `node_id` (pinned
+    with --node, or proven by discovery) fixes it, else the first proven answer does. Nothing is sent to a
+    node that has not proven itself: unless `proven`, a signed ping (holding nothing secret) goes first.
+    Off loopback, bodies go sealed to the proven node id."""
 
     def __init__(self, base_url: str, secret: str, timeout: float | None = None, *, node_id: str | None = None,
-                 pinned: bool = False, seal: bool | None = None):
+                 proven: bool = False, seal: bool | None = None):
         self.base_url = normalize_url(base_url)
         self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self.secret = secret
         self.node_id = node_id
-        self.pinned = pinned
+        self.proven = proven
         self.seal = should_seal(self.base_url) if seal is None else seal
         self._http = httpx.Client(base_url=self.base_url, auth=HmacAuth(secret), timeout=self.timeout,
                                   headers={"User-Agent": "pinkybrain-skill"})
@@ -154,8 +156,10 @@ class NodeClient:
         query = str(httpx.QueryParams({k: v for k, v in (params or {}).items() if v is not None}))
         headers = {"Content-Type": "application/json"} if content is not None else {}
         seal = None
+        if not self.proven and path != "/api/ping":
+            self._prove_node(timeout)
         if self.seal:
-            seal = RequestSeal(self._sealing_node(timeout))
+            seal = RequestSeal(self._prove_node(timeout))
             # The query travels inside the seal; the signature covers the sealed bytes.
             content, query = seal.seal(query, content or b""), ""
             headers[SEAL_HEADER] = seal.header
@@ -202,10 +206,10 @@ class NodeClient:
         if pending:
             yield pending.removesuffix("\r")
 
-    def _sealing_node(self, timeout: float | None) -> str:
-        """The node id to seal to: pinned, found by discovery, or proven by a signed ping (not sealed: its
-        answer holds nothing secret)."""
-        if self.node_id is None:
+    def _prove_node(self, timeout: float | None) -> str:
+        """The proven node id (to seal to): from discovery, or proven now by a signed ping (not sealed: it
+        carries nothing and its answer holds nothing secret)."""
+        if not self.proven:
             request = self._http.build_request("GET", "/api/ping", timeout=self.timeout if timeout is None else timeout)
             response = self._http.send(request)
             if response.status_code == 401:
@@ -218,6 +222,7 @@ class NodeClient:
             return  # auth's refusal: reported as such by _answer; nothing in it is trusted
         nonce = response.request.headers.get("X-PinkyBrain-Nonce", "")
         self.node_id = check_proof(self.secret, nonce, response.headers, self.node_id)
+        self.proven = True
         if seal is not None and response.status_code < 400 and SEALED_HEADER not in response.headers:
             raise ProofError("it answered a sealed request in clear text")
 
