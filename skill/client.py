@@ -267,6 +267,10 @@ def _pieces(response: httpx.Response, seal: RequestSeal | None) -> Iterator[byte
     if seal is None or SEALED_HEADER not in response.headers:
         yield from response.iter_bytes()
         return
-    for chunk in response.iter_raw():
+    try:
+        chunks = [response.content]  # already read (not streamed)
+    except httpx.ResponseNotRead:
+        chunks = response.iter_raw()
+    for chunk in chunks:
         yield from seal.open_frames(chunk)
     seal.check_complete()
