@@ -1,5 +1,6 @@
 """Between the skill and a node on a non-loopback address, a query, its streamed answer and a memory value
-are not readable on the wire, while the skill gets all of them.
+are not readable on the wire, while the skill gets all of them; nor are an OpenAI client's prompt and
+streamed answer on /v1 where the owner turned on `api.tls` (HTTPS, certificate pinned by its file).
 
 The node runs in one network namespace, the skill in another, joined by a veth pair (the namespaces come
 from tests/test_netns_mdns.py's fixture, skipped with its reason where namespaces are not permitted). A
@@ -23,10 +24,29 @@ from test_netns_mdns import (
 )
 
 from model import place_default_model
-from nodes import node_env, strong_secret, write_node_config
+from nodes import node_env, run_cli, strong_secret, write_node_config
 
 PROMPT = "Explain briefly why the zebra-unicorn-4711 crossed the river."
 MEMORY_VALUE = "the vault code is quokka-9265-orchid"
+V1_PROMPT = "Describe the walrus-parsnip-3318 in one line."
+TLS_PORT = 8443
+
+# Run in the skill's namespace: an OpenAI-style streamed chat completion over HTTPS, the node's certificate
+# pinned by its file; prints the answer's text.
+V1_CLIENT = r"""
+import json, sys
+import httpx
+url, key, cert, prompt = sys.argv[1:5]
+body = {"model": "pinkybrain", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "stream": True}
+text = []
+with httpx.stream("POST", url + "/v1/chat/completions", json=body, verify=cert, timeout=300,
+                  headers={"authorization": "Bearer " + key}) as response:
+    assert response.status_code == 200, response.read()
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            text += [c["delta"].get("content") or "" for c in json.loads(line[6:]).get("choices", [])]
+print("".join(text).strip())
+"""
 
 # Run in the skill's namespace: every frame seen on the interface, each as u32 length | frame, until the
 # stop file appears (or the time limit passes).
@@ -76,7 +96,8 @@ def test_query_answer_and_memory_value_are_sealed_on_the_wire(namespaces, tmp_pa
     secret = strong_secret()
     home = tmp_path / "node"
     place_default_model(home / "shared_models")
-    config = write_node_config(home, host=node_address, port=PORT, secret=secret, extra={"inference.n_ctx": 1024})
+    config = write_node_config(home, host=node_address, port=PORT, secret=secret,
+                               extra={"inference.n_ctx": 1024, "api.tls": True, "api.tls_port": TLS_PORT})
     with open(home / "test-node.log", "ab") as log:
         node = subprocess.Popen(["ip", "netns", "exec", node_ns, sys.executable, "-m", "pinkybrain.node", "serve",
                                  "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
@@ -108,6 +129,13 @@ def test_query_answer_and_memory_value_are_sealed_on_the_wire(namespaces, tmp_pa
         assert skill("memory", "get", "wire/secret").stdout.strip() == MEMORY_VALUE
         found = json.loads(skill("conversations", "search", "zebra-unicorn-4711", "--json").stdout)
         assert found["count"] >= 1  # the prompt was stored, and found by a search text that travelled sealed
+
+        key = json.loads(run_cli("openai-key", "--json", "--config", str(config), env=node_env(home)).stdout)
+        v1 = subprocess.run(["ip", "netns", "exec", skill_ns, sys.executable, "-c", V1_CLIENT,
+                             f"https://{node_address}:{TLS_PORT}", key["api_key"], str(home / "tls" / "cert.pem"),
+                             V1_PROMPT], capture_output=True, text=True, timeout=600)
+        assert v1.returncode == 0, v1.stderr
+        v1_answer = v1.stdout.strip()
     finally:
         stop_file.touch()
         if capture is not None:
@@ -125,8 +153,9 @@ def test_query_answer_and_memory_value_are_sealed_on_the_wire(namespaces, tmp_pa
     # The capture saw the exchanges: the requests' paths, and the (unsealed, nothing secret) ping answer.
     assert b"POST /api/query" in to_node and b"POST /api/memory/set" in to_node
     assert b'"pong": true' in wire or b'"pong":true' in wire
-    assert len(answer) >= 8  # so the check below means something
-    escaped = json.dumps(answer)[1:-1]  # as the answer's JSON would carry it
-    for text in (PROMPT, "zebra-unicorn-4711", MEMORY_VALUE, "quokka-9265", answer, escaped, "event: token",
-                 '"answer"'):
+    assert b"/v1/chat/completions" not in wire  # the HTTPS exchange: not even its path is in clear
+    assert len(answer) >= 8 and len(v1_answer) >= 8  # so the checks below mean something
+    for text in (PROMPT, "zebra-unicorn-4711", MEMORY_VALUE, "quokka-9265", answer, json.dumps(answer)[1:-1],
+                 "event: token", '"answer"', V1_PROMPT, "walrus-parsnip-3318", v1_answer,
+                 json.dumps(v1_answer)[1:-1], "chat.completion.chunk"):
         assert text.encode() not in wire, f"{text!r} crossed the link in clear text"
