@@ -34,12 +34,12 @@ TLS_PORT = 8443
 # Run in the skill's namespace: an OpenAI-style streamed chat completion over HTTPS, the node's certificate
 # pinned by its file; prints the answer's text.
 V1_CLIENT = r"""
-import json, sys
+import json, ssl, sys
 import httpx
 url, key, cert, prompt = sys.argv[1:5]
 body = {"model": "pinkybrain", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "stream": True}
 text = []
-with httpx.stream("POST", url + "/v1/chat/completions", json=body, verify=cert, timeout=300,
+with httpx.stream("POST", url + "/v1/chat/completions", json=body, verify=ssl.create_default_context(cafile=cert), timeout=300,
                   headers={"authorization": "Bearer " + key}) as response:
     assert response.status_code == 200, response.read()
     for line in response.iter_lines():
