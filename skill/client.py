@@ -261,7 +261,6 @@ class NodeClient:
         return self.request("DELETE", path, **kw)
 
 
-
 def _pieces(response: httpx.Response, seal: RequestSeal | None) -> Iterator[bytes]:
     """The answer's body as it comes: opened frame by frame when the node sealed it."""
     if seal is None or SEALED_HEADER not in response.headers:
