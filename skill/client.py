@@ -24,6 +24,7 @@ from pinkybrain.skill.signing import (
 )
 
 DEFAULT_TIMEOUT = 30.0
+AUTH_REFUSALS = (401, 403)  # answered by the node's auth layer, before any proof
 
 
 class SkillError(Exception):
@@ -212,14 +213,16 @@ class NodeClient:
         if not self.proven:
             request = self._http.build_request("GET", "/api/ping", timeout=self.timeout if timeout is None else timeout)
             response = self._http.send(request)
-            if response.status_code == 401:
-                raise SkillError(describe_refusal(self.base_url, response))
+            if response.status_code in AUTH_REFUSALS:
+                self._answer("GET", "/api/ping", response, False)  # raises its one line
             self._prove(response, None)
         return self.node_id
 
     def _prove(self, response: httpx.Response, seal: RequestSeal | None) -> None:
-        if response.status_code == 401:
-            return  # auth's refusal: reported as such by _answer; nothing in it is trusted
+        if response.status_code in AUTH_REFUSALS:
+            # The auth layer's refusal comes before the proof is made: reported by _answer as a refusal,
+            # and nothing in it is trusted (the node stays unproven).
+            return
         nonce = response.request.headers.get("X-PinkyBrain-Nonce", "")
         self.node_id = check_proof(self.secret, nonce, response.headers, self.node_id)
         self.proven = True
