@@ -94,6 +94,7 @@ async def _serve(
             ws_per_message_deflate=False,
         )
     )
+    tls_server = _tls_server(cfg, identity, app, host) if cfg["api.tls"] else None
     loop = asyncio.get_running_loop()
 
     def reload() -> None:
@@ -113,14 +114,46 @@ async def _serve(
         sd_notify("READY=1\nSTATUS=serving")
 
     ready_task = asyncio.create_task(announce_ready())
+    tls_task = asyncio.create_task(_serve_tls(tls_server, cfg["api.tls_port"])) if tls_server is not None else None
     try:
         await server.serve()
     finally:
         sd_notify("STOPPING=1")
         ready_task.cancel()
+        if tls_task is not None:
+            tls_server.should_exit = True
+            await asyncio.gather(tls_task, return_exceptions=True)
         await runtime.stop()
     if not server.started:
         raise StartupError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+
+
+class _QuietServer(uvicorn.Server):
+    """A second listener: the main server handles the signals and tells this one to exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _tls_server(cfg: Config, identity: Identity, app, host: str) -> uvicorn.Server:
+    """`api.tls`: the same app over HTTPS on api.tls_port, for clients that cannot seal (OpenAI's, on /v1)."""
+    from pinkybrain.node.services.tls import certificate_names, ensure_certificate, server_context
+
+    cert = ensure_certificate(cfg.home, identity, certificate_names(cfg, host))
+    config = uvicorn.Config(app, host=host, port=cfg["api.tls_port"], log_level="warning", access_log=False,
+                            lifespan="off", timeout_graceful_shutdown=20)
+    config.load()
+    config.ssl = server_context(cert, identity)  # uvicorn would read the key from a file it keeps
+    log.info("serving HTTPS on %s:%d with %s (its key is this node's identity)", host, cfg["api.tls_port"], cert)
+    return _QuietServer(config)
+
+
+async def _serve_tls(server: uvicorn.Server, port: int) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn's way of saying it cannot bind; the plain API goes on serving
+        log.error("api.tls: could not listen for HTTPS on port %d (in use?); HTTPS is off", port)
 
 
 def serve(config_source: str | None, host: str | None, port: int | None, peers: tuple[str, ...] = ()) -> int:

@@ -8,7 +8,9 @@ come from pinkybrain.node.cli, which this module never imports.
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import inspect
 import json
 import os
 import time
@@ -23,7 +25,7 @@ import typer
 
 from pinkybrain.skill import output
 from pinkybrain.skill.client import NodeClient, SkillError, normalize_url, path_part
-from pinkybrain.skill.signing import HmacAuth
+from pinkybrain.skill.signing import HmacAuth, NodeIdError, canonical_node_id
 
 MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
 PRIVACY_LEVELS = ("private", "peers-only", "public")
@@ -33,6 +35,11 @@ QUERY_TIMEOUT = 600.0  # inference on a modest CPU can take minutes; everything 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the node's JSON answer")]
 UrlOpt = Annotated[Optional[str], typer.Option("--url", help="node URL, e.g. http://host:8080 (skips discovery)")]
 TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="seconds to wait for the node", min=0.1)]
+NodeOpt = Annotated[Optional[str], typer.Option("--node", help="talk only to the node with this id "
+                                                               "(default: PINKYBRAIN_NODE)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="say on stderr which responders discovery skipped")]
+# --node and --verbose, which every command that talks to a node takes (added by `handled`).
+_target: contextvars.ContextVar[tuple[str | None, bool]] = contextvars.ContextVar("target", default=(None, False))
 
 
 @dataclass
@@ -44,29 +51,46 @@ class Connection:
     credential: str = "mesh"  # "owner" when signed with the node's owner key
 
 
+def pinned_node(flag: str | None) -> str | None:
+    text = (flag or os.environ.get("PINKYBRAIN_NODE", "")).strip()
+    if not text:
+        return None
+    try:
+        return canonical_node_id(text)
+    except NodeIdError as exc:
+        raise SkillError(f"{'--node' if flag else 'PINKYBRAIN_NODE'}: {exc}") from None
+
+
 def connect(url: str | None, timeout: float | None) -> Connection:
     # Imported here: discovery pulls in subprocess/zeroconf machinery only commands need.
     from pinkybrain.skill.discovery import discover
     from pinkybrain.skill.localconfig import credential_choice, load_local_config, owner_keys
 
+    node_flag, verbose = _target.get()
+    pinned = pinned_node(node_flag)
     local = load_local_config()
     choice = credential_choice()
     keys = {} if choice == "mesh" else owner_keys()
     if url:
-        base, via = normalize_url(url), "url-flag"
+        base, via, proven_id = normalize_url(url), "url-flag", None
+        # Unproven: it only says which owner key to try; the node must then prove itself with that key.
         ping = identify(base, local.secret, keys, timeout) if keys else {}
     else:
-        found = discover(local, local.require_secret())
-        base, via, ping = found.url, found.via, found.info
+        found = discover(local, local.require_secret(), pinned, verbose)
+        base, via, ping, proven_id = found.url, found.via, found.info, found.node_id
+    # Every answer is checked against the node id discovery proved (or the pinned one).
+    node_id = proven_id or pinned
     # The owner key of the node that answered, when this user holds it (PINKYBRAIN_CREDENTIAL=mesh: never).
     key = keys.get(str(ping.get("node_id")))
     if key is not None:
-        return Connection(NodeClient(base, None, timeout, auth=HmacAuth(key, credential="owner")), base, via, ping,
-                          "owner")
+        client = NodeClient(base, None, timeout, auth=HmacAuth(key, credential="owner"), node_id=node_id,
+                            proven=proven_id is not None)
+        return Connection(client, client.base_url, via, ping, "owner")
     if choice == "owner":
         raise SkillError(f"no owner key for the node at {base}: copy it from that node's machine "
                          "(`pinkybrain owner-key export`, then `pinkybrain owner-key import`)")
-    return Connection(NodeClient(base, local.require_secret(), timeout), base, via, ping)
+    client = NodeClient(base, local.require_secret(), timeout, node_id=node_id, proven=proven_id is not None)
+    return Connection(client, client.base_url, via, ping)
 
 
 def identify(base: str, secret: str | None, keys: dict[str, str], timeout: float | None) -> dict:
@@ -98,6 +122,7 @@ def handled(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        token = _target.set((kwargs.pop("node", None), kwargs.pop("verbose", False)))
         try:
             return fn(*args, **kwargs)
         except SkillError as exc:
@@ -110,7 +135,15 @@ def handled(fn: Callable) -> Callable:
             if os.environ.get("PINKYBRAIN_DEBUG"):
                 raise
             fail(f"unexpected error: {type(exc).__name__}: {exc} (PINKYBRAIN_DEBUG=1 shows the traceback)")
+        finally:
+            _target.reset(token)
 
+    signature = inspect.signature(fn, eval_str=True)
+    if "url" in signature.parameters:  # a command that talks to a node also takes --node and --verbose
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint)
+                 for name, default, hint in (("node", None, NodeOpt), ("verbose", False, VerboseOpt))]
+        wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+        wrapper.__annotations__ = {**fn.__annotations__, "node": "NodeOpt", "verbose": "VerboseOpt"}
     return wrapper
 
 
@@ -234,14 +267,9 @@ def stream_query(url: str | None, timeout: float, body: dict, as_json: bool) -> 
     start: dict = {}
     printed = False
     with conn.client:
-        http = conn.client._http  # NodeClient has no streaming call; its signed httpx client has
         try:
-            with http.stream("POST", "/api/query", content=payload,
-                             headers={"Content-Type": "application/json"}) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    conn.client._answer("POST", "/api/query", response, False)  # raises the one-line error
-                for event, data in sse_events(response.iter_lines()):
+            with conn.client.stream_lines("POST", "/api/query", payload) as lines:
+                for event, data in sse_events(lines):
                     if event == "start":
                         start = data if isinstance(data, dict) else {}
                     elif event == "token" and not as_json:

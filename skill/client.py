@@ -3,15 +3,28 @@ failure turned into a SkillError whose message is one line a user can act on."""
 
 from __future__ import annotations
 
+import codecs
+import ipaddress
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from pinkybrain.skill.signing import HmacAuth
+from pinkybrain.skill.signing import (
+    SEAL_HEADER,
+    SEALED_HEADER,
+    HmacAuth,
+    ProofError,
+    RequestSeal,
+    check_proof,
+)
 
 DEFAULT_TIMEOUT = 30.0
+AUTH_REFUSALS = (401, 403)  # answered by the node's auth layer, before any proof
 
 
 class SkillError(Exception):
@@ -46,6 +59,25 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def should_seal(url: str) -> bool:
+    """Seal every request that leaves this machine; PINKYBRAIN_SEAL=always seals on loopback too."""
+    return os.environ.get("PINKYBRAIN_SEAL", "").strip().lower() == "always" or not is_loopback(url)
+
+
+def unproven(url: str, why: str) -> str:
+    return f"the responder at {url} is not a proven node of your network ({why}); its answer is refused"
+
+
 def path_part(value: str) -> str:
     """One path segment: keys and names may hold '/', '?', '#' or spaces."""
     return quote(value, safe="")
@@ -69,11 +101,23 @@ def describe_refusal(url: str, response: httpx.Response) -> str:
 
 
 class NodeClient:
-    def __init__(self, base_url: str, secret: str | None, timeout: float | None = None, auth: httpx.Auth | None = None):
-        """`auth` signs instead of the secret (the owner key: skill.localconfig.Credentials picks it)."""
+    """Every answer must carry the node's proof (check_proof), from one node id throughout: `node_id` (pinned
+    with --node, or proven by discovery) fixes it, else the first proven answer does. Nothing is sent to a
+    node that has not proven itself: unless `proven`, a signed ping (holding nothing secret) goes first.
+    Off loopback, bodies go sealed to the proven node id."""
+
+    def __init__(self, base_url: str, secret: str | None, timeout: float | None = None, *,
+                 auth: httpx.Auth | None = None, node_id: str | None = None, proven: bool = False,
+                 seal: bool | None = None):
+        """`auth` signs instead of the secret (the owner key: skill.localconfig.Credentials picks it); the
+        node proves itself with whichever key signed."""
         self.base_url = normalize_url(base_url)
         self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self.auth = auth or HmacAuth(secret or "")
+        self.secret = getattr(self.auth, "secret", secret or "")  # the key the answer's proof is made with
+        self.node_id = node_id
+        self.proven = proven
+        self.seal = should_seal(self.base_url) if seal is None else seal
         self._http = httpx.Client(base_url=self.base_url, auth=self.auth, timeout=self.timeout,
                                   headers={"User-Agent": "pinkybrain-skill"})
 
@@ -89,15 +133,58 @@ class NodeClient:
     def request(self, method: str, path: str, *, params: dict | None = None, json_body: Any = None,
                 timeout: float | None = None, raw: bool = False) -> Any:
         """Send a signed request; return the parsed JSON (or the text when raw), else raise SkillError."""
-        kwargs: dict = {"params": {k: v for k, v in (params or {}).items() if v is not None}}
-        if json_body is not None:
-            # Serialised here, so the bytes signed are the bytes sent.
-            kwargs["content"] = json.dumps(json_body).encode()
-            kwargs["headers"] = {"Content-Type": "application/json"}
-        if timeout is not None:
-            kwargs["timeout"] = timeout
+        content = json.dumps(json_body).encode() if json_body is not None else None
+        with self._errors(method, path, timeout):
+            response, seal = self._send(method, path, params, content, timeout, stream=False)
+            opened = b"".join(_pieces(response, seal)) if SEALED_HEADER in response.headers else None
+        return self._answer(method, path, response, raw, opened)
+
+    @contextmanager
+    def stream_lines(self, method: str, path: str, content: bytes, timeout: float | None = None
+                     ) -> Iterator[Iterator[str]]:
+        """A signed, proven (and off loopback sealed) request whose answer is read line by line as it comes;
+        an error answer raises SkillError before any line. Transport errors while reading are httpx's."""
+        with self._errors(method, path, timeout):
+            response, seal = self._send(method, path, None, content, timeout, stream=True)
         try:
-            response = self._http.request(method, path, **kwargs)
+            if response.status_code >= 400:
+                with self._errors(method, path, timeout):
+                    opened = b"".join(_pieces(response, seal))
+                self._answer(method, path, response, False, opened)
+            yield self._lines(response, seal)
+        finally:
+            response.close()
+
+    def _send(self, method: str, path: str, params: dict | None, content: bytes | None, timeout: float | None,
+              stream: bool) -> tuple[httpx.Response, RequestSeal | None]:
+        """Send one request (sealed off loopback) and check the proof on its answer."""
+        query = str(httpx.QueryParams({k: v for k, v in (params or {}).items() if v is not None}))
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        seal = None
+        if not self.proven and path != "/api/ping":
+            self._prove_node(timeout)
+        if self.seal:
+            seal = RequestSeal(self._prove_node(timeout))
+            # The query travels inside the seal; the signature covers the sealed bytes.
+            content, query = seal.seal(query, content or b""), ""
+            headers[SEAL_HEADER] = seal.header
+        request = self._http.build_request(method, path + (f"?{query}" if query else ""), content=content,
+                                           headers=headers, timeout=self.timeout if timeout is None else timeout)
+        response = self._http.send(request, stream=stream)
+        try:
+            self._prove(response, seal)
+        except BaseException:
+            response.close()
+            raise
+        return response, seal
+
+    @contextmanager
+    def _errors(self, method: str, path: str, timeout: float | None):
+        """Transport failures and a missing or wrong proof become one-line SkillErrors."""
+        try:
+            yield
+        except ProofError as exc:
+            raise SkillError(unproven(self.base_url, str(exc))) from None
         except httpx.ConnectError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else str(exc) or "cannot connect"
             raise SkillError(f"cannot reach the node at {self.base_url}: {reason}") from None
@@ -107,9 +194,50 @@ class NodeClient:
                              f"(raise it with --timeout)") from None
         except httpx.HTTPError as exc:
             raise SkillError(f"request to {self.base_url}{path} failed: {exc or type(exc).__name__}") from None
-        return self._answer(method, path, response, raw)
 
-    def _answer(self, method: str, path: str, response: httpx.Response, raw: bool) -> Any:
+    def _lines(self, response: httpx.Response, seal: RequestSeal | None) -> Iterator[str]:
+        """Text lines of a streamed answer (server-sent events), each as soon as it is complete."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        try:
+            for piece in _pieces(response, seal):
+                pending += decoder.decode(piece)
+                *complete, pending = pending.split("\n")
+                for line in complete:
+                    yield line.removesuffix("\r")
+        except ProofError as exc:
+            raise SkillError(unproven(self.base_url, str(exc))) from None
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            yield pending.removesuffix("\r")
+
+    def _prove_node(self, timeout: float | None) -> str:
+        """The proven node id (to seal to): from discovery, or proven now by a signed ping (not sealed: it
+        carries nothing and its answer holds nothing secret)."""
+        if not self.proven:
+            request = self._http.build_request("GET", "/api/ping", timeout=self.timeout if timeout is None else timeout)
+            response = self._http.send(request)
+            if response.status_code in AUTH_REFUSALS:
+                self._answer("GET", "/api/ping", response, False)  # raises its one line
+            self._prove(response, None)
+        return self.node_id
+
+    def _prove(self, response: httpx.Response, seal: RequestSeal | None) -> None:
+        if response.status_code in AUTH_REFUSALS:
+            # The auth layer's refusal comes before the proof is made: reported by _answer as a refusal,
+            # and nothing in it is trusted (the node stays unproven).
+            return
+        nonce = response.request.headers.get("X-PinkyBrain-Nonce", "")
+        self.node_id = check_proof(self.secret, nonce, response.headers, self.node_id)
+        self.proven = True
+        if seal is not None and response.status_code < 400 and SEALED_HEADER not in response.headers:
+            raise ProofError("it answered a sealed request in clear text")
+
+    def _answer(self, method: str, path: str, response: httpx.Response, raw: bool, content: bytes | None = None
+                ) -> Any:
+        if content is not None and SEALED_HEADER in response.headers:  # opened from sealed frames
+            response = httpx.Response(response.status_code, headers=response.headers, content=content,
+                                      request=response.request)
         if response.status_code == 401:
             body = _json_or_none(response)
             if getattr(self.auth, "credential", "mesh") == "owner" and isinstance(body, dict) \
@@ -143,3 +271,17 @@ class NodeClient:
 
     def delete(self, path: str, **kw) -> Any:
         return self.request("DELETE", path, **kw)
+
+
+def _pieces(response: httpx.Response, seal: RequestSeal | None) -> Iterator[bytes]:
+    """The answer's body as it comes: opened frame by frame when the node sealed it."""
+    if seal is None or SEALED_HEADER not in response.headers:
+        yield from response.iter_bytes()
+        return
+    try:
+        chunks = [response.content]  # already read (not streamed)
+    except httpx.ResponseNotRead:
+        chunks = response.iter_raw()
+    for chunk in chunks:
+        yield from seal.open_frames(chunk)
+    seal.check_complete()

@@ -11,7 +11,10 @@
   5. mDNS: browse `_pinkybrain._tcp.local.` for a bounded time, resolve, probe (step "mdns")
 
 A probe is a signed GET /api/ping with a short timeout. A node that answers 401 was found but does not
-share our secret: it is remembered for the error message and discovery goes on. Nothing is cached.
+share our secret: it is remembered for the error message and discovery goes on. A responder whose answer
+lacks a valid node proof (skill.signing.check_proof: it does not hold our secret, whatever it answers) is
+skipped, and so is any node other than the pinned one (--node / PINKYBRAIN_NODE); --verbose says so on
+stderr. Nothing is cached.
 
 Advanced knobs (mostly for tests and unusual setups):
   PINKYBRAIN_DISCOVERY_PORTS="p1,p2"   ports for steps 2-4 instead of 8080,8081
@@ -26,6 +29,7 @@ import os
 import queue
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +38,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from pinkybrain.skill.client import SkillError, describe_refusal, normalize_url
+from pinkybrain.skill.client import SkillError, describe_refusal, normalize_url, unproven
 from pinkybrain.skill.localconfig import LocalConfig
-from pinkybrain.skill.signing import HmacAuth
+from pinkybrain.skill.signing import HmacAuth, ProofError, check_proof
 
 SERVICE_TYPE = "_pinkybrain._tcp.local."
 DEFAULT_PORTS = (8080, 8081)
@@ -51,6 +55,7 @@ DEFAULT_MDNS_TIMEOUT = 2.5
 class Probe:
     url: str
     # "ok" | "refused" (401) | "error" (a node's error answer) | "unreachable" | "foreign" (not a node)
+    # | "unproven" (answers, but without a valid proof) | "other" (a proven node, not the pinned one)
     outcome: str
     info: dict = field(default_factory=dict)
     detail: str = ""
@@ -61,9 +66,10 @@ class Discovered:
     url: str
     via: str  # "url-flag", "env", "localhost:<port>", "<host>:<port>", "tailscale", "mdns"
     info: dict  # the node's /api/ping answer (empty for --url, which is not probed)
+    node_id: str | None = None  # proven by the ping's answer
 
 
-def probe(url: str, secret: str, timeout: float) -> Probe:
+def probe(url: str, secret: str, timeout: float, pinned: str | None = None) -> Probe:
     try:
         with httpx.Client(auth=HmacAuth(secret), timeout=timeout) as http:
             response = http.get(f"{url}/api/ping")
@@ -77,11 +83,18 @@ def probe(url: str, secret: str, timeout: float) -> Probe:
     if response.status_code == 401:
         return Probe(url, "refused", detail=describe_refusal(url, response))
     try:
+        node_id = check_proof(secret, response.request.headers["X-PinkyBrain-Nonce"], response.headers)
+    except ProofError as exc:
+        return Probe(url, "unproven", detail=unproven(url, str(exc)))
+    if pinned is not None and node_id != pinned:
+        return Probe(url, "other", info={"node_id": node_id},
+                     detail=f"found node {node_id} at {url}, not the pinned node {pinned}")
+    try:
         body = response.json()
     except ValueError:
         body = None
     if response.status_code == 200 and isinstance(body, dict) and body.get("pong") is True:
-        return Probe(url, "ok", info=body)
+        return Probe(url, "ok", info={**body, "node_id": node_id})
     if isinstance(body, dict) and isinstance(body.get("detail"), str) and body.get("error"):
         # A node's error shape (e.g. 503 busy): it is a node, but it would not answer now.
         return Probe(url, "error", detail=f"found a node at {url}, but it answered: {body['detail']}")
@@ -192,11 +205,14 @@ def mdns_candidates(timeout: float) -> Generator[list[str], None, None]:
 
 
 class _Search:
-    def __init__(self, secret: str):
+    def __init__(self, secret: str, pinned: str | None, verbose: bool):
         self.secret = secret
+        self.pinned = pinned
+        self.verbose = verbose
         self.tried: list[str] = []
         self.refused: list[Probe] = []
         self.errored: list[Probe] = []
+        self.skipped: list[Probe] = []  # unproven responders and other nodes than the pinned one
         self.seen: set[str] = set()
 
     def one(self, url: str, via: str, timeout: float, label: str | None = None) -> Discovered | None:
@@ -209,13 +225,17 @@ class _Search:
         if not urls:
             return None
         if len(urls) == 1:
-            results = [probe(urls[0], self.secret, timeout)]
+            results = [probe(urls[0], self.secret, timeout, self.pinned)]
         else:
             with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-                results = list(pool.map(lambda u: probe(u, self.secret, timeout), urls))
+                results = list(pool.map(lambda u: probe(u, self.secret, timeout, self.pinned), urls))
         for result in results:
             if result.outcome == "ok":
-                return Discovered(result.url, via, result.info)
+                return Discovered(result.url, via, result.info, result.info["node_id"])
+            if result.outcome in ("unproven", "other"):
+                self.skipped.append(result)
+                if self.verbose:
+                    print(f"pinkybrain: skipped {result.url} ({via}): {result.detail}", file=sys.stderr)
         self.refused += [r for r in results if r.outcome == "refused"]
         self.errored += [r for r in results if r.outcome == "error"]
         if label is not None:
@@ -230,13 +250,20 @@ class _Search:
             return SkillError(f"found nodes at {urls}, but the secret does not match (P2P_SECRET)")
         if self.errored:
             return SkillError(self.errored[0].detail)
+        others = [p for p in self.skipped if p.outcome == "other"]
+        if others:
+            return SkillError(others[0].detail + (f" (and {len(others) - 1} other node(s))" if len(others) > 1 else "")
+                              + "; unpin with --node / PINKYBRAIN_NODE")
+        if self.skipped:
+            return SkillError(self.skipped[0].detail + " (skipped; no node of your network found)")
         return SkillError("no PinkyBrain node found; tried: " + "; ".join(self.tried)
                           + ". Start one with `pinkybrain serve`, or set PINKYBRAIN_URL or pass --url")
 
 
-def discover(local: LocalConfig, secret: str) -> Discovered:
-    """Run the steps in order; return the first node that accepts, else raise SkillError (see module doc)."""
-    search = _Search(secret)
+def discover(local: LocalConfig, secret: str, pinned: str | None = None, verbose: bool = False) -> Discovered:
+    """Run the steps in order; return the first node that accepts and proves itself (and is the pinned
+    one, if any), else raise SkillError (see module doc)."""
+    search = _Search(secret, pinned, verbose)
     ports = discovery_ports()
 
     env_url = os.environ.get("PINKYBRAIN_URL", "").strip()

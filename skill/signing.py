@@ -3,6 +3,8 @@
   HmacAuth(owner_key, credential="owner") the node's owner: HMAC-SHA256 with its owner key, named in
                                           X-PinkyBrain-Credential (the key itself never leaves this machine)
   PeerAuth(seed)                          a public peer: Ed25519 by its identity (PB1-ED25519)
+Also: check the node's proof on its answer, and seal a request and open its answer (the construction
+is described in the node's node/core/skill_link.py).
 
 The canonical string is the node's API contract; the node verifies it independently (the skill never
 imports node code), and tests/test_signing_compat.py keeps both sides in step.
@@ -10,12 +12,17 @@ imports node code), and tests/test_signing_compat.py keeps both sides in step.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
+import struct
 import time
 
 import httpx
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.public import Box, PrivateKey
+from nacl.signing import VerifyKey
 
 SCHEME = "PB1-HMAC-SHA256"
 ED25519_SCHEME = "PB1-ED25519"
@@ -82,3 +89,115 @@ class PeerAuth(httpx.Auth):
             "X-PinkyBrain-Nonce": nonce, CREDENTIAL_HEADER: "peer", "X-PinkyBrain-Peer": self.node_id,
         })
         yield request
+# -- the node's answer: proof and sealing (the node's side: node/core/skill_link.py) -------------------
+
+NODE_HEADER = "x-pinkybrain-node"
+PROOF_HEADER = "x-pinkybrain-proof"
+NODE_SIG_HEADER = "x-pinkybrain-node-sig"
+SEAL_HEADER = "x-pinkybrain-seal"
+SEALED_HEADER = "x-pinkybrain-sealed"
+PROOF_DOMAIN = b"pinkybrain/response-proof/v1\x00"
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_LEN = struct.Struct(">I")
+MAX_FRAME = 16 * 1024 * 1024
+
+
+class ProofError(Exception):
+    """An answer that does not prove it comes from a node of our network (or from the pinned node)."""
+
+
+class NodeIdError(ValueError):
+    pass
+
+
+def _luhn32(chunk: str) -> str:
+    factor, total, n = 1, 0, len(_ALPHABET)
+    for ch in reversed(chunk):
+        addend = factor * _ALPHABET.index(ch)
+        factor = 1 if factor == 2 else 2
+        total += addend // n + addend % n
+    return _ALPHABET[(n - total % n) % n]
+
+
+def node_public_key(node_id: str) -> bytes:
+    """The Ed25519 key a node id carries (Syncthing's layout: 4 x 13 base32 characters, each + a Luhn check)."""
+    text = node_id.strip().upper().replace("-", "").replace(" ", "")
+    if len(text) != 56 or any(ch not in _ALPHABET for ch in text):
+        raise NodeIdError(f"not a node id: {node_id!r} (expected 56 base32 characters in 8 groups of 7)")
+    chunks = [text[i * 14 : i * 14 + 13] for i in range(4)]
+    if any(_luhn32(chunk) != text[i * 14 + 13] for i, chunk in enumerate(chunks)):
+        raise NodeIdError(f"node id {node_id!r} fails its checksum: typo?")
+    return base64.b32decode("".join(chunks) + "====")
+
+
+def canonical_node_id(node_id: str) -> str:
+    """The node id as nodes print it (eight dash-separated groups of seven), or NodeIdError."""
+    text = node_id.strip().upper().replace("-", "").replace(" ", "")
+    node_public_key(text)
+    return "-".join(text[i : i + 7] for i in range(0, 56, 7))
+
+
+def check_proof(secret: str, nonce: str, headers, expected_node: str | None = None) -> str:
+    """The node id that proved itself on an answer to our request `nonce`, or ProofError saying why not.
+
+    The HMAC proves the responder holds our secret; the Ed25519 signature that it holds the node id's key
+    (which `expected_node`, when given, must be)."""
+    node_id, proof, sig = headers.get(NODE_HEADER), headers.get(PROOF_HEADER), headers.get(NODE_SIG_HEADER)
+    if not (node_id and proof and sig):
+        raise ProofError("its answer carries no node proof")
+    message = PROOF_DOMAIN + nonce.encode() + b"\n" + node_id.encode()
+    expected_proof = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected_proof.encode(), proof.strip().lower().encode()):
+        raise ProofError("its node proof does not match our secret")
+    try:
+        VerifyKey(node_public_key(node_id)).verify(message, base64.b64decode(sig, validate=True))
+    except (NodeIdError, BadSignatureError, CryptoError, ValueError):
+        raise ProofError(f"its signature does not verify against the node id it names ({node_id[:15]!r})") from None
+    if expected_node is not None and node_id != expected_node:
+        raise ProofError(f"it is node {node_id}, not {expected_node}")
+    return node_id
+
+
+class RequestSeal:
+    """One request's keys: a fresh X25519 key pair and the node's X25519 key (from its node id)."""
+
+    def __init__(self, node_id: str):
+        ephemeral = PrivateKey.generate()
+        node_key = VerifyKey(node_public_key(node_id)).to_curve25519_public_key()
+        self._box = Box(ephemeral, node_key)
+        self.header = base64.b64encode(bytes(ephemeral.public_key)).decode()
+        self._counter = 0
+        self._buffer = b""
+        self.finished = False
+
+    def seal(self, query: str, body: bytes) -> bytes:
+        raw = query.encode()
+        return self._box.encrypt(_LEN.pack(len(raw)) + raw + body, bytes(Box.NONCE_SIZE)).ciphertext
+
+    def open_frames(self, data: bytes) -> list[bytes]:
+        """Feed received bytes; return the data of every frame now complete (ProofError if one is forged)."""
+        self._buffer += data
+        out = []
+        while len(self._buffer) >= _LEN.size:
+            size = _LEN.unpack_from(self._buffer)[0]
+            if size > MAX_FRAME:
+                raise ProofError("its sealed answer has an oversized frame")
+            if len(self._buffer) < _LEN.size + size:
+                break
+            sealed = self._buffer[_LEN.size : _LEN.size + size]
+            self._buffer = self._buffer[_LEN.size + size :]
+            if self.finished:
+                raise ProofError("its sealed answer goes on after its last frame")
+            nonce = b"\x01" + self._counter.to_bytes(Box.NONCE_SIZE - 1, "big")
+            try:
+                plain = self._box.decrypt(sealed, nonce)
+            except CryptoError:
+                raise ProofError("a frame of its sealed answer does not open (altered, dropped or replayed)") from None
+            self._counter += 1
+            self.finished = plain[:1] == b"\x01"
+            out.append(plain[1:])
+        return out
+
+    def check_complete(self) -> None:
+        if not self.finished or self._buffer:
+            raise ProofError("its sealed answer was cut short")

@@ -160,3 +160,29 @@ def test_openapi_description_is_published_and_committed(node):
     assert "/api/status" in live["paths"]
     committed = json.loads((Path(__file__).parents[1] / "docs" / "openapi.json").read_text())
     assert committed == describe_api() == live, "docs/openapi.json is stale: run `pinkybrain openapi > docs/openapi.json`"
+
+
+def test_every_signed_answer_carries_the_node_proof_and_bad_seals_are_refused(node):
+    """Success and error answers alike prove the node (checked the skill's way); auth's refusals and bearer-key
+    answers carry no proof (their clients have no credential to check one with)."""
+    from pinkybrain.node.core.auth import openai_api_key
+    from pinkybrain.skill.signing import RequestSeal, check_proof
+
+    node_id = node.get("/api/ping").json()["node_id"]
+    with node.client() as signed:
+        for method, path in [("GET", "/api/status"), ("GET", "/api/memory/no-such-key"), ("POST", "/api/memory/set")]:
+            answer = signed.request(method, path, json={"bad": 1} if method == "POST" else None)
+            nonce = answer.request.headers["x-pinkybrain-nonce"]
+            assert check_proof(node.secret, nonce, answer.headers, expected_node=node_id) == node_id, path
+        assert signed.get("/api/memory/no-such-key").status_code == 404
+
+        # A seal header that is not a key, or a body sealed to another node: 400, still with the proof.
+        for header, body in [("not base64!", b"x" * 64),
+                             (RequestSeal(Identity.generate().node_id).header, b"y" * 64)]:
+            answer = signed.post("/api/memory/set", content=body, headers={"x-pinkybrain-seal": header})
+            assert answer.status_code == 400 and answer.json()["error"] == "bad_seal", answer.text
+            check_proof(node.secret, answer.request.headers["x-pinkybrain-nonce"], answer.headers, node_id)
+    with httpx.Client(base_url=node.url, timeout=30) as raw:
+        assert "x-pinkybrain-proof" not in raw.get("/api/status").headers  # 401: no proof
+        bearer = raw.get("/v1/models", headers={"authorization": f"Bearer {openai_api_key(node.secret)}"})
+        assert bearer.status_code == 200 and "x-pinkybrain-proof" not in bearer.headers

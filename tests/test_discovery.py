@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,119 @@ def test_url_flag_skips_discovery(nodes, tmp_path):
     answer = ping(tmp_path, env, "--url", other.url.removeprefix("http://"))
     assert answer["discovered_via"] == "url-flag"
     assert answer["node_id"] == node_id(other)
+
+
+class FakeResponder:
+    """What an mDNS or Tailscale responder that is not a node of ours can do: answer `{"pong": true}` to
+    any ping and 200 to anything else, without holding the secret. It records every request it gets."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, bytes]] = []
+        seen = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("content-length") or 0)
+                seen.append((self.command, self.path, self.rfile.read(length) if length else b""))
+                body = json.dumps({"pong": True, "node_id": "FAKE", "key": "k", "value": "v", "stored": True})
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                # Headers shaped like a node's proof, made without the secret: they must not pass.
+                self.send_header("x-pinkybrain-node", "FAKE")
+                self.send_header("x-pinkybrain-proof", "00" * 32)
+                self.send_header("x-pinkybrain-node-sig", "AAAA")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    responder = FakeResponder()
+    yield responder
+    responder.close()
+
+
+def test_discovery_skips_a_responder_that_cannot_prove_itself(nodes, fake, tmp_path):
+    """The fake answers ping on the first port probed; discovery goes past it to the real node."""
+    second = nodes["second"]
+    env = cli_env(tmp_path, secret=second.secret, ports=[fake.port, second.port])
+    answer = ping(tmp_path, env)
+    assert answer["discovered_via"] == f"localhost:{second.port}"
+    assert answer["node_id"] == node_id(second)
+    assert [r[:2] for r in fake.requests] == [("GET", "/api/ping")]  # probed, then nothing more
+
+    verbose = run_cli("ping", "--verbose", env=env, cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stderr
+    assert verbose.stderr.strip() == (
+        f"pinkybrain: skipped http://localhost:{fake.port} (localhost:{fake.port}): the responder at "
+        f"http://localhost:{fake.port} is not a proven node of your network (its node proof does not match "
+        f"our secret); its answer is refused")
+
+    # Alone, the fake is not taken for a node either.
+    alone = run_cli("status", env=cli_env(tmp_path, secret=second.secret, ports=[fake.port]), cwd=tmp_path)
+    assert alone.returncode == 1
+    assert alone.stderr.startswith(f"pinkybrain: the responder at http://localhost:{fake.port} is not a proven node")
+    assert alone.stderr.count("\n") == 1
+
+
+def test_url_to_a_fake_responder_is_refused_before_anything_is_sent(nodes, fake, tmp_path):
+    first = nodes["first"]
+    env = cli_env(tmp_path, secret=first.secret, ports=[first.port])
+    for args in (["ping"], ["status", "--json"], ["memory", "set", "note", "the-memory-value-for-nobody"],
+                 ["query", "a prompt for nobody"]):
+        result = run_cli(*args, "--url", fake.url, env=env, cwd=tmp_path)
+        assert result.returncode == 1, (args, result.stdout)
+        assert result.stderr == (f"pinkybrain: the responder at {fake.url} is not a proven node of your network "
+                                 f"(its node proof does not match our secret); its answer is refused\n")
+        assert result.stdout == ""
+    # Only pings reached it: no memory value, no prompt.
+    assert {r[:2] for r in fake.requests} == {("GET", "/api/ping")}
+    assert b"nobody" not in b"".join(r[2] for r in fake.requests)
+
+
+def test_pinned_node_id_refuses_any_other_node(nodes, tmp_path):
+    first, second = nodes["first"], nodes["second"]
+    first_id, second_id = node_id(first), node_id(second)
+    env = cli_env(tmp_path, secret=first.secret, ports=[first.port], PINKYBRAIN_NODE=second_id)
+    result = run_cli("status", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"pinkybrain: found node {first_id} at http://localhost:{first.port}, not the pinned "
+                             f"node {second_id}; unpin with --node / PINKYBRAIN_NODE\n")
+
+    # Discovery goes past the first node to the pinned one (and says so with --verbose).
+    env["PINKYBRAIN_DISCOVERY_PORTS"] = f"{first.port},{second.port}"
+    answer = ping(tmp_path, env)
+    assert answer["node_id"] == second_id and answer["discovered_via"] == f"localhost:{second.port}"
+    verbose = run_cli("ping", "--verbose", env=env, cwd=tmp_path)
+    assert f"skipped http://localhost:{first.port}" in verbose.stderr and "not the pinned node" in verbose.stderr
+
+    # --node beats the variable; ids are accepted in any case and without dashes.
+    answer = ping(tmp_path, env, "--node", first_id.replace("-", "").lower())
+    assert answer["node_id"] == first_id
+
+    # --url to a real node that is not the pinned one: refused, nothing else sent.
+    result = run_cli("memory", "set", "k", "v", "--url", first.url, env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"pinkybrain: the responder at {first.url} is not a proven node of your network "
+                             f"(it is node {first_id}, not {second_id}); its answer is refused\n")
+    with first.client() as c:
+        assert c.get("/api/memory/k").status_code == 404
+
+    bad = run_cli("status", "--node", "not-a-node-id", env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("pinkybrain: --node: not a node id")

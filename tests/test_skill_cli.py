@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -219,3 +220,30 @@ def test_api_keys_are_issued_by_the_owner_and_shown_once(cli, node):
     err = cli("keys", "list", ok=False, extra_env=as_member).stderr
     assert "owner" in err and "mesh member" in err
     assert "only the owner" in cli("openai-key", ok=False, extra_env=as_member).stderr
+def test_sealed_requests_work_end_to_end(cli, node, monkeypatch):
+    """PINKYBRAIN_SEAL=always seals on loopback as off it: memory, a search text in the query string, error
+    answers and a streamed query all travel sealed and come back opened."""
+    from pinkybrain.skill.client import NodeClient
+
+    monkeypatch.setenv("PINKYBRAIN_SEAL", "always")
+    cli("memory", "set", "sealed/k", "a sealed välue")
+    assert cli("memory", "get", "sealed/k").stdout == "a sealed välue\n"
+    assert "sealed/k" in json.loads(cli("memory", "list", "--prefix", "sealed/", "--json").stdout)["keys"]
+    assert json.loads(cli("conversations", "search", "sealed search text", "--json").stdout)["query"] == \
+        "sealed search text"
+    assert "no memory key" in cli("memory", "get", "sealed/missing", ok=False).stderr
+    assert "unknown mode" in cli("query", "hello", "--mode", "bogus", "--stream", ok=False).stderr
+    cli("query", "hello", "--stream", ok=False)  # tiny.gguf is not a real model: one line, no traceback
+
+    # On the wire: the body and the query string are sealed, and so is the answer.
+    wire: list[httpx.Request] = []
+    answers: list[httpx.Response] = []
+    with NodeClient(node.url, node.secret) as client:
+        client._http.event_hooks["request"].append(wire.append)
+        client._http.event_hooks["response"].append(answers.append)
+        assert client.get("/api/memory/sealed%2Fk")["value"] == "a sealed välue"
+        client.post("/api/conversations/search", params={"q": "sealed search text"})
+    assert [r.url.path for r in wire] == ["/api/ping", "/api/memory/sealed/k", "/api/conversations/search"]
+    assert all(r.url.query == b"" and "x-pinkybrain-seal" in r.headers for r in wire[1:])
+    assert b"sealed search text" not in wire[2].content
+    assert [a.headers.get("x-pinkybrain-sealed") for a in answers] == [None, "1", "1"]

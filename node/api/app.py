@@ -21,9 +21,11 @@ from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware, pri
 from pinkybrain.node.api.errors import COMMON_ERRORS, api_error, errors
 from pinkybrain.node.api.keys import router as keys_router
 from pinkybrain.node.api.query import router as query_router
+from pinkybrain.node.api.sealing import SkillLinkMiddleware
 from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
 from pinkybrain.node.core.principals import Principal, visible_privacy
+from pinkybrain.node.core.skill_link import SkillLink
 from pinkybrain.node.dashboard.events import recent_events
 from pinkybrain.node.dashboard.routes import api_router as dashboard_api_router
 from pinkybrain.node.dashboard.routes import router as dashboard_router
@@ -403,6 +405,8 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
     from pinkybrain.node.api.p2p import router as p2p_router
 
     app.include_router(p2p_router)  # peer links (WebSocket /p2p): not part of the signed HTTP API
+    # Added first, so it runs inside auth and reads what auth established (scope["pinkybrain.auth"]).
+    app.add_middleware(SkillLinkMiddleware, link=SkillLink(runtime.identity))
     app.add_middleware(SignedRequestMiddleware, authenticator_factory=authenticator_for(runtime))
     return app
 

@@ -62,6 +62,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("p2p.remote_timeout_secs", "float", 300.0,
         "bound on a query run on peers, failovers included (ours)", minimum=1),
     Key("mesh.public", "bool", False, "join the public mesh at start"),
+    # ours: HTTPS for OpenAI-compatible (/v1) clients, which cannot seal
+    Key("api.tls", "bool", False, "also serve the API over HTTPS on api.tls_port, with a certificate whose key "
+        "is the node's Ed25519 identity ($PINKYBRAIN_HOME/tls/cert.pem) (ours)"),
+    Key("api.tls_port", "int", 8443, "HTTPS port when api.tls is on (ours)", minimum=1, maximum=65535),
+    Key("api.tls_names", "list", [], "extra host names and IP addresses the certificate names (ours)"),
     # ours: CRDT memory
     Key("memory.max_key_bytes", "int", 256, "largest memory key, UTF-8 bytes (ours)", minimum=1, maximum=4096),
     Key("memory.max_value_bytes", "int", 65536, "largest memory value as JSON, bytes (ours)", minimum=1,

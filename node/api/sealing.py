@@ -1,0 +1,97 @@
+"""ASGI middleware inside the auth middleware: every answer to a signed request carries the node's proof
+(node/core/skill_link.py), and a sealed request is opened here and its answer sealed frame by frame.
+
+It reads what auth established (scope["pinkybrain.auth"]); a request without a nonce (a /v1 bearer
+key) gets neither proof nor sealing, since its client has no credential to check a proof with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pinkybrain.node.core.principals import AUTH_SCOPE_KEY
+from pinkybrain.node.core.skill_link import SEAL_HEADER, SEALED_HEADER, SealFault, SkillLink
+
+log = logging.getLogger("pinkybrain.sealing")
+_SEAL = SEAL_HEADER.encode()
+
+
+class SkillLinkMiddleware:
+    def __init__(self, app, link: SkillLink):
+        self.app = app
+        self.link = link
+
+    async def __call__(self, scope, receive, send):
+        auth = scope.get(AUTH_SCOPE_KEY) if scope["type"] == "http" else None
+        if auth is None or not auth.nonce:
+            await self.app(scope, receive, send)
+            return
+        proof = self.link.proof_headers(auth.credential, auth.nonce)
+        seal_header = next((v for k, v in scope["headers"] if k == _SEAL), None)
+        if seal_header is None:
+            await self.app(scope, receive, _with_headers(send, proof))
+            return
+        body = await _read_body(receive)
+        if body is None:
+            return
+        try:
+            sealer, query, body = self.link.open_request(seal_header.decode("latin-1"), body)
+        except SealFault as exc:
+            log.warning("refused a sealed %s %s: %s", scope["method"], scope["path"], exc)
+            payload = json.dumps({"error": "bad_seal", "detail": str(exc)}).encode()
+            await _with_headers(send, proof)({"type": "http.response.start", "status": 400, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        scope = {**scope, "query_string": query}
+        await self.app(scope, _replay(body, receive), _sealing(send, proof, sealer))
+
+
+def _with_headers(send, extra: list[tuple[bytes, bytes]]):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
+
+
+def _sealing(send, extra: list[tuple[bytes, bytes]], sealer):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            # The sealed length differs from the plain one: the answer goes chunked.
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-length"]
+            message = {**message, "headers": [*headers, *extra, (SEALED_HEADER.encode(), b"1")]}
+        elif message["type"] == "http.response.body":
+            more = message.get("more_body", False)
+            data = message.get("body", b"")
+            if data or not more:
+                message = {**message, "body": sealer.frame(data, last=not more)}
+        await send(message)
+
+    return wrapped
+
+
+async def _read_body(receive) -> bytes | None:
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    replayed = False
+
+    async def replay_receive():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay_receive

@@ -1,0 +1,110 @@
+"""What the node proves to the skill on every answer, and how a request and its answer are sealed
+between them. Pure logic, no I/O; the ASGI side is node/api/sealing.py, the skill's own implementation
+is skill/signing.py (it never imports node code), and tests/test_signing_compat.py keeps both in step.
+
+Proof, on every answer to a signed request:
+
+    x-pinkybrain-node       the node id
+    x-pinkybrain-proof      hex HMAC-SHA256(credential, message)
+    x-pinkybrain-node-sig   base64 Ed25519 signature of the node identity over message
+    message = PROOF_DOMAIN | request nonce | "\\n" | node id
+
+The HMAC shows the responder holds the credential that verified the request (a stranger answering ping
+cannot make it); the signature shows it holds the key of the node id it names (a mesh member cannot pass
+for a pinned node). Both are bound to the request's single-use nonce, so no old answer's proof fits.
+
+Sealing, when the request carries `x-pinkybrain-seal: base64(X25519 public key)`, a key pair the skill
+makes for that one request:
+
+    keys     NaCl Box(node's X25519 key, derived from its Ed25519 identity; the request's key)
+    request  body on the wire = Box(nonce 0x00 * 24) of u32 query length | raw query | body
+             (the wire request has no query string: a search text travels sealed too)
+    answer   body on the wire = frames, one per ASGI body message (each SSE event its own frame):
+             u32 length | Box(nonce 0x01 | 23-byte counter) of flag | data, flag 1 on the last frame
+
+The request's HMAC signature covers the sealed bytes (encrypt-then-MAC, checked before anything is
+opened). Counter nonces, unique because the key pair is fresh per request, make a dropped, replayed or
+reordered frame fail to open; the last-frame flag makes a cut-short answer visible.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PublicKey
+
+from pinkybrain.node.core.identity import Identity
+
+NODE_HEADER = "x-pinkybrain-node"
+PROOF_HEADER = "x-pinkybrain-proof"
+NODE_SIG_HEADER = "x-pinkybrain-node-sig"
+SEAL_HEADER = "x-pinkybrain-seal"
+SEALED_HEADER = "x-pinkybrain-sealed"  # on an answer whose body is sealed frames
+PROOF_DOMAIN = b"pinkybrain/response-proof/v1\x00"
+REQUEST_NONCE = bytes(Box.NONCE_SIZE)
+_LEN = struct.Struct(">I")
+MAX_FRAME = 16 * 1024 * 1024
+
+
+class SealFault(ValueError):
+    """A sealed request that cannot be opened; the message says why."""
+
+
+def proof_message(nonce: str, node_id: str) -> bytes:
+    return PROOF_DOMAIN + nonce.encode() + b"\n" + node_id.encode()
+
+
+def frame_nonce(counter: int) -> bytes:
+    return b"\x01" + counter.to_bytes(Box.NONCE_SIZE - 1, "big")
+
+
+class SkillLink:
+    """The node's side for one identity: proof headers for an answer, and the Box for a sealed request."""
+
+    def __init__(self, identity: Identity):
+        self.identity = identity
+        self.node_id = identity.node_id
+        self._node_id_bytes = self.node_id.encode()
+        self._private = identity.signing_key.to_curve25519_private_key()
+
+    def proof_headers(self, credential: bytes, nonce: str) -> list[tuple[bytes, bytes]]:
+        message = proof_message(nonce, self.node_id)
+        return [
+            (NODE_HEADER.encode(), self._node_id_bytes),
+            (PROOF_HEADER.encode(), hmac.new(credential, message, hashlib.sha256).hexdigest().encode()),
+            (NODE_SIG_HEADER.encode(), base64.b64encode(self.identity.sign(message))),
+        ]
+
+    def open_request(self, seal_header: str, sealed: bytes) -> tuple[AnswerSealer, bytes, bytes]:
+        """(the sealer for the answer, the raw query string, the body) of a sealed request."""
+        try:
+            client_key = PublicKey(base64.b64decode(seal_header, validate=True))
+        except (ValueError, TypeError, CryptoError):
+            raise SealFault(f"{SEAL_HEADER} is not a base64 X25519 public key") from None
+        box = Box(self._private, client_key)
+        try:
+            plain = box.decrypt(sealed, REQUEST_NONCE)
+        except (CryptoError, ValueError):
+            raise SealFault("the sealed request does not open (altered, or sealed to another node)") from None
+        if len(plain) < _LEN.size or _LEN.unpack_from(plain)[0] > len(plain) - _LEN.size:
+            raise SealFault("the sealed request is malformed")
+        query_len = _LEN.unpack_from(plain)[0]
+        query = plain[_LEN.size : _LEN.size + query_len]
+        return AnswerSealer(box), query, plain[_LEN.size + query_len :]
+
+
+class AnswerSealer:
+    """Seals one answer's body messages as numbered frames."""
+
+    def __init__(self, box: Box):
+        self._box = box
+        self._counter = 0
+
+    def frame(self, data: bytes, last: bool) -> bytes:
+        sealed = self._box.encrypt((b"\x01" if last else b"\x00") + data, frame_nonce(self._counter)).ciphertext
+        self._counter += 1
+        return _LEN.pack(len(sealed)) + sealed
