@@ -143,7 +143,8 @@ def handled(fn: Callable) -> Callable:
         extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint)
                  for name, default, hint in (("node", None, NodeOpt), ("verbose", False, VerboseOpt))]
         wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
-        wrapper.__annotations__ = {**fn.__annotations__, "node": "NodeOpt", "verbose": "VerboseOpt"}
+        # The objects, not their names: a command defined in another module (skill.dashboard) has no NodeOpt.
+        wrapper.__annotations__ = {**fn.__annotations__, "node": NodeOpt, "verbose": VerboseOpt}
     return wrapper
 
 
