@@ -165,11 +165,11 @@ def test_openapi_description_is_published_and_committed(node):
 def test_every_signed_answer_carries_the_node_proof_and_bad_seals_are_refused(node):
     """Success and error answers alike prove the node (checked the skill's way); auth's refusals and bearer-key
     answers carry no proof (their clients have no credential to check one with)."""
-    from pinkybrain.node.core.auth import openai_api_key
     from pinkybrain.skill.signing import RequestSeal, check_proof
 
     node_id = node.get("/api/ping").json()["node_id"]
-    with node.client() as signed:
+    api_key = node.post("/api/keys", json={"name": "proof-test", "scope": "query"}).json()["api_key"]
+    with node.client(node.secret) as signed:  # a mesh member: the proof is made with the network secret
         for method, path in [("GET", "/api/status"), ("GET", "/api/memory/no-such-key"), ("POST", "/api/memory/set")]:
             answer = signed.request(method, path, json={"bad": 1} if method == "POST" else None)
             nonce = answer.request.headers["x-pinkybrain-nonce"]
@@ -184,5 +184,5 @@ def test_every_signed_answer_carries_the_node_proof_and_bad_seals_are_refused(no
             check_proof(node.secret, answer.request.headers["x-pinkybrain-nonce"], answer.headers, node_id)
     with httpx.Client(base_url=node.url, timeout=30) as raw:
         assert "x-pinkybrain-proof" not in raw.get("/api/status").headers  # 401: no proof
-        bearer = raw.get("/v1/models", headers={"authorization": f"Bearer {openai_api_key(node.secret)}"})
+        bearer = raw.get("/v1/models", headers={"authorization": f"Bearer {api_key}"})
         assert bearer.status_code == 200 and "x-pinkybrain-proof" not in bearer.headers
