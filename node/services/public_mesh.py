@@ -113,6 +113,7 @@ class PublicInference(RemoteInference):
         super().__init__(runtime, mesh)
         # The commitment must outlive the longest query, failovers included, or its receipt would be late.
         self.commitment_ttl = int(self.timeout) + 60
+        self.log_serving = bool(runtime.cfg["logging.public_mesh"])
 
     def _valid(self, node_id: str) -> bool:
         return self.runtime.trust.is_valid(node_id).valid
