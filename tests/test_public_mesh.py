@@ -114,6 +114,36 @@ def test_the_announced_address_is_the_public_url_or_a_concrete_bind_address_and_
     assert advertised_url(cfg(**{"mesh.stealth": True, "p2p.public_url": "http://h:1"}), "127.0.0.1", 1) is None
 
 
+def test_public_memory_shows_only_entries_signed_by_valid_writers(tmp_path):
+    from pinkybrain.node.core.signed_memory import UnsignedEntry, open_entry, sign_entry
+    from pinkybrain.node.services.memory_store import MemoryStore
+    from pinkybrain.node.services.public_memory import SignedPublicMemory
+
+    me, friend, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    valid = {friend.node_id}
+    with MemoryStore.open(tmp_path, "public") as store:
+        memory = SignedPublicMemory(store, me, valid.__contains__, clock=lambda: 1_750_000_000)
+        memory.set("board/mine", {"n": 1})
+        # What peers' updates can bring: a valid writer's entry, a stranger's, an unsigned one, one moved
+        # to another key, and one whose value was changed after signing.
+        store.set("board/friend", sign_entry(friend, "board/friend", "hi", now=1))
+        store.set("board/stranger", sign_entry(stranger, "board/stranger", "spam", now=1))
+        store.set("board/raw", "no signature")
+        store.set("board/moved", sign_entry(friend, "board/elsewhere", "hi", now=1))
+        store.set("board/edited", {**sign_entry(friend, "board/edited", "yes", now=1), "value": "no"})
+        assert memory.get("board/mine") == {"n": 1} and memory.get("board/friend") == "hi"
+        assert memory.writer("board/mine") == me.node_id
+        assert memory.list("board/") == ["board/friend", "board/mine"]
+        for key in ("board/stranger", "board/raw", "board/moved", "board/edited", "board/absent"):
+            with pytest.raises(KeyError):
+                memory.get(key)
+        assert store.get("board/stranger")["writer"] == stranger.node_id  # dropped from reads, not deleted
+        valid.add(stranger.node_id)  # once the stranger is valid here, its entry shows
+        assert memory.get("board/stranger") == "spam"
+        with pytest.raises(UnsignedEntry, match="does not verify"):
+            open_entry("board/moved", store.get("board/moved"))
+
+
 @pytest.fixture(scope="module")
 def pub(tmp_path_factory):
     root = tmp_path_factory.mktemp("public")
@@ -276,7 +306,9 @@ def test_stealth_d_is_in_no_peer_list(pub):
     mallory, loop = pub["mallory"], pub["loop"]
     loop.run(mallory.start())
     loop.run(mallory.connect(f"127.0.0.1:{nodes['a'].port}"))
-    wait_for(lambda: len(mallory.pex) >= 2 and mallory.connected(ids["a"]), 20, "peer exchange from a")
+    # One message: a passes nobody on to mallory's peers (mallory is not valid for them), so b and c
+    # never dial it and send it none of their own.
+    wait_for(lambda: len(mallory.pex) >= 1 and mallory.connected(ids["a"]), 20, "peer exchange from a")
     assert ids["d"] not in ids_of(raw_list(pub))
     assert ids["d"] not in ids_of(loop.run(pub["watcher"].list_peers()))
     for n in "abcp":
@@ -381,6 +413,23 @@ def test_a_peer_that_is_not_valid_gets_only_the_handshake_and_trust_exchange(pub
                         20, "a to pass victor on to trudy")
         assert seen[0]["url"].endswith(f":{victor.listen_port}/p2p/public")
         assert loop.run(trudy.request(a_id, "mesh.echo", "hi", timeout=10)) == "hi"  # valid: served
+        # Trudy, valid, passes on public-memory entries: her own (signed), one mallory signed, one with no
+        # signature. a takes the update from a valid peer, but shows only what a valid writer signed.
+        from pinkybrain.node.core.signed_memory import sign_entry
+
+        now = time.time()
+        entries = {"board/trudy": sign_entry(trudy.identity, "board/trudy", "from trudy", now=now),
+                   "board/by-mallory": sign_entry(pub["mallory_id"], "board/by-mallory", secret_value, now=now),
+                   "board/unsigned": "no signature"}
+        with MemoryStore.open(tmp_path / "trudy", "public") as scratch:
+            for key, value in entries.items():
+                reply = loop.run(trudy.request(a_id, "memory.public.update", scratch.set(key, value), timeout=10))
+                assert reply == {"changed": True}, key
+        assert a.get("/api/memory/board/trudy", params={"network": "public"}).json()["value"] == "from trudy"
+        for key in ("board/by-mallory", "board/unsigned"):
+            assert a.get(f"/api/memory/{key}", params={"network": "public"}).status_code == 404, key
+        listed = a.get("/api/memory", params={"network": "public", "prefix": "board/"}).json()["keys"]
+        assert "board/trudy" in listed and "board/by-mallory" not in listed and "board/unsigned" not in listed
         passed_on = json.dumps(trudy.pex) + json.dumps(victor.pex)
         assert m_id not in passed_on and ids["b"] not in passed_on  # a finds neither valid
         state = a.get("/api/status").json()["mesh"]["public"]["refused_untrusted"]

@@ -10,7 +10,8 @@ public peers are authenticated by node id alone. The PSK only keeps the two netw
 the private secret fails a public handshake at message 1, and a public dialler fails on /p2p. The public
 Mesh registers only public handlers: `mesh.echo`, `mesh.info` (load, guard, signed entries of shared
 models), `infer.chat` / `infer.stream`, `trust.exchange`, and the public memory namespace (its own
-store file, memory-public.sqlite3). The private memory, conversations and private mesh are never
+store file, memory-public.sqlite3; services/public_memory.py signs what this node writes there and
+shows only what valid writers signed). The private memory, conversations and private mesh are never
 attached to it.
 
 Gating (services/public_gate.py). A peer this node's Web of Trust does not find valid gets the handshake
@@ -78,6 +79,7 @@ from pinkybrain.node.services.mesh import (
 )
 from pinkybrain.node.services.peer_link import CLOSE_TRY_LATER
 from pinkybrain.node.services.public_gate import TRUST_EXCHANGE, PublicGate, ValidityCache
+from pinkybrain.node.services.public_memory import SignedPublicMemory
 from pinkybrain.node.services.remote import RemoteInference
 from pinkybrain.node.services.tracker_client import TrackerClient, TrackerError
 
@@ -267,9 +269,11 @@ class PublicMesh:
         from pinkybrain.node.services.memory_sync import MemorySync
 
         # Its own store file: the private memory is never attached to this mesh.
-        self.memory = await asyncio.to_thread(MemoryStore.open, runtime.data_dir / "memory", "public",
-                                              cfg["memory.max_key_bytes"], cfg["memory.max_value_bytes"])
-        self.memory_sync = MemorySync(self.memory, mesh, namespace="public",
+        store = await asyncio.to_thread(MemoryStore.open, runtime.data_dir / "memory", "public",
+                                        cfg["memory.max_key_bytes"], cfg["memory.max_value_bytes"])
+        # What this node's user reads and writes: signed entries, shown only from valid writers.
+        self.memory = SignedPublicMemory(store, runtime.identity, self._valid)
+        self.memory_sync = MemorySync(store, mesh, namespace="public",
                                       interval=cfg["memory.sync_interval_secs"],
                                       penalty_limit=cfg["memory.penalty_limit"], ban_secs=cfg["memory.ban_secs"],
                                       peer_filter=gate.trusted)
