@@ -491,7 +491,7 @@ class Bench:
             now = time.time()
             base = 200_000
             for _ in range(self.args.rounds):
-                for name, (_, url, proc) in trackers.items():
+                for name, (proc, url) in trackers.items():
                     self.url, self.server = url, psutil.Process(proc.pid)
                     # Fresh honest identities each round: each announce adds a new record.
                     batch = [Identity.generate() for _ in range(n)]
@@ -524,7 +524,7 @@ class Bench:
             }
             # The attacker: one range, fresh keys as fast as it can, on the limited tracker, right after the
             # honest nodes of that range used most of its burst.
-            _, url, proc = trackers["limits on"]
+            proc, url = trackers["limits on"]
             self.url, self.server = url, psutil.Process(proc.pid)
             attempts = 100
             accepted, start = 0, time.perf_counter()
@@ -546,7 +546,7 @@ class Bench:
             }
         finally:
             self.url, self.server = saved_url, saved_server
-            for proc, _, _ in trackers.values():
+            for proc, _ in trackers.values():
                 stop_process(proc)
         if not self.args.json:
             print("\nSybil limits (per address range: new ids burst 64 then 1/s, at most 1024 records):")
@@ -561,7 +561,7 @@ class Bench:
 
 
 def spawn_tracker(extra: list[str]):
-    """A fresh tracker process on a free port (for the Sybil phase): (process, url, pid holder)."""
+    """A fresh tracker process on a free port (for the Sybil phase): (process, url)."""
     port = free_port()
     cmd = [sys.executable, "-m", "pinkybrain", "tracker", "serve", "--log-level", "warning",
            "--host", "127.0.0.1", "--port", str(port), *extra]
@@ -572,7 +572,7 @@ def spawn_tracker(extra: list[str]):
             raise RuntimeError(f"a tracker exited with {proc.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"ws://127.0.0.1:{port}", proc
+                return proc, f"ws://127.0.0.1:{port}"
         time.sleep(0.05)
     stop_process(proc)
     raise RuntimeError("a tracker did not listen in time")

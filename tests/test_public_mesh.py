@@ -207,6 +207,15 @@ def raw_list(pub) -> list[dict]:
     return reply["records"]
 
 
+def connect_mallory(pub) -> None:
+    """Mallory linked to a (it is when the tests run in order; not when one is picked alone)."""
+    mallory, loop, a = pub["mallory"], pub["loop"], pub["nodes"]["a"]
+    if not mallory._started:
+        loop.run(mallory.start())
+    if not mallory.connected(pub["ids"]["a"]):
+        loop.run(mallory.connect(f"127.0.0.1:{a.port}"))
+
+
 def public_ids(node) -> set[str]:
     return {p["node_id"] for p in node.get("/api/peers").json()["public"]}
 
@@ -304,8 +313,7 @@ def test_stealth_d_is_in_no_peer_list(pub):
     nodes, ids = pub["nodes"], pub["ids"]
     d_port = str(nodes["d"].port)
     mallory, loop = pub["mallory"], pub["loop"]
-    loop.run(mallory.start())
-    loop.run(mallory.connect(f"127.0.0.1:{nodes['a'].port}"))
+    connect_mallory(pub)
     # One message: a passes nobody on to mallory's peers (mallory is not valid for them), so b and c
     # never dial it and send it none of their own.
     wait_for(lambda: len(mallory.pex) >= 1 and mallory.connected(ids["a"]), 20, "peer exchange from a")
@@ -385,6 +393,7 @@ def test_a_peer_that_is_not_valid_gets_only_the_handshake_and_trust_exchange(pub
     nodes, ids, loop, mallory = pub["nodes"], pub["ids"], pub["loop"], pub["mallory"]
     a = nodes["a"]
     a_id, m_id = ids["a"], pub["mallory_id"].node_id
+    connect_mallory(pub)
     # A genuine public-memory update, as a peer's store would push it.
     from pinkybrain.node.services.memory_store import MemoryStore
 
@@ -478,8 +487,7 @@ def test_private_memory_peers_and_models_never_reach_a_public_peer(pub):
     assert nodes["a"].post("/api/trust/vouch", json={"node_id": pub["mallory_id"].node_id}).status_code == 200
     seen = []
     try:
-        if not mallory.connected(a_id):
-            loop.run(mallory.connect(f"127.0.0.1:{nodes['a'].port}"))
+        connect_mallory(pub)
         for method, payload in (("mesh.info", None), ("mesh.echo", "x"), (TRUST_EXCHANGE, None),
                                 ("memory.public.sync", b"\x00")):
             seen.append(loop.run(mallory.request(a_id, method, payload, timeout=10)))
