@@ -50,7 +50,8 @@ class Cheater:
         qid = new_query_id()
         envelope = self.sealer.seal(server, REQUEST, {
             "qid": qid, "ts": time.time(), "model": DEFAULT_NAME, "commitment": commitment.to_dict(),
-            "messages": [{"role": "user", "content": "Say yes."}], "settings": {"max_tokens": 2}})
+            "messages": [{"role": "user", "content": "Say yes."}],
+            "settings": {"max_tokens": 2, "temperature": 0.0, "top_p": 1.0}})
         try:
             reply = self.loop.run(self.mesh.request(server, "infer.chat", envelope, timeout=120), timeout=130)
         except RemoteError as exc:
