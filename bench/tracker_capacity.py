@@ -23,6 +23,15 @@ One run:
    WebSocket echo from the same B process (A -> B -> A), for each payload size; direct and relayed
    batches alternate for `--rounds` rounds and the median round is shown. "added" is relay minus direct:
    what the two tracker hops cost. CPU pinning is lifted for this phase (see `unpin`).
+7. Sybil limits (`--sybil N`, 0 skips it): what the per-address-range limits cost an honest announcement
+   and an attacker. Two fresh trackers, one with the limits at their defaults (new node ids per /24 or
+   /48: a burst of 64, then 1 a second; at most 1024 records per range) and one with them out of the way;
+   N honest nodes each log in and announce once, one after the other, on each (alternating, `--rounds`
+   rounds, median; N x rounds must fit the burst, since all of them come from 127.0.0.1): the latency
+   and tracker CPU of an honest announcement with the limits, against without. Then an attacker in the
+   same range announces 100 fresh identities as fast as it can on the limited tracker: how many it got
+   in, and, from the settings, how long one range needs to reach its cap and how many ranges a given
+   number of records needs.
 
 Exit status: 0 when every operation succeeded, 1 when any failed, 2 when the tracker did not start.
 """
@@ -68,6 +77,7 @@ class Bench:
         self.args = args
         self.rows: list[dict] = []
         self.relay_rows: list[dict] = []
+        self.sybil: dict | None = None
         self.failures = 0
         self.deadline = time.monotonic() + args.max_seconds
         self.proc: subprocess.Popen | None = None
@@ -87,7 +97,7 @@ class Bench:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--max-records", str(most), "--max-sessions", str(most), "--max-sessions-per-ip", str(most),
             "--announce-rate", "1000000", "--ip-new-record-rate", "1000000", "--list-rate", "1000000",
-            "--relay-rate", "1000000", "--relay-bytes-rate", str(2**40),
+            "--relay-rate", "1000000", "--relay-bytes-rate", str(2**40), "--max-records-per-range", str(most),
         ]  # fmt: skip
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -232,6 +242,8 @@ class Bench:
             await self.list_phase(size, identities)
         await self.refresh_phase(total, identities, record_fields)
         await self.relay_phase()
+        if self.args.sybil:
+            await self.sybil_phase(record_fields)
 
     async def timed_requests(self, ws, texts: list[str]) -> tuple[list[float], float, float, list[dict]]:
         """Sequential requests; replies are parsed after the clock stops, so a page's JSON decoding in
@@ -458,6 +470,124 @@ class Bench:
                 peer.wait(5)
 
 
+    # -- Sybil limits -------------------------------------------------------------------------------
+    async def sybil_phase(self, record_fields) -> None:
+        import psutil
+
+        from pinkybrain.node.core.identity import Identity
+        from pinkybrain.node.core.tracker_protocol import AnnounceRecord
+        from pinkybrain.node.services.tracker import TrackerSettings
+
+        self.check_time("Sybil limits")
+        n = self.args.sybil
+        defaults = TrackerSettings()
+        common = ["--announce-rate", "1000000", "--list-rate", "1000000", "--max-sessions-per-ip", str(4 * n + 10),
+                  "--max-sessions", str(4 * n + 10)]
+        off = ["--ip-new-record-rate", "1000000", "--max-records-per-range", str(10 * n * (self.args.rounds + 2))]
+        trackers = {"limits on": spawn_tracker(common), "limits off": spawn_tracker(common + off)}
+        saved_url, saved_server = self.url, self.server
+        results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in trackers}
+        try:
+            now = time.time()
+            base = 200_000
+            for _ in range(self.args.rounds):
+                for name, (proc, url) in trackers.items():
+                    self.url, self.server = url, psutil.Process(proc.pid)
+                    # Fresh honest identities each round: each announce adds a new record.
+                    batch = [Identity.generate() for _ in range(n)]
+                    texts = [json.dumps({"type": "announce", "id": 1, "record": AnnounceRecord.build(
+                        ident, seq=1, ttl=600, now=now, **record_fields(base + i)).to_wire()})
+                        for i, ident in enumerate(batch)]
+                    base += n
+                    lat, cpu_total, start = [], 0.0, time.perf_counter()
+                    for ident, text in zip(batch, texts, strict=True):
+                        ws = await self.login(ident)
+                        cpu0, t = self.server_cpu(), time.perf_counter()
+                        reply = await self.ask(ws, text)
+                        lat.append(time.perf_counter() - t)
+                        cpu_total += self.server_cpu() - cpu0
+                        await ws.close()
+                        if reply.get("type") != "ok":
+                            raise RuntimeError(f"an honest announce was refused ({name}): {reply}")
+                    results[name].append((percentile(lat, 50), percentile(lat, 99), cpu_total / n))
+            rows = {}
+            for name, rounds in results.items():
+                p50, p99, cpu = sorted(rounds)[len(rounds) // 2]
+                rows[name] = {"p50_ms": round(p50 * 1000, 3), "p99_ms": round(p99 * 1000, 3),
+                              "srv_us_per_op": round(cpu * 1e6, 1)}
+            on, off_row = rows["limits on"], rows["limits off"]
+            self.sybil = {
+                "honest_announce": rows,
+                "ratio_p50": round(on["p50_ms"] / off_row["p50_ms"], 3) if off_row["p50_ms"] else None,
+                "ratio_srv_cpu": round(on["srv_us_per_op"] / off_row["srv_us_per_op"], 3)
+                if off_row["srv_us_per_op"] else None,
+            }
+            # The attacker: one range, fresh keys as fast as it can, on the limited tracker, right after the
+            # honest nodes of that range used most of its burst.
+            proc, url = trackers["limits on"]
+            self.url, self.server = url, psutil.Process(proc.pid)
+            attempts = 100
+            accepted, start = 0, time.perf_counter()
+            for i in range(attempts):
+                ident = Identity.generate()
+                ws = await self.login(ident)
+                text = json.dumps({"type": "announce", "id": 1, "record": AnnounceRecord.build(
+                    ident, seq=1, ttl=600, now=time.time(), **record_fields(900_000 + i)).to_wire()})
+                await ws.send(text)
+                reply = json.loads(await ws.recv())
+                accepted += reply.get("type") == "ok"
+                await ws.close()
+            secs = time.perf_counter() - start
+            cap, burst, rate = defaults.max_records_per_range, defaults.ip_new_record_burst, defaults.ip_new_record_rate
+            self.sybil["attacker_one_range"] = {
+                "attempts": attempts, "accepted": accepted, "seconds": round(secs, 2),
+                "secs_to_fill_the_range_cap": round(max(0.0, cap - burst) / rate, 1),
+                "records_per_range_at_most": cap, "ranges_for_100000_records": math.ceil(100_000 / cap),
+            }
+        finally:
+            self.url, self.server = saved_url, saved_server
+            for proc, _ in trackers.values():
+                stop_process(proc)
+        if not self.args.json:
+            print("\nSybil limits (per address range: new ids burst 64 then 1/s, at most 1024 records):")
+            print(f"{'honest announce':<16} {'p50 ms':>8} {'p99 ms':>8} {'srv us/op':>10}")
+            for name, row in self.sybil["honest_announce"].items():
+                print(f"{name:<16} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {row['srv_us_per_op']:>10.1f}")
+            print(f"ratio (on/off): p50 {self.sybil['ratio_p50']}x, tracker CPU {self.sybil['ratio_srv_cpu']}x")
+            a = self.sybil["attacker_one_range"]
+            print(f"attacker in one range: {a['accepted']} of {a['attempts']} fresh ids accepted in {a['seconds']} s; "
+                  f"filling its {a['records_per_range_at_most']}-record cap takes >= {a['secs_to_fill_the_range_cap']} s; "
+                  f"100 000 records need >= {a['ranges_for_100000_records']} ranges", flush=True)
+
+
+def spawn_tracker(extra: list[str]):
+    """A fresh tracker process on a free port (for the Sybil phase): (process, url)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pinkybrain", "tracker", "serve", "--log-level", "warning",
+           "--host", "127.0.0.1", "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT_SECS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a tracker exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"ws://127.0.0.1:{port}"
+        time.sleep(0.05)
+    stop_process(proc)
+    raise RuntimeError("a tracker did not listen in time")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 async def echo_peer(url: str, port: int) -> None:
     """Node B: echo relayed datagrams back to their sender, and echo a direct WebSocket."""
     from websockets.asyncio.server import serve
@@ -555,8 +685,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating direct/relay batches (default 3)")
     parser.add_argument("--max-seconds", type=float, default=600, help="stop after this long (default 600)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to CPUs")
+    parser.add_argument("--sybil", type=int, default=20,
+                        help="honest announces per round in the Sybil-limits phase (0 skips it; default 20)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
+    if args.sybil * args.rounds > 64:
+        parser.error("--sybil times --rounds must be at most 64: the honest nodes share 127.0.0.1's burst")
     if max(args.sizes) > 200 * 1024:
         parser.error("--sizes: one relay message carries at most 200 KiB here")
 
@@ -594,7 +728,7 @@ def main() -> int:
     if args.json:
         print(
             json.dumps(
-                {"capacity": bench.rows, "relay": bench.relay_rows, "failures": bench.failures}, indent=2
+                {"capacity": bench.rows, "relay": bench.relay_rows, "sybil": bench.sybil, "failures": bench.failures}, indent=2
             )
         )
     else:

@@ -336,8 +336,12 @@ def tracker_serve(
     ] = 1.0,
     ip_new_record_rate: Annotated[
         float,
-        typer.Option("--ip-new-record-rate", help="new node ids per second per client address", min=0.001),
+        typer.Option("--ip-new-record-rate", help="new node ids per second per client address range (/24, /48)",
+                     min=0.001),
     ] = 1.0,
+    max_records_per_range: Annotated[
+        int, typer.Option("--max-records-per-range", help="records one address range (/24, /48) may hold", min=1)
+    ] = 1024,
     list_rate: Annotated[
         float, typer.Option("--list-rate", help="lists per second per session", min=0.01)
     ] = 5.0,
@@ -377,6 +381,7 @@ def tracker_serve(
         idle_timeout=idle_timeout,
         announce_rate=announce_rate,
         ip_new_record_rate=ip_new_record_rate,
+        max_records_per_range=max_records_per_range,
         list_rate=list_rate,
         relay_rate=relay_rate,
         relay_bytes_rate=relay_bytes_rate,

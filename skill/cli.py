@@ -344,18 +344,36 @@ trust_app = typer.Typer(help="The Web of Trust: vouch for, revoke and inspect pu
 @handled
 def trust_vouch(
     peer_id: Annotated[str, typer.Argument(help="the node id to vouch for")],
-    level: Annotated[str, typer.Option("--level", help="full or marginal")] = "full",
+    level: Annotated[str, typer.Option("--level", help="how carefully you checked: full or marginal (a note "
+                                                        "for others; it does not weigh the vouch)")] = "full",
     ttl_days: Annotated[float, typer.Option("--ttl-days", help="how long the vouch holds")] = 90,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
     timeout: TimeoutOpt = None,
 ) -> None:
-    """Sign an expiring attestation that a node is who it says (full or marginal trust)."""
+    """Sign an expiring attestation that a node is who it says: it becomes valid for this node (validity).
+    Whether it may introduce others is separate: `trust set ID --introducer`."""
     if level not in ("full", "marginal"):
         raise SkillError(f"--level must be full or marginal, got {level!r}")
     data, _ = call(url, timeout, "POST", "/api/trust/vouch",
                    json_body={"node_id": peer_id, "level": level, "ttl_days": ttl_days})
     emit(data, as_json, lambda: f"vouched ({level}) for {peer_id}\n" + output.render_trust(data))
+
+
+@trust_app.command("set")
+@handled
+def trust_set(
+    peer_id: Annotated[str, typer.Argument(help="the node id whose introducer trust to set")],
+    introducer: Annotated[str, typer.Option("--introducer", help="none, marginal or full")],
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """How far this node trusts a key to introduce others (owner-trust, GnuPG style; never shared)."""
+    if introducer not in ("none", "marginal", "full"):
+        raise SkillError(f"--introducer must be none, marginal or full, got {introducer!r}")
+    data, _ = call(url, timeout, "POST", "/api/trust/set", json_body={"node_id": peer_id, "introducer": introducer})
+    emit(data, as_json, lambda: f"introducer trust for {peer_id}: {introducer}\n" + output.render_trust(data))
 
 
 @trust_app.command("revoke")

@@ -299,6 +299,8 @@ def render_trust(d: dict) -> str:
     else:
         head = f"{subject}: not valid"
     lines = [head] + [f"  {r}" for r in verdict.get("reasons") or []]
+    if d.get("introducer"):
+        lines.append(f"  introducer trust (owner-trust): {d['introducer']}")
     for att in d.get("attestations") or []:
         lines.append(f"  vouch by {short_id(att.get('issuer'))}: {att.get('level')} ({att.get('status', '?')})")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from pinkybrain.node.core.credits import (
     MICRO,
     SCORE_FORMULA,
     CreditError,
+    CreditLineExceeded,
     ExpiredCommitment,
     InsufficientCredit,
     InvalidCommitment,
@@ -88,11 +89,12 @@ def test_a_served_query_moves_exactly_earn_per_query(tmp_path, asker, server):
 
 
 def test_fractional_prices_add_up_exactly(tmp_path, asker, server):
-    a_store, s_store = stores(tmp_path, asker, server, asker_balance=1.0, server_balance=0.0)
+    a_store, s_store = stores(tmp_path, asker, server, asker_balance=1.0, server_balance=1.0)
     with a_store, s_store:
-        for i in range(10):
+        for i in range(10):  # ten tenths fill the server's credit line of 1.0 exactly
             exchange(a_store, s_store, asker, server, amount=0.1, now=NOW + i)
-        assert a_store.balance() == 0.0 and s_store.balance() == 1.0
+        assert a_store.balance() == 0.0 and s_store.balance() == 2.0
+        assert s_store.credit_line(asker.node_id, now=NOW + 20) == {"limit": 1.0, "used": 1.0, "available": 0.0}
 
 
 def test_a_failed_delivery_moves_no_credit(tmp_path, asker, server):
@@ -104,19 +106,54 @@ def test_a_failed_delivery_moves_no_credit(tmp_path, asker, server):
 
 
 def test_a_broke_node_is_refused_with_the_hint(tmp_path, asker, server):
-    a_store, s_store = stores(tmp_path, asker, server, asker_balance=0.0)
+    a_store, s_store = stores(tmp_path, asker, server, asker_balance=EARN)
     with a_store, s_store:
+        exchange(a_store, s_store, asker, server)
         with pytest.raises(InsufficientCredit) as err:
-            a_store.commit_payment(asker, server.node_id, EARN)
+            a_store.commit_payment(asker, server.node_id, EARN, now=NOW + 5)
         assert "earn by sharing compute or set initial_balance" in str(err.value)
         assert EARN_HINT == "earn by sharing compute or set initial_balance"
-        assert not a_store.can_commit(EARN)
+        assert not a_store.can_commit(EARN, now=NOW + 5)
         # Credit earned by serving can then be spent.
-        exchange(s_store, a_store, server, asker)
+        exchange(s_store, a_store, server, asker, now=NOW + 10)
         assert a_store.balance() == EARN
-        exchange(a_store, s_store, asker, server, now=NOW + 10)
+        exchange(a_store, s_store, asker, server, now=NOW + 20)
         with pytest.raises(InsufficientCredit, match=EARN_HINT):
-            a_store.commit_payment(asker, server.node_id, EARN, now=NOW + 20)
+            a_store.commit_payment(asker, server.node_id, EARN, now=NOW + 30)
+
+
+def test_the_server_extends_each_asker_a_line_it_checks_from_its_own_receipts(tmp_path, asker, server):
+    """A cheater's commitments (signed without any credit check, from a huge configured balance) are
+    accepted only up to the server's line; serving the server extends it; a restart forgets nothing."""
+    cheat = Ledger(asker.node_id, to_micro(1_000_000))  # the asker's own ledger: the server never reads it
+    with LedgerStore.open(tmp_path, server.node_id, 3.0, clock=lambda: NOW) as s_store:
+        def commitment(now=NOW):
+            return PaymentCommitment.create(asker, server.node_id, to_micro(EARN), now=now)
+
+        first, second = commitment(), commitment()
+        s_store.accept_commitment(first)
+        s_store.accept_commitment(second)
+        assert s_store.credit_line(asker.node_id) == {"limit": 3.0, "used": 2.0, "available": 1.0}
+        s_store.deliver(server, first, success=True, latency_ms=1, response_sha256="0" * 64)
+        s_store.deliver(server, second, success=False, latency_ms=1, response_sha256="0" * 64)  # free
+        s_store.accept_commitment(commitment())
+        s_store.accept_commitment(commitment())
+        with pytest.raises(CreditLineExceeded, match="serve this node to extend it"):
+            s_store.accept_commitment(commitment())
+        assert cheat.balance() == to_micro(1_000_000)  # the asker's balance was never the server's business
+        # Accepted but never delivered: held until the commitment expires, then the line is free again.
+        later = NOW + 601
+        s_store.accept_commitment(commitment(now=later), now=later)
+        assert s_store.credit_line(asker.node_id, now=later) == {"limit": 3.0, "used": 2.0, "available": 1.0}
+        # What the asker serves this node extends its line by exactly that much.
+        mine = s_store.commit_payment(server, asker.node_id, 2 * EARN, now=later)
+        receipt = Receipt.deliver(asker, mine, success=True, latency_ms=5, response_sha256="1" * 64, now=later)
+        s_store.record_receipt(receipt, now=later)
+        assert s_store.credit_line(asker.node_id, now=later) == {"limit": 5.0, "used": 2.0, "available": 3.0}
+    with LedgerStore.open(tmp_path, server.node_id, 3.0, clock=lambda: later) as s_store:
+        assert s_store.credit_line(asker.node_id) == {"limit": 5.0, "used": 2.0, "available": 3.0}
+        other = Identity.generate()  # another identity (a Sybil) starts with its own line, no more
+        assert s_store.credit_line(other.node_id)["available"] == 3.0
 
 
 def test_outstanding_commitments_reserve_credit(tmp_path, asker, server):
@@ -221,7 +258,7 @@ def test_a_commitment_signed_by_someone_else_is_rejected(tmp_path, asker, server
         with pytest.raises(UnknownCommitment):  # no work was accepted, so nothing can be delivered
             s_store.deliver(server, genuine, success=True, latency_ms=1, response_sha256="0" * 64)
         # A receipt the asker never committed to is refused by the asker.
-        ledger = Ledger(server.node_id, 0)
+        ledger = Ledger(server.node_id, to_micro(INITIAL))
         ledger.accept(genuine, now=NOW)
         stray = ledger.deliver(server, genuine, success=True, latency_ms=1, response_sha256="0" * 64, now=NOW)
     with LedgerStore.open(tmp_path / "a", asker.node_id, INITIAL, clock=lambda: NOW) as a_store:

@@ -166,6 +166,7 @@ def owner_only_calls(mesh) -> dict[tuple[str, str], tuple[str, dict, int | None]
             (f"/api/conversations/{sid}/privacy", {"json": {"privacy": "private"}}, 200),
         ("POST", "/api/trust/vouch"): ("/api/trust/vouch", {"json": {"node_id": c_id}}, 200),
         ("POST", "/api/trust/revoke"): ("/api/trust/revoke", {"json": {"node_id": c_id}}, 200),
+        ("POST", "/api/trust/set"): ("/api/trust/set", {"json": {"node_id": c_id, "introducer": "marginal"}}, 200),
         ("GET", "/api/credits"): ("/api/credits", {}, 200),
         ("GET", "/api/keys"): ("/api/keys", {}, 200),
         ("POST", "/api/keys"): ("/api/keys", {"json": {"name": "sweep", "scope": "owner"}}, 201),

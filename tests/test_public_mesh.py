@@ -21,6 +21,7 @@ unshared model never reach a public peer; private and public handshakes never cr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -37,7 +38,7 @@ from pinkybrain.node.core.handshake import HandshakeError
 from pinkybrain.node.core.identity import Identity, load_identity
 from pinkybrain.node.core.tracker_protocol import ListQuery
 from pinkybrain.node.core.trust import Attestation
-from pinkybrain.node.services.mesh import DialError, Mesh, MeshSettings, RemoteError
+from pinkybrain.node.services.mesh import DialError, Mesh, MeshError, MeshSettings, RemoteError
 from pinkybrain.node.services.public_mesh import PUBLIC_MESH_SECRET, PUBLIC_PATH, TRUST_EXCHANGE
 from pinkybrain.node.services.tracker_client import TrackerClient
 
@@ -113,6 +114,36 @@ def test_the_announced_address_is_the_public_url_or_a_concrete_bind_address_and_
     assert advertised_url(cfg(**{"mesh.stealth": True, "p2p.public_url": "http://h:1"}), "127.0.0.1", 1) is None
 
 
+def test_public_memory_shows_only_entries_signed_by_valid_writers(tmp_path):
+    from pinkybrain.node.core.signed_memory import UnsignedEntry, open_entry, sign_entry
+    from pinkybrain.node.services.memory_store import MemoryStore
+    from pinkybrain.node.services.public_memory import SignedPublicMemory
+
+    me, friend, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    valid = {friend.node_id}
+    with MemoryStore.open(tmp_path, "public") as store:
+        memory = SignedPublicMemory(store, me, valid.__contains__, clock=lambda: 1_750_000_000)
+        memory.set("board/mine", {"n": 1})
+        # What peers' updates can bring: a valid writer's entry, a stranger's, an unsigned one, one moved
+        # to another key, and one whose value was changed after signing.
+        store.set("board/friend", sign_entry(friend, "board/friend", "hi", now=1))
+        store.set("board/stranger", sign_entry(stranger, "board/stranger", "spam", now=1))
+        store.set("board/raw", "no signature")
+        store.set("board/moved", sign_entry(friend, "board/elsewhere", "hi", now=1))
+        store.set("board/edited", {**sign_entry(friend, "board/edited", "yes", now=1), "value": "no"})
+        assert memory.get("board/mine") == {"n": 1} and memory.get("board/friend") == "hi"
+        assert memory.writer("board/mine") == me.node_id
+        assert memory.list("board/") == ["board/friend", "board/mine"]
+        for key in ("board/stranger", "board/raw", "board/moved", "board/edited", "board/absent"):
+            with pytest.raises(KeyError):
+                memory.get(key)
+        assert store.get("board/stranger")["writer"] == stranger.node_id  # dropped from reads, not deleted
+        valid.add(stranger.node_id)  # once the stranger is valid here, its entry shows
+        assert memory.get("board/stranger") == "spam"
+        with pytest.raises(UnsignedEntry, match="does not verify"):
+            open_entry("board/moved", store.get("board/moved"))
+
+
 @pytest.fixture(scope="module")
 def pub(tmp_path_factory):
     root = tmp_path_factory.mktemp("public")
@@ -176,6 +207,15 @@ def raw_list(pub) -> list[dict]:
     return reply["records"]
 
 
+def connect_mallory(pub) -> None:
+    """Mallory linked to a (it is when the tests run in order; not when one is picked alone)."""
+    mallory, loop, a = pub["mallory"], pub["loop"], pub["nodes"]["a"]
+    if not mallory._started:
+        loop.run(mallory.start())
+    if not mallory.connected(pub["ids"]["a"]):
+        loop.run(mallory.connect(f"127.0.0.1:{a.port}"))
+
+
 def public_ids(node) -> set[str]:
     return {p["node_id"] for p in node.get("/api/peers").json()["public"]}
 
@@ -226,7 +266,7 @@ def test_private_and_public_handshakes_never_cross(pub):
 
 def test_stealth_d_serves_a_through_the_relay_and_credits_move(pub):
     nodes, ids = pub["nodes"], pub["ids"]
-    a, b, d = nodes["a"], nodes["b"], nodes["d"]
+    a, d = nodes["a"], nodes["d"]
     wait_for(lambda: a.get("/api/status").json()["mesh"]["public"]["stealth_peers"] >= 1, 30,
              "d to link to a through the relay")
     wait_for(lambda: DEFAULT_NAME in [m["id"] for m in a.get("/v1/models").json()["data"]], 20,
@@ -239,7 +279,11 @@ def test_stealth_d_serves_a_through_the_relay_and_credits_move(pub):
     # Served by d (over its relay circuit; d has no address), never by b, whose link is direct and cheaper.
     assert answer["node"] == ids["d"] and answer["model"] == DEFAULT_NAME and answer["text"].strip()
     assert result["session_id"] is None and result["recorded"] is False
-    assert "serving a remote" not in b.log() and "serving a remote query" in d.log()
+    # Serving a public query leaves no line at all (logging.public_mesh is off by default): no asker id,
+    # model, size or timing.
+    for n in "abd":
+        assert "serving a remote" not in nodes[n].log() and "served a remote" not in nodes[n].log(), n
+    assert f"from {ids['a'][:7]} on" not in d.log()
     assert d.get("/api/status").json()["mesh"]["public"]["relay_circuits"] >= 1
 
     after = {n: nodes[n].get("/api/credits?receipts=5").json() for n in "ad"}
@@ -269,9 +313,10 @@ def test_stealth_d_is_in_no_peer_list(pub):
     nodes, ids = pub["nodes"], pub["ids"]
     d_port = str(nodes["d"].port)
     mallory, loop = pub["mallory"], pub["loop"]
-    loop.run(mallory.start())
-    loop.run(mallory.connect(f"127.0.0.1:{nodes['a'].port}"))
-    wait_for(lambda: len(mallory.pex) >= 2 and mallory.connected(ids["a"]), 20, "peer exchange from a")
+    connect_mallory(pub)
+    # One message: a passes nobody on to mallory's peers (mallory is not valid for them), so b and c
+    # never dial it and send it none of their own.
+    wait_for(lambda: len(mallory.pex) >= 1 and mallory.connected(ids["a"]), 20, "peer exchange from a")
     assert ids["d"] not in ids_of(raw_list(pub))
     assert ids["d"] not in ids_of(loop.run(pub["watcher"].list_peers()))
     for n in "abcp":
@@ -319,7 +364,7 @@ def test_untrusted_b_is_refused_even_after_forged_and_expired_vouches(pub):
     assert a.post("/api/trust/vouch", json={"node_id": ids["b"]}).json()["verdict"]["valid"] is True
     assert a.post("/api/trust/revoke", json={"node_id": ids["b"]}).json()["verdict"]["valid"] is False
     b_asks_a()
-    assert f"serving a remote query from {ids['b'][:7]}" not in a.log()
+    assert "serving a remote query" not in a.log()
     # The stranger asking directly is refused the same way, before anything else is looked at.
     from pinkybrain.node.core.sealed import REQUEST, Sealer, new_query_id
 
@@ -341,20 +386,120 @@ def test_a_broke_node_is_refused_with_the_hint(pub):
     assert c.get("/api/credits").json()["balance"] == 0
 
 
+def test_a_peer_that_is_not_valid_gets_only_the_handshake_and_trust_exchange(pub, tmp_path):
+    """Mallory (valid for nobody) writes public memory, asks a query, and hopes to be passed on by peer
+    exchange: all refused, each refusal an operational log line with no content. Trudy and Victor, whom
+    a vouches for, see each other in a's peer exchange and never mallory."""
+    nodes, ids, loop, mallory = pub["nodes"], pub["ids"], pub["loop"], pub["mallory"]
+    a = nodes["a"]
+    a_id, m_id = ids["a"], pub["mallory_id"].node_id
+    connect_mallory(pub)
+    # A genuine public-memory update, as a peer's store would push it.
+    from pinkybrain.node.services.memory_store import MemoryStore
+
+    secret_value = f"mallory-wrote-{uuid.uuid4().hex}"
+    with MemoryStore.open(tmp_path, "public") as scratch:
+        update = scratch.set("board/mallory", secret_value)
+    refused = {}
+    for method, payload in (("memory.public.update", update), ("memory.public.sync", b"\x00"),
+                            ("infer.chat", b"sealed-" + MARKER.encode()), ("mesh.info", None), ("mesh.echo", "x")):
+        with pytest.raises(RemoteError) as info:
+            loop.run(mallory.request(a_id, method, payload, timeout=10))
+        refused[method] = info.value.code
+    assert set(refused.values()) == {"not_trusted"}, refused
+    assert a.get("/api/memory/board/mallory", params={"network": "public"}).status_code == 404
+    # Trust exchange stays open (that is how a vouch for mallory could ever reach a), within a budget.
+    assert isinstance(loop.run(mallory.request(a_id, TRUST_EXCHANGE, None, timeout=10)), dict)
+
+    strangers = {name: stranger_mesh(Identity.generate()) for name in ("trudy", "victor")}
+    for name, mesh in strangers.items():
+        assert a.post("/api/trust/vouch", json={"node_id": mesh.node_id}).json()["verdict"]["valid"], name
+        loop.run(mesh.start())
+        loop.run(mesh.connect(f"127.0.0.1:{a.port}"))
+    trudy, victor = strangers["trudy"], strangers["victor"]
+    try:
+        seen = wait_for(lambda: [e for msg in trudy.pex for e in msg or [] if e.get("id") == victor.node_id],
+                        20, "a to pass victor on to trudy")
+        assert seen[0]["url"].endswith(f":{victor.listen_port}/p2p/public")
+        assert loop.run(trudy.request(a_id, "mesh.echo", "hi", timeout=10)) == "hi"  # valid: served
+        # Trudy, valid, passes on public-memory entries: her own (signed), one mallory signed, one with no
+        # signature. a takes the update from a valid peer, but shows only what a valid writer signed.
+        from pinkybrain.node.core.signed_memory import sign_entry
+
+        now = time.time()
+        entries = {"board/trudy": sign_entry(trudy.identity, "board/trudy", "from trudy", now=now),
+                   "board/by-mallory": sign_entry(pub["mallory_id"], "board/by-mallory", secret_value, now=now),
+                   "board/unsigned": "no signature"}
+        with MemoryStore.open(tmp_path / "trudy", "public") as scratch:
+            for key, value in entries.items():
+                reply = loop.run(trudy.request(a_id, "memory.public.update", scratch.set(key, value), timeout=10))
+                assert reply == {"changed": True}, key
+        assert a.get("/api/memory/board/trudy", params={"network": "public"}).json()["value"] == "from trudy"
+        for key in ("board/by-mallory", "board/unsigned"):
+            assert a.get(f"/api/memory/{key}", params={"network": "public"}).status_code == 404, key
+        listed = a.get("/api/memory", params={"network": "public", "prefix": "board/"}).json()["keys"]
+        assert "board/trudy" in listed and "board/by-mallory" not in listed and "board/unsigned" not in listed
+        passed_on = json.dumps(trudy.pex) + json.dumps(victor.pex)
+        assert m_id not in passed_on and ids["b"] not in passed_on  # a finds neither valid
+        state = a.get("/api/status").json()["mesh"]["public"]["refused_untrusted"]
+        assert state["refused memory.public.update"] >= 1 and state["refused infer.chat"] >= 1
+        log = a.log()
+        for method in ("memory.public.update", "infer.chat"):
+            assert f"refused {method} from {m_id[:7]}: not valid in this node's Web of Trust" in log
+        assert secret_value not in log and MARKER not in log and "board/mallory" not in log
+    finally:
+        for mesh in strangers.values():
+            loop.run(mesh.stop(), 15)
+            a.post("/api/trust/revoke", json={"node_id": mesh.node_id})
+
+
+def test_a_peer_that_is_not_valid_is_cut_off_past_its_byte_budget(pub):
+    a, loop = pub["nodes"]["a"], pub["loop"]
+    flooder = stranger_mesh(Identity.generate())
+    loop.run(flooder.start())
+    try:
+        loop.run(flooder.connect(f"127.0.0.1:{a.port}"))
+        a_id = pub["ids"]["a"]
+        codes = []
+        for _ in range(6):  # the request budget: a burst of 3, then one each 5 s
+            try:
+                loop.run(flooder.request(a_id, TRUST_EXCHANGE, None, timeout=10))
+                codes.append("ok")
+            except RemoteError as exc:
+                codes.append(exc.code)
+        assert codes[:3] == ["ok"] * 3 and "not_trusted" in codes[3:], codes
+        blob = b"x" * (512 * 1024)
+        for _ in range(8):  # 4 MiB against a 2 MiB budget
+            if not flooder.connected(a_id):
+                break
+            with contextlib.suppress(MeshError):
+                loop.run(flooder.request(a_id, "mesh.echo", blob, timeout=10))
+        wait_for(lambda: not flooder.connected(a_id), 15, "a to close the flooder's link")
+        assert "over the byte budget of a peer that is not valid" in a.log()
+    finally:
+        loop.run(flooder.stop(), 15)
+
+
 def test_private_memory_peers_and_models_never_reach_a_public_peer(pub):
     nodes, ids, loop, mallory = pub["nodes"], pub["ids"], pub["loop"], pub["mallory"]
     a_id, p = ids["a"], nodes["p"]
+    # Even as a peer a finds valid, mallory finds nothing private on the public mesh.
+    assert nodes["a"].post("/api/trust/vouch", json={"node_id": pub["mallory_id"].node_id}).status_code == 200
     seen = []
-    for method, payload in (("mesh.info", None), ("mesh.echo", "x"), (TRUST_EXCHANGE, None),
-                            ("memory.public.sync", b"\x00")):
-        seen.append(loop.run(mallory.request(a_id, method, payload, timeout=10)))
-    for method, payload in (("memory.private.sync", b"\x00"), ("memory.private.update", b"\x00"),
-                            ("conversations.list", None), ("infer.chat", b"junk")):
-        with pytest.raises(RemoteError) as info:
-            loop.run(mallory.request(a_id, method, payload, timeout=10))
-        if method != "infer.chat":
-            assert info.value.code == "unknown_method", method
-        seen.append(str(info.value))
+    try:
+        connect_mallory(pub)
+        for method, payload in (("mesh.info", None), ("mesh.echo", "x"), (TRUST_EXCHANGE, None),
+                                ("memory.public.sync", b"\x00")):
+            seen.append(loop.run(mallory.request(a_id, method, payload, timeout=10)))
+        for method, payload in (("memory.private.sync", b"\x00"), ("memory.private.update", b"\x00"),
+                                ("conversations.list", None), ("infer.chat", b"junk")):
+            with pytest.raises(RemoteError) as info:
+                loop.run(mallory.request(a_id, method, payload, timeout=10))
+            if method != "infer.chat":
+                assert info.value.code == "unknown_method", method
+            seen.append(str(info.value))
+    finally:
+        nodes["a"].post("/api/trust/revoke", json={"node_id": pub["mallory_id"].node_id})
     seen.append(mallory.peer(a_id))  # a's hello and status as a public peer sees them
     seen.append(mallory.pex)
     seen.append(nodes["b"].get("/api/peers").json())
@@ -367,17 +512,20 @@ def test_private_memory_peers_and_models_never_reach_a_public_peer(pub):
 
 def test_public_memory_converges_on_the_public_mesh_and_never_mixes_with_private(pub):
     nodes = pub["nodes"]
-    a, b, p = nodes["a"], nodes["b"], nodes["p"]
+    a, b, d, p = nodes["a"], nodes["b"], nodes["d"], nodes["p"]
     r = a.post("/api/memory/set", json={"key": "board/notice", "value": {"hello": "public"}, "network": "public"})
     assert r.status_code == 200 and r.json()["network"] == "public"
-    wait_for(lambda: b.get("/api/memory/board/notice", params={"network": "public"}).status_code == 200,
-             30, "the public key on b")
-    assert b.get("/api/memory/board/notice", params={"network": "public"}).json()["value"] == {"hello": "public"}
+    # d and a vouch for each other: the key reaches d. a does not find b valid: it never reaches b.
+    wait_for(lambda: d.get("/api/memory/board/notice", params={"network": "public"}).status_code == 200,
+             30, "the public key on d")
+    assert d.get("/api/memory/board/notice", params={"network": "public"}).json()["value"] == {"hello": "public"}
+    time.sleep(2)  # a push reaches a linked peer that a finds valid within this; b is linked too
+    assert b.get("/api/memory/board/notice", params={"network": "public"}).status_code == 404
     # The two documents stay apart on both nodes: public keys are not private ones and vice versa.
     assert a.get("/api/memory/board/notice").status_code == 404
-    assert b.get("/api/memory/board/notice").status_code == 404
+    assert d.get("/api/memory/board/notice").status_code == 404
     assert PRIVATE_KEY not in a.get("/api/memory", params={"network": "public"}).json()["keys"]
-    assert PRIVATE_KEY not in b.get("/api/memory", params={"network": "public"}).json()["keys"]
+    assert PRIVATE_KEY not in d.get("/api/memory", params={"network": "public"}).json()["keys"]
     # p is only on the private network: it has no public memory to read or write.
     r = p.get("/api/memory", params={"network": "public"})
     assert r.status_code == 409 and "mesh join" in r.json()["detail"]

@@ -623,6 +623,47 @@ async def test_new_records_per_address_are_rate_limited(tmp_path):
         assert t.stop() == 0, t.log()
 
 
+async def test_an_address_range_holds_a_bounded_number_of_records(tmp_path):
+    """Sybil limit: however slowly it adds them, one address range (127.0.0.0/24 here) never holds more than
+    --max-records-per-range records; a record that leaves frees its place."""
+    t = start_tracker(tmp_path / "tracker.log", "--max-records-per-range", "5")
+    try:
+        model = f"model-{secrets.token_hex(4)}"
+        keys = [Identity.generate() for _ in range(7)]
+        replies = []
+        for i, me in enumerate(keys[:6]):
+            ws = await raw_session(t.url, me)
+            record = AnnounceRecord.build(me, seq=1, ttl=60, **fields(model, name=f"n{i}"))
+            replies.append(await ask(ws, {"type": "announce", "id": i, "record": record.to_wire()}))
+            if i == 0:
+                # A refresh of a record already held is not a new one: never refused by the cap.
+                again = AnnounceRecord.build(me, seq=2, ttl=60, **fields(model, name="n0"))
+                assert (await ask(ws, {"type": "announce", "id": 50, "record": again.to_wire()}))["type"] == "ok"
+                first = ws
+            else:
+                await ws.close()
+        assert [r["type"] for r in replies[:5]] == ["ok"] * 5
+        assert replies[5]["code"] == "rate_limited" and "127.0.0.0/24" in replies[5]["message"]
+        assert (await ask(first, {"type": "leave", "id": 60}))["removed"] is True
+        await first.close()
+        ws = await raw_session(t.url, keys[6])
+        record = AnnounceRecord.build(keys[6], seq=1, ttl=60, **fields(model, name="n6"))
+        assert (await ask(ws, {"type": "announce", "id": 70, "record": record.to_wire()}))["type"] == "ok"
+        await ws.close()
+    finally:
+        assert t.stop() == 0, t.log()
+
+
+def test_address_ranges_are_slash_24_and_slash_48():
+    from pinkybrain.node.core.tracker_protocol import address_range
+
+    assert address_range("203.0.113.7") == address_range("203.0.113.250") == "203.0.113.0/24"
+    assert address_range("203.0.114.7") != address_range("203.0.113.7")
+    assert address_range("::ffff:203.0.113.9") == "203.0.113.0/24"  # IPv4-mapped counts as IPv4
+    assert address_range("2001:db8:1:2::1") == address_range("2001:db8:1:ffff::9") == "2001:db8:1::/48"
+    assert address_range("not-an-ip") == "not-an-ip"
+
+
 async def test_tracker_cli_refuses_bad_options(tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "pinkybrain", "tracker", "serve", "--public-url", "ftp://x", "--port", "0"],

@@ -40,3 +40,24 @@ def test_score_and_credits_come_from_the_ledger(node_factory):
     assert "success_rate" in score["formula"]
     assert cli(node, "credits")["balance"] == 7.5
     assert node.get("/api/status").json()["credit"]["balance"] == 7.5
+
+
+def test_introducer_trust_is_set_apart_from_validity(node_factory):
+    node = node_factory()
+    env = dict(node.env, PINKYBRAIN_URL=node.url, P2P_SECRET=node.secret)
+    peer = Identity.generate().node_id
+    # Owner-trust in a key nobody vouched for makes it no more valid: the two are separate.
+    set_full = cli(node, "trust", "set", peer, "--introducer", "full")
+    assert set_full["introducer"] == "full" and set_full["verdict"]["valid"] is False
+    shown = cli(node, "trust", "show", peer)
+    assert shown["introducer"] == "full" and shown["verdict"]["valid"] is False
+    assert cli(node, "trust", "vouch", peer)["verdict"]["valid"] is True
+    human = run_cli("trust", "show", peer, env=env)
+    assert "VALID at depth 1" in human.stdout and "introducer trust (owner-trust): full" in human.stdout
+    assert cli(node, "trust", "set", peer, "--introducer", "none")["introducer"] == "none"
+    assert cli(node, "trust", "show", peer)["introducer"] == "none"
+    bad = run_cli("trust", "set", peer, "--introducer", "ultimate", env=env)
+    assert bad.returncode != 0 and "none, marginal or full" in bad.stderr and "Traceback" not in bad.stderr
+    own = node.get("/api/ping").json()["node_id"]
+    r = node.post("/api/trust/set", json={"node_id": own, "introducer": "none"})
+    assert r.status_code == 400 and "anchor" in r.text

@@ -44,6 +44,11 @@ class RevokeRequest(BaseModel):
     node_id: str
 
 
+class IntroducerRequest(BaseModel):
+    node_id: str
+    introducer: Literal["none", "marginal", "full"]
+
+
 @router.post("/api/trust/vouch", summary="Vouch for a node (signed, expiring attestation)", responses=errors(400))
 async def vouch(runtime: RuntimeDep, body: VouchRequest):
     subject = _node_id(body.node_id)
@@ -62,6 +67,20 @@ async def revoke(runtime: RuntimeDep, body: RevokeRequest):
     subject = _node_id(body.node_id)
     rev = await asyncio.to_thread(runtime.trust.revoke, runtime.identity, subject)
     return {"revocation": rev.to_dict(), "verdict": runtime.trust.is_valid(subject).to_dict()}
+
+
+@router.post("/api/trust/set", summary="Set how far this node trusts a key to introduce others (owner-trust)",
+             responses=errors(400))
+async def set_introducer(runtime: RuntimeDep, body: IntroducerRequest):
+    subject = _node_id(body.node_id)
+    if subject == runtime.identity.node_id:
+        raise _error(400, "self_trust", "this node's own key is always fully trusted: it is the anchor")
+    try:
+        await asyncio.to_thread(runtime.trust.set_owner_trust, subject, body.introducer)
+    except TrustError as exc:
+        raise _error(400, "invalid_trust", str(exc)) from None
+    return {"node_id": subject, "introducer": body.introducer,
+            "verdict": runtime.trust.is_valid(subject).to_dict()}
 
 
 @router.get("/api/trust/{node_id}", summary="Whether this node finds a key valid, and why", responses=errors(400))

@@ -11,6 +11,9 @@ The exchange, for one query:
    and records it, which turns the reservation into a spend.
 Only successful deliveries move credit; failed ones are kept as evidence for the score.
 
+The server does not take the asker's word for its balance (its software or config may lie): in step 2 it
+also checks the asker's bilateral credit line (CREDIT_LINE_RULE), from receipts the server holds itself.
+
 Amounts are integer micro-credits (1 credit = 1_000_000) so that signed bytes and sums are exact; the
 config's float credits convert with to_micro().
 """
@@ -75,6 +78,22 @@ class UnknownCommitment(CreditError):
 
 class InsufficientCredit(CreditError):
     """The node cannot back the amount with receipts; the message carries EARN_HINT."""
+
+
+class CreditLineExceeded(CreditError):
+    """The server's credit line to this asker is used up (CREDIT_LINE_RULE); the message says by how much."""
+
+
+CREDIT_LINE_RULE = (
+    "A server extends to each asker a credit line of its own credit.initial_balance plus what that asker "
+    "has served it; it accepts a commitment only if what it has already served that asker (successful "
+    "receipts it signed) plus the commitments it accepted from that asker and has not delivered yet, plus "
+    "the new amount, stays within the line. Both sums come from receipts in the server's own ledger, so "
+    "nothing the asker claims about its balance counts. A cheating asker (any patched client, any "
+    "configured initial balance) thus takes at most initial_balance of work from each honest server per "
+    "identity without serving it back: at most the sum of the honest servers' initial_balance per identity, "
+    "and S times that for S identities, each of which must also be valid in each server's Web of Trust."
+)
 
 
 def to_micro(credits: float) -> int:
@@ -339,6 +358,8 @@ class Ledger:
         self._seen: set[str] = set()  # every query id ever committed, accepted or receipted here
         self._earned = 0
         self._spent = 0
+        self._served_to: dict[str, int] = {}  # asker -> what this node delivered to it (successful receipts)
+        self._served_by: dict[str, int] = {}  # server -> what it delivered to this node
 
     @classmethod
     def restore(cls, node_id: str, initial_balance: int, commitments: Iterable[tuple[str, PaymentCommitment]],
@@ -456,8 +477,10 @@ class Ledger:
         self._accepted.pop(qid, None)
         if receipt.server == self.node_id:
             self._earned += receipt.transferred
+            self._served_to[receipt.asker] = self._served_to.get(receipt.asker, 0) + receipt.transferred
         if receipt.asker == self.node_id:
             self._spent += receipt.transferred
+            self._served_by[receipt.server] = self._served_by.get(receipt.server, 0) + receipt.transferred
 
     def record_receipt(self, receipt: Receipt, *, now: float, expected_digest: str | None = None) -> None:
         self.check_receipt(receipt, now=now, expected_digest=expected_digest)
@@ -481,6 +504,19 @@ class Ledger:
         if commitment.amount < min_amount:
             raise InvalidCommitment(f"commitment {qid} offers {format_credits(commitment.amount)}, "
                                     f"this node asks {format_credits(min_amount)}")
+        line = self.credit_line(commitment.asker, now)
+        if commitment.amount > line["available"]:
+            raise CreditLineExceeded(
+                f"credit line to {commitment.asker} exhausted: {format_credits(commitment.amount)} asked, "
+                f"{format_credits(line['available'])} left of {format_credits(line['limit'])} "
+                "(initial_balance plus what it served this node); serve this node to extend it")
+
+    def credit_line(self, asker: str, now: float) -> dict[str, int]:
+        """CREDIT_LINE_RULE for `asker`, from this node's own receipts (micro-credits)."""
+        limit = self.initial_balance + self._served_by.get(asker, 0)
+        pending = sum(c.amount for c in self._accepted.values() if c.asker == asker and now <= c.expires_at)
+        used = self._served_to.get(asker, 0) + pending
+        return {"limit": limit, "used": used, "available": max(0, limit - used)}
 
     def add_accepted(self, commitment: PaymentCommitment) -> None:
         self._accepted[commitment.query_id] = commitment

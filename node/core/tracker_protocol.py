@@ -31,8 +31,10 @@ Requests (each may carry an integer "id" that the reply echoes):
 than "limit" records and still have a "next": the tracker bounds the work one request may cost.
 
 A record is a node's own signed statement; the tracker stores it until it expires, a higher sequence
-number replaces it, or the node leaves. A session may announce only its own node id, and a client
-address may add new node ids only at a limited rate (records outlive sessions, keys are free).
+number replaces it, or the node leaves. A session may announce only its own node id. Against Sybils
+(keys are free, records outlive sessions) the tracker uses rate limits, not proof-of-work: an address
+range (address_range: /24 for IPv4, /48 for IPv6) may add new node ids only at a limited rate, and may
+hold only so many records at once; a refusal is "rate_limited".
 Record fields (all numbers are integers, so the canonical bytes are the same in every language):
 
     {"v":1,"node_id":ID,"name":STR|null,"addresses":[URL...],"models":[{"name":STR,"sha256":HEX|null}...],
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import re
 import struct
@@ -150,6 +153,19 @@ class ProtocolError(Exception):
 
 
 # -- encodings --------------------------------------------------------------------------------------
+def address_range(ip: str) -> str:
+    """The range one party is assumed to control: /24 of IPv4 (an IPv4-mapped IPv6 address counts as
+    IPv4), /48 of IPv6 (a typical site allocation). Anything unparsable is its own range."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    prefix = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
 def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 

@@ -1,6 +1,9 @@
 """Web of Trust: signed, expiring attestations ("I vouch for this node"), revocations, and the rule by
 which a node decides, from its own anchor, which peers are valid. Pure logic: no I/O, time is passed in.
 
+Validity follows GnuPG's classic model (VALIDITY_RULE): a vouch makes a key valid only when its issuer is
+valid and this node's owner trusts it as an introducer (owner-trust, a local setting never shared).
+
 An attestation is signed by its issuer over a canonical encoding with a domain prefix, so a signature
 made for one purpose (a credit receipt, a catalog entry) can never be replayed as a vouch. Node ids carry
 their public key, so anything here can be checked from the id alone.
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -25,21 +28,25 @@ CLOCK_SKEW_SECS = 300  # an attestation dated this far in the future still count
 DEFAULT_MAX_DEPTH = 5  # GnuPG's default max-cert-depth
 DEFAULT_MARGINALS_NEEDED = 3  # GnuPG's default marginals-needed
 
+INTRODUCER_LEVELS = ("none", "marginal", "full")  # owner-trust: how far this node lets a key introduce
+
 VALIDITY_RULE = (
-    "A node decides validity from its own anchor (its own node id), never from a peer's opinion. "
-    "(1) The anchor is valid at depth 0. "
-    "(2) An attestation counts only if its issuer's signature verifies, its level is full or marginal, it "
-    "is not expired at evaluation time (issued_at - 300 s <= now < expires_at), and no revocation by the "
-    "same issuer supersedes it (one naming its serial, or one about the same subject issued at or after "
-    "it). Forged, expired and revoked attestations count for nothing. "
-    "(3) A key the anchor attests directly, at either level, is valid at depth 1: the anchor's own word is "
-    "enough. "
-    "(4) Any other key is valid at depth d (2 <= d <= max_depth) if keys valid at depths below d have made "
-    "at least one counting full attestation about it, or counting marginal attestations from at least "
-    "marginals_needed distinct keys; its depth is the smallest such d. Every valid key may introduce "
-    "others; the level of an attestation is how much weight its issuer puts on it. "
-    "(5) Nothing else is valid: a key reachable only by a path longer than max_depth edges, or vouched "
-    "for only by keys that are not themselves valid, is not."
+    "GnuPG's classic trust model. Validity (is this key who it says?) and owner-trust (how far this node "
+    "trusts a key to introduce others: none, marginal, full; set only by this node's owner and never sent "
+    "to anyone) are separate. "
+    "(1) The anchor (this node's own key) is valid at depth 0 and fully trusted as introducer. "
+    "(2) An attestation counts only if its issuer's signature verifies, it is not expired at evaluation time "
+    "(issued_at - 300 s <= now < expires_at), and no revocation by the same issuer supersedes it (one naming "
+    "its serial, or one about the same subject issued at or after it). Its level is the issuer's own note "
+    "and does not change its weight: the weight is this node's owner-trust in the issuer. "
+    "(3) A key the anchor attests is valid at depth 1: the owner vouched for it. "
+    "(4) Any other key is valid at depth d (2 <= d <= max_depth) if counting attestations about it come from "
+    "at least one introducer with full owner-trust, or from at least marginals_needed distinct introducers "
+    "with marginal owner-trust, where an introducer is a key valid at a depth below d; its depth is the "
+    "smallest such d. A valid key with owner-trust none (or none set) introduces nobody. "
+    "(5) Nothing else is valid: fewer marginals than needed leave a key not valid (GnuPG's 'marginal "
+    "validity' is reported, never acted on), as do paths longer than max_depth, vouches by keys that are "
+    "not valid, and loops of vouches that never reach the anchor."
 )
 
 
@@ -269,7 +276,7 @@ class Verdict:
     valid: bool
     depth: int | None
     path: tuple[str, ...]
-    introducers: tuple[tuple[str, str], ...]  # (issuer, level) that counted at the last hop
+    introducers: tuple[tuple[str, str], ...]  # (issuer, owner-trust) that counted at the last hop
     reasons: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -394,23 +401,25 @@ class TrustGraph:
         return len(self._attestations) + len(self._revocations)
 
     # -- validity -------------------------------------------------------------------------------------
-    def valid_keys(self, *, anchor: str, now: float, max_depth: int = DEFAULT_MAX_DEPTH,
+    def valid_keys(self, *, anchor: str, now: float, owner_trust: Mapping[str, str] | None = None,
+                   max_depth: int = DEFAULT_MAX_DEPTH,
                    marginals_needed: int = DEFAULT_MARGINALS_NEEDED) -> dict[str, int]:
         """Every key valid from `anchor` under VALIDITY_RULE, with its depth."""
-        return dict(self._compute(anchor, now, max_depth, marginals_needed).depth)
+        return dict(self._compute(anchor, now, owner_trust or {}, max_depth, marginals_needed).depth)
 
-    def is_valid(self, subject: str, *, anchor: str, now: float, max_depth: int = DEFAULT_MAX_DEPTH,
-                 marginals_needed: int = DEFAULT_MARGINALS_NEEDED) -> Verdict:
+    def is_valid(self, subject: str, *, anchor: str, now: float, owner_trust: Mapping[str, str] | None = None,
+                 max_depth: int = DEFAULT_MAX_DEPTH, marginals_needed: int = DEFAULT_MARGINALS_NEEDED) -> Verdict:
         """Decide `subject`'s validity from `anchor` under VALIDITY_RULE and explain it."""
         try:
             subject = validate_node_id(subject)
         except IdentityError as exc:
             return Verdict(subject, False, None, (), (), (str(exc),))
-        v = self._compute(anchor, now, max_depth, marginals_needed)
+        owner_trust = owner_trust or {}
+        v = self._compute(anchor, now, owner_trust, max_depth, marginals_needed)
         if subject in v.depth:
             return self._valid_verdict(subject, anchor, v)
         return Verdict(subject, False, None, (), (),
-                       tuple(self._refusal_reasons(subject, v, now, max_depth, marginals_needed)))
+                       tuple(self._refusal_reasons(subject, v, now, owner_trust, max_depth, marginals_needed)))
 
     def _counting(self, now: float) -> dict[str, list[Attestation]]:
         out: dict[str, list[Attestation]] = {}
@@ -419,7 +428,12 @@ class TrustGraph:
                 out.setdefault(att.subject, []).append(att)
         return out
 
-    def _compute(self, anchor: str, now: float, max_depth: int, marginals_needed: int) -> _Validity:
+    @staticmethod
+    def _introducer_level(issuer: str, anchor: str, owner_trust: Mapping[str, str]) -> str:
+        return "full" if issuer == anchor else owner_trust.get(issuer, "none")
+
+    def _compute(self, anchor: str, now: float, owner_trust: Mapping[str, str], max_depth: int,
+                 marginals_needed: int) -> _Validity:
         anchor = validate_node_id(anchor)
         if not _is_int(max_depth) or max_depth < 0:
             raise ValueError("max_depth must be an integer >= 0")
@@ -433,18 +447,17 @@ class TrustGraph:
         depth = {anchor: 0}
         introducers: dict[str, tuple[tuple[str, str], ...]] = {}
         parent: dict[str, str] = {}
+        # Only valid keys with owner-trust introduce; the frontier holds the newest such keys.
         frontier = {anchor}
-        # Layer by layer: the valid set only grows and is capped at max_depth layers, so cycles end.
+        # Layer by layer: the valid set only grows and is capped at max_depth layers, so loops end.
         for d in range(1, max_depth + 1):
             candidates = sorted({s for i in frontier for s in by_issuer.get(i, ())} - depth.keys())
             newly: dict[str, tuple[tuple[str, str], ...]] = {}
             for subject in candidates:
-                best: dict[str, str] = {}  # issuer -> strongest counting level among its attestations
-                for att in counting[subject]:
-                    if att.issuer in depth and best.get(att.issuer) != "full":
-                        best[att.issuer] = "full" if att.issuer == anchor else att.level
-                full = sorted(i for i, lv in best.items() if lv == "full")
-                marginal = sorted(i for i, lv in best.items() if lv == "marginal")
+                weight = {att.issuer: self._introducer_level(att.issuer, anchor, owner_trust)
+                          for att in counting[subject] if att.issuer in depth}
+                full = sorted(i for i, lv in weight.items() if lv == "full")
+                marginal = sorted(i for i, lv in weight.items() if lv == "marginal")
                 if full:
                     used = full
                 elif len(marginal) >= marginals_needed:
@@ -453,7 +466,7 @@ class TrustGraph:
                     continue
                 # Explain with the shallowest introducers first; ids break ties so output is stable.
                 used = sorted(used, key=lambda i: (depth[i], i))
-                newly[subject] = tuple((i, best[i]) for i in used)
+                newly[subject] = tuple((i, weight[i]) for i in used)
             if not newly:
                 break
             for subject, used in newly.items():
@@ -462,7 +475,7 @@ class TrustGraph:
                 # Some introducer is at depth d-1 (else the key would have been valid a layer earlier);
                 # following it makes the explained path exactly d edges long.
                 parent[subject] = min(i for i, _ in used if depth[i] == d - 1)
-            frontier = set(newly)
+            frontier = {k for k in newly if self._introducer_level(k, anchor, owner_trust) != "none"}
         return _Validity(depth, introducers, parent)
 
     def _valid_verdict(self, subject: str, anchor: str, v: _Validity) -> Verdict:
@@ -475,15 +488,16 @@ class TrustGraph:
         if d == 0:
             reason = "it is the anchor (this node)"
         elif d == 1:
-            reason = "attested directly by the anchor (at either level, the anchor's word is enough)"
+            reason = "vouched for by this node's owner"
         elif used[0][1] == "full":
-            reason = f"full attestation by {used[0][0]}, valid at depth {v.depth[used[0][0]]}"
+            reason = f"vouched for by {used[0][0]}, a fully trusted introducer valid at depth {v.depth[used[0][0]]}"
         else:
-            reason = f"{len(used)} marginal attestations by distinct valid keys: {', '.join(i for i, _ in used)}"
+            reason = (f"vouched for by {len(used)} marginally trusted introducers: "
+                      f"{', '.join(i for i, _ in used)}")
         return Verdict(subject, True, d, tuple(path), used, (reason,))
 
-    def _refusal_reasons(self, subject: str, v: _Validity, now: float, max_depth: int,
-                         marginals_needed: int) -> list[str]:
+    def _refusal_reasons(self, subject: str, v: _Validity, now: float, owner_trust: Mapping[str, str],
+                         max_depth: int, marginals_needed: int) -> list[str]:
         atts = self.attestations_about(subject)
         if not atts:
             return [f"no attestation about {subject} is known"]
@@ -491,7 +505,7 @@ class TrustGraph:
         marginal_from_valid: set[str] = set()
         for att in atts:
             state = self.status(att, now)
-            who = f"{att.level} attestation by {att.issuer} (serial {att.serial})"
+            who = f"vouch by {att.issuer} (serial {att.serial})"
             if state == "revoked":
                 rev = self.revocation_of(att)
                 reasons.append(f"{who} was revoked at {rev.issued_at if rev else '?'}")
@@ -504,9 +518,12 @@ class TrustGraph:
             elif v.depth[att.issuer] >= max_depth:
                 reasons.append(f"{who} does not count: its issuer is valid at depth {v.depth[att.issuer]}, "
                                f"so the path would exceed max_depth {max_depth}")
+            elif owner_trust.get(att.issuer, "none") == "none":
+                reasons.append(f"{who} does not count: its issuer is valid but not trusted to introduce "
+                               "(owner-trust none; `trust set ID --introducer marginal|full`)")
             else:
                 marginal_from_valid.add(att.issuer)
         if marginal_from_valid:
-            reasons.append(f"{len(marginal_from_valid)} marginal attestation(s) from distinct valid keys, "
-                           f"{marginals_needed} needed (or one full)")
+            reasons.append(f"marginal validity only: {len(marginal_from_valid)} marginally trusted "
+                           f"introducer(s), {marginals_needed} needed (or one fully trusted)")
         return reasons

@@ -147,7 +147,8 @@ class LedgerStore(SqliteStore):
     def accept_commitment(self, commitment: PaymentCommitment, *, min_amount: float = 0.0,
                           now: float | None = None) -> None:
         """Before doing any work: verify the asker's commitment (signature, addressed here, unexpired, at
-        least `min_amount`) and store its query id, so the same commitment is refused forever after."""
+        least `min_amount`, within the asker's credit line: credits.CREDIT_LINE_RULE) and store its query
+        id, so the same commitment is refused forever after. Raises CreditError (CreditLineExceeded...)."""
         with self._lock:
             self._check_usable()
             self._ledger.check_accept(commitment, now=self._now(now), min_amount=to_micro(min_amount))
@@ -184,6 +185,12 @@ class LedgerStore(SqliteStore):
         """Raise InsufficientCredit (with EARN_HINT) unless `amount` credits can be committed now."""
         with self._lock:
             self._ledger.require_credit(to_micro(amount), self._now(now))
+
+    def credit_line(self, asker: str, now: float | None = None) -> dict[str, float]:
+        """The credit line this node extends to `asker` (credits.CREDIT_LINE_RULE), in credits."""
+        with self._lock:
+            line = self._ledger.credit_line(validate_node_id(asker), self._now(now))
+            return {k: from_micro(v) for k, v in line.items()}
 
     def score(self, peer: str) -> dict[str, Any]:
         """credits.SCORE_FORMULA for `peer`, with its inputs (for /api/score/{peer})."""

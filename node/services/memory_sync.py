@@ -108,6 +108,7 @@ class MemorySync:
         push_timeout: float = 30.0,
         sync_timeout: float = 30.0,
         max_sync_bytes: int = MAX_SYNC_BYTES,
+        peer_filter: Callable[[str], bool] | None = None,
     ):
         if store.namespace != namespace:
             # The one guard against a public store answering on private handlers, or the reverse.
@@ -117,6 +118,8 @@ class MemorySync:
         self.store, self.mesh, self.namespace = store, mesh, namespace
         self.interval, self.penalty_limit, self.ban_secs = interval, penalty_limit, ban_secs
         self.push_timeout, self.sync_timeout, self.max_sync_bytes = push_timeout, sync_timeout, max_sync_bytes
+        # The public mesh syncs only with peers its Web of Trust finds valid (neither pulls nor pushes).
+        self.peer_filter = peer_filter
         self.update_method = f"memory.{namespace}.update"
         self.sync_method = f"memory.{namespace}.sync"
         self.hint_method = f"memory.{namespace}.hint"
@@ -226,7 +229,7 @@ class MemorySync:
                 self._enqueue(peer, update)
 
     def _enqueue(self, peer: str, update: bytes) -> None:
-        if self._stopping:
+        if self._stopping or (self.peer_filter is not None and not self.peer_filter(peer)):
             return
         box = self._outboxes.get(peer)
         if box is None:
@@ -291,7 +294,7 @@ class MemorySync:
     # -- pulling ------------------------------------------------------------------------------------
     def request_sync(self, peer: str) -> None:
         """Pull what we lack from `peer` soon; calls made while one runs collapse into one more run."""
-        if self._stopping:
+        if self._stopping or (self.peer_filter is not None and not self.peer_filter(peer)):
             return
         task = self._pulls.get(peer)
         if task is not None and not task.done():

@@ -7,6 +7,10 @@ peers (static, mDNS, Tailscale, peer exchange), and a request/response RPC layer
     async with mesh.stream(node_id, "name", payload, timeout=30) as chunks:
         async for chunk in chunks: ...
 
+A mesh may be given a `gate` (the public mesh's PublicGate): it decides, per peer, which RPCs are served,
+whether the peer is passed on and listened to in peer exchange, and how many bytes it may send. The
+private mesh has none: every peer there holds the network secret.
+
 Payloads are JSON values or bytes. Errors: PeerNotConnected / PeerGone (the link died mid-call: raised
 within the heartbeat bound), RpcTimeout, RemoteError (code, message), MessageTooLarge.
 """
@@ -20,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from pinkybrain.node.core.channel import OVERHEAD, RateLimits
@@ -162,6 +166,16 @@ class MeshSettings:
         )
 
 
+class PeerGate(Protocol):
+    """Per-peer admission for a mesh whose peers are not all trusted (see services/public_gate.py)."""
+
+    def trusted(self, peer_id: str) -> bool: ...
+
+    def refuse_request(self, peer_id: str, method: str) -> str | None: ...
+
+    def admit_bytes(self, peer_id: str, size: int) -> bool: ...
+
+
 @dataclass
 class DialTarget:
     url: str
@@ -191,8 +205,10 @@ class Mesh:
         discovery_provider: Callable[[], Iterable[dict]] | None = None,
         tailscale: bool = False,
         url_path: str = "/p2p",
+        gate: PeerGate | None = None,
     ):
         self.identity = identity
+        self.gate = gate
         self.url_path = url_path  # the WebSocket route peers dial; /p2p/public for the public mesh
         self.node_id = identity.node_id
         self._psk = derive_psk(secret)
@@ -697,16 +713,22 @@ class Mesh:
                 link.send_nowait({"t": "peers", "peers": self._pex_entries(exclude=link.peer_id)})
 
     def _pex_entries(self, *, exclude: str) -> list[dict]:
-        # Stealth peers are never passed on, whatever address we know them by.
+        # Stealth peers are never passed on, whatever address we know them by; behind a gate, neither are
+        # peers it does not trust.
+        gate = self.gate
         return [
             {"id": link.peer_id, "url": link.url}
             for link in self._links.values()
             if link.peer_id != exclude and link.url and not link.stealth and not link.closing
+            and (gate is None or gate.trusted(link.peer_id))
         ][:MAX_PEX_ENTRIES]
 
     def _on_peers(self, link: Link, msg: dict) -> None:
         entries = msg.get("peers")
         if not self.settings.peer_exchange or not isinstance(entries, list):
+            return
+        if self.gate is not None and not self.gate.trusted(link.peer_id):
+            self.rejected["peers_from_untrusted"] += 1  # nobody it names is dialled on its word
             return
         for entry in entries[:MAX_PEX_ENTRIES]:
             if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):

@@ -656,6 +656,10 @@ class Link:
         while True:
             data = await self.transport.recv()
             self.counters["bytes_in"] += len(data)
+            gate = self.mesh.gate
+            if gate is not None and not gate.admit_bytes(self.peer_id, len(data)):
+                self.close("over the traffic budget of a peer this node does not trust", CLOSE_RATE)
+                return
             try:
                 _, plaintext = self.channel.open(data)
             except FrameRejected as exc:
@@ -844,6 +848,11 @@ class Link:
             self.send_nowait(
                 {"t": "rpc.err", "id": cid, "code": "busy", "message": "too many calls in flight"}
             )
+            return
+        gate = self.mesh.gate
+        refusal = gate.refuse_request(self.peer_id, method) if gate is not None else None
+        if refusal is not None:
+            self.send_nowait({"t": "rpc.err", "id": cid, "code": "not_trusted", "message": refusal[:500]})
             return
         handler = self.mesh._handlers.get(method)
         if handler is None:

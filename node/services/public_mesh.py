@@ -10,8 +10,14 @@ public peers are authenticated by node id alone. The PSK only keeps the two netw
 the private secret fails a public handshake at message 1, and a public dialler fails on /p2p. The public
 Mesh registers only public handlers: `mesh.echo`, `mesh.info` (load, guard, signed entries of shared
 models), `infer.chat` / `infer.stream`, `trust.exchange`, and the public memory namespace (its own
-store file, memory-public.sqlite3). The private memory, conversations and private mesh are never
+store file, memory-public.sqlite3; services/public_memory.py signs what this node writes there and
+shows only what valid writers signed). The private memory, conversations and private mesh are never
 attached to it.
+
+Gating (services/public_gate.py). A peer this node's Web of Trust does not find valid gets the handshake
+and `trust.exchange`, within a byte and request budget, and nothing else: every other RPC (queries, public
+memory sync and pushes, mesh.info) is refused `not_trusted`, memory sync neither pulls from nor pushes to
+it, peer exchange never names it and ignores what it names. Refusals are logged as operational events.
 
 Finding peers. Every `mesh.public_peer_refresh_secs` the tracker's list (signed records, checked here) is
 read and listed peers are dialled: by their announced address, or through a tracker relay circuit when
@@ -72,6 +78,8 @@ from pinkybrain.node.services.mesh import (
     normalize_peer_url,
 )
 from pinkybrain.node.services.peer_link import CLOSE_TRY_LATER
+from pinkybrain.node.services.public_gate import TRUST_EXCHANGE, PublicGate, ValidityCache
+from pinkybrain.node.services.public_memory import SignedPublicMemory
 from pinkybrain.node.services.remote import RemoteInference
 from pinkybrain.node.services.tracker_client import TrackerClient, TrackerError
 
@@ -80,7 +88,6 @@ log = logging.getLogger("pinkybrain.public")
 # Known to everyone on purpose: it only keeps public links apart from private ones; identities authenticate.
 PUBLIC_MESH_SECRET = "pinkybrain-public-mesh-v1"  # noqa: S105
 PUBLIC_PATH = "/p2p/public"
-TRUST_EXCHANGE = "trust.exchange"
 MAX_TRUST_ITEMS = 2000  # statements per exchange: about 1 MiB, a frame's worth
 TRUST_TIMEOUT = 15.0
 DIAL_BACKOFF_MAX = 300.0
@@ -109,13 +116,15 @@ def advertised_url(cfg, bind_host: str, port: int) -> str | None:
 class PublicInference(RemoteInference):
     """Remote inference on the public mesh: Web of Trust gates, credits pay (see the module docstring)."""
 
-    def __init__(self, runtime, mesh):
+    def __init__(self, runtime, mesh, validity: ValidityCache | None = None):
         super().__init__(runtime, mesh)
+        self.validity = validity if validity is not None else ValidityCache(runtime.trust)
         # The commitment must outlive the longest query, failovers included, or its receipt would be late.
         self.commitment_ttl = int(self.timeout) + 60
+        self.log_serving = bool(runtime.cfg["logging.public_mesh"])
 
     def _valid(self, node_id: str) -> bool:
-        return self.runtime.trust.is_valid(node_id).valid
+        return node_id in self.validity
 
     def _price(self) -> float:
         return float(self.runtime.cfg["credit.earn_per_query"])
@@ -174,6 +183,8 @@ class PublicMesh:
         self.trust_secs = float(cfg["mesh.trust_refresh_secs"])
         self.ttl = int(cfg["mesh.announce_ttl_secs"])
         self.level = logging.INFO if cfg["logging.public_mesh"] else logging.DEBUG
+        self.validity = ValidityCache(runtime.trust)
+        self.gate: PublicGate | None = None
         self.mesh: Mesh | None = None
         self.client: TrackerClient | None = None
         self.inference: PublicInference | None = None
@@ -247,21 +258,25 @@ class PublicMesh:
         if self.address:
             parts = urlsplit(self.address)
             host, port = parts.hostname or host, parts.port or port
+        self.gate = gate = PublicGate(self.validity)
         mesh = Mesh(runtime.identity, PUBLIC_MESH_SECRET, name=cfg.node_name, version=runtime.version,
                     listen_host=host, listen_port=port, stealth=self.stealth, settings=settings,
-                    status_provider=self._status, url_path=PUBLIC_PATH)
+                    status_provider=self._status, url_path=PUBLIC_PATH, gate=gate)
         mesh.register_handler(TRUST_EXCHANGE, self._serve_trust)
-        self.inference = PublicInference(runtime, mesh)
-        self._unhook = [mesh.on_link_up(self._link_up)]
+        self.inference = PublicInference(runtime, mesh, self.validity)
+        self._unhook = [mesh.on_link_up(self._link_up), mesh.on_link_down(gate.forget)]
         from pinkybrain.node.services.memory_store import MemoryStore
         from pinkybrain.node.services.memory_sync import MemorySync
 
         # Its own store file: the private memory is never attached to this mesh.
-        self.memory = await asyncio.to_thread(MemoryStore.open, runtime.data_dir / "memory", "public",
-                                              cfg["memory.max_key_bytes"], cfg["memory.max_value_bytes"])
-        self.memory_sync = MemorySync(self.memory, mesh, namespace="public",
+        store = await asyncio.to_thread(MemoryStore.open, runtime.data_dir / "memory", "public",
+                                        cfg["memory.max_key_bytes"], cfg["memory.max_value_bytes"])
+        # What this node's user reads and writes: signed entries, shown only from valid writers.
+        self.memory = SignedPublicMemory(store, runtime.identity, self._valid)
+        self.memory_sync = MemorySync(store, mesh, namespace="public",
                                       interval=cfg["memory.sync_interval_secs"],
-                                      penalty_limit=cfg["memory.penalty_limit"], ban_secs=cfg["memory.ban_secs"])
+                                      penalty_limit=cfg["memory.penalty_limit"], ban_secs=cfg["memory.ban_secs"],
+                                      peer_filter=gate.trusted)
         self.memory_sync.start()
         self.mesh = mesh
         await mesh.start()
@@ -396,7 +411,7 @@ class PublicMesh:
 
     # -- Web of Trust exchange ---------------------------------------------------------------------------
     def _valid(self, node_id: str) -> bool:
-        return self.runtime.trust.is_valid(node_id).valid
+        return node_id in self.validity
 
     def _link_up(self, peer: str) -> None:
         if self.stealth and not self._valid(peer):
@@ -483,6 +498,7 @@ class PublicMesh:
             "relay_circuits": len(client.circuits()) if client is not None else 0,
             "listed_by_tracker": self.listed,
             "memory": self.memory_sync.state() if self.memory_sync is not None else None,
+            "refused_untrusted": dict(self.gate.stats) if self.gate is not None else {},
             "last_error": self.last_error,
         }
 

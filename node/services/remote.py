@@ -118,6 +118,9 @@ class RemoteInference:
         self.replay = ReplayGuard()
         self.timeout = float(runtime.cfg["p2p.remote_timeout_secs"])
         self.serving = 0
+        # Whether serving a query leaves log lines (peer, model, timing; never text). The public mesh turns
+        # this off unless logging.public_mesh is on: a stranger's use of this node leaves no trace.
+        self.log_serving = True
         self._verified: OrderedDict[bytes, bool] = OrderedDict()  # catalog entries already checked
         self.mesh.register_handler(CHAT, self._serve_chat)
         self.mesh.register_handler(STREAM, self._serve_stream)
@@ -322,11 +325,15 @@ class RemoteInference:
             raise RpcError("not_shared", f"the shared model {shown!r} changed since it was shared")
         return "local", path
 
+    def _serve_log(self, level: int, msg: str, *args) -> None:
+        if self.log_serving:
+            log.log(level, msg, *args)
+
     async def _serve_chat(self, ctx, payload) -> bytes:
         job = self._admit(ctx, payload)
         self.serving += 1
         start = time.perf_counter()
-        log.info("serving a remote query from %s on %s", job.sender[:7], job.model)
+        self._serve_log(logging.INFO, "serving a remote query from %s on %s", job.sender[:7], job.model)
         try:
             brain = self.runtime.brain
             try:
@@ -339,10 +346,12 @@ class RemoteInference:
                     text = result.text
                     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
             except (InferenceError, CloudError, OSError, ValueError, IndexError) as exc:
-                log.warning("remote query from %s on %s failed: %s", job.sender[:7], job.model, type(exc).__name__)
+                self._serve_log(logging.WARNING, "remote query from %s on %s failed: %s", job.sender[:7], job.model,
+                                type(exc).__name__)
                 raise RpcError("inference_failed", _one_line(exc)) from None
             elapsed = round((time.perf_counter() - start) * 1000, 1)
-            log.info("served a remote query from %s on %s in %.0f ms", job.sender[:7], job.model, elapsed)
+            self._serve_log(logging.INFO, "served a remote query from %s on %s in %.0f ms", job.sender[:7],
+                            job.model, elapsed)
             return self.sealer.seal(job.sender, REPLY, {
                 "qid": job.qid, "text": text, "usage": usage, "model": job.model,
                 "node": self.runtime.identity.node_id, "elapsed_ms": elapsed,
@@ -354,7 +363,7 @@ class RemoteInference:
         job = self._admit(ctx, payload)
         self.serving += 1
         start = time.perf_counter()
-        log.info("serving a remote stream from %s on %s", job.sender[:7], job.model)
+        self._serve_log(logging.INFO, "serving a remote stream from %s on %s", job.sender[:7], job.model)
         seq = 0
         texts: list[str] = []
         try:
@@ -373,12 +382,14 @@ class RemoteInference:
                     yield self.sealer.seal(job.sender, CHUNK, {"qid": job.qid, "seq": seq, "text": piece})
                     seq += 1
             except (InferenceError, CloudError, OSError, ValueError, IndexError) as exc:
-                log.warning("remote stream from %s on %s failed: %s", job.sender[:7], job.model, type(exc).__name__)
+                self._serve_log(logging.WARNING, "remote stream from %s on %s failed: %s", job.sender[:7],
+                                job.model, type(exc).__name__)
                 raise RpcError("inference_failed", _one_line(exc)) from None
             finally:
                 await pieces.aclose()
             elapsed = round((time.perf_counter() - start) * 1000, 1)
-            log.info("served a remote stream from %s on %s in %.0f ms", job.sender[:7], job.model, elapsed)
+            self._serve_log(logging.INFO, "served a remote stream from %s on %s in %.0f ms", job.sender[:7],
+                            job.model, elapsed)
             yield self.sealer.seal(job.sender, CHUNK, {
                 "qid": job.qid, "seq": seq, "done": True, "model": job.model,
                 "node": self.runtime.identity.node_id, "elapsed_ms": elapsed,

@@ -69,6 +69,7 @@ from pinkybrain.node.core.tracker_protocol import (
     AnnounceRecord,
     ListQuery,
     ProtocolError,
+    address_range,
     b64encode,
     canonical_tracker_url,
     check_auth,
@@ -108,10 +109,12 @@ class TrackerSettings:
     list_burst: float = 20.0
     other_rate: float = 10.0
     other_burst: float = 30.0
-    # New node ids per client address: records outlive sessions, so without this one address could
-    # fill the store by logging in again and again with fresh keys.
+    # Sybil limits, per address range (tracker_protocol.address_range: /24, /48). New node ids: records
+    # outlive sessions, so without this one range could fill the store by logging in again and again
+    # with fresh keys. Records held: whatever the rate, one range never holds more than this many.
     ip_new_record_rate: float = 1.0
     ip_new_record_burst: float = 64.0
+    max_records_per_range: int = 1024
     relay_rate: float = 1000.0  # frames per second
     relay_burst: float = 2000.0
     relay_bytes_rate: float = 8 * 1024 * 1024
@@ -169,9 +172,12 @@ class _Stored:
 class RecordStore:
     """Verified records by node id, with a sorted index of the listable (non-stealth) ones."""
 
-    def __init__(self, max_records: int):
+    def __init__(self, max_records: int, *, max_per_range: int | None = None):
         self.max_records = max_records
+        self.max_per_range = max_per_range
         self._records: dict[str, _Stored] = {}
+        self._range_of: dict[str, str] = {}  # node id -> the address range that first announced it
+        self._per_range: Counter = Counter()
         self._ids: list[str] = []  # listable ids, sorted: stable pagination by id
         self._by_model: dict[str, set[str]] = {}
         self._expiry: list[tuple[float, str, int]] = []
@@ -188,7 +194,7 @@ class RecordStore:
     def listable(self) -> int:
         return len(self._ids)
 
-    def put(self, record: AnnounceRecord, now: float) -> float:
+    def put(self, record: AnnounceRecord, now: float, source_range: str | None = None) -> float:
         node_id = record.node_id
         old = self._records.get(node_id)
         if old is not None and record.seq <= old.seq:
@@ -200,6 +206,12 @@ class RecordStore:
             self.sweep(now)
             if len(self._records) >= self.max_records:
                 raise ProtocolError(E_FULL, "the tracker holds as many records as it may")
+        if old is None and source_range is not None and self.max_per_range is not None:
+            if self._per_range[source_range] >= self.max_per_range:
+                self.sweep(now)
+                if self._per_range[source_range] >= self.max_per_range:
+                    raise ProtocolError(E_RATE_LIMITED, f"this address range ({source_range}) holds as many "
+                                                        "records as it may; try later")
         # A record cannot outlive the maximum TTL from now, whatever the signer's clock said.
         expires = min(float(record.expires_at), now + MAX_TTL_SECS)
         stored = _Stored(
@@ -213,6 +225,9 @@ class RecordStore:
         )
         if old is not None:
             self._unindex(node_id, old)
+        elif source_range is not None:
+            self._range_of[node_id] = source_range
+            self._per_range[source_range] += 1
         self._records[node_id] = stored
         self._index(node_id, stored)
         heapq.heappush(self._expiry, (expires, node_id, record.seq))
@@ -223,11 +238,19 @@ class RecordStore:
         if old is None:
             return False
         self._unindex(node_id, old)
+        self._release_range(node_id)
         self._tombstones[node_id] = (old.seq, now + MAX_TTL_SECS + MAX_CLOCK_SKEW_SECS)
         self._tombstones.move_to_end(node_id)
         while len(self._tombstones) > self.max_records:
             self._tombstones.popitem(last=False)
         return True
+
+    def _release_range(self, node_id: str) -> None:
+        source = self._range_of.pop(node_id, None)
+        if source is not None:
+            self._per_range[source] -= 1
+            if self._per_range[source] <= 0:
+                del self._per_range[source]
 
     def _index(self, node_id: str, stored: _Stored) -> None:
         if stored.stealth:
@@ -257,6 +280,7 @@ class RecordStore:
             if stored is not None and stored.seq == seq and stored.expires <= now:
                 del self._records[node_id]
                 self._unindex(node_id, stored)
+                self._release_range(node_id)
                 dropped += 1
         while self._tombstones:
             node_id, (_, until) = next(iter(self._tombstones.items()))
@@ -383,7 +407,7 @@ class _Session:
 class Tracker:
     def __init__(self, settings: TrackerSettings | None = None):
         self.settings = settings or TrackerSettings()
-        self.store = RecordStore(self.settings.max_records)
+        self.store = RecordStore(self.settings.max_records, max_per_range=self.settings.max_records_per_range)
         self.sessions: dict[str, _Session] = {}  # authenticated, by node id
         self._by_key: dict[bytes, _Session] = {}
         self._per_ip: Counter = Counter()
@@ -666,9 +690,10 @@ class Tracker:
         record = parse_record(msg.get("record"), now=now, skew=self.settings.clock_skew)
         if record.node_id != s.node_id:
             raise ProtocolError(E_NOT_YOURS, "a session announces only its own node id")
-        if record.node_id not in self.store and not self._ip_bucket(s.ip).take():
-            raise ProtocolError(E_RATE_LIMITED, "too many new records from this address; try later")
-        expires = self.store.put(record, now)
+        source = address_range(s.ip)
+        if record.node_id not in self.store and not self._ip_bucket(source).take():
+            raise ProtocolError(E_RATE_LIMITED, "too many new records from this address range; try later")
+        expires = self.store.put(record, now, source)
         self.stats["announces"] += 1
         return dumps({"type": "ok", "id": rid, "op": "announce", "expires_at": int(expires)})
 

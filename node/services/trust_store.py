@@ -2,7 +2,9 @@
 SQLite (WAL, synchronous=FULL) before the call returns, loaded into a TrustGraph at open.
 
 trust.sqlite3 holds signed statements only, as canonical JSON; every signature is checked again at open,
-so an edited row is reported as damage instead of changing who is trusted. Moving a damaged file aside
+so an edited row is reported as damage instead of changing who is trusted. Owner-trust (how far the
+owner trusts a key to introduce others: none, marginal, full) is this node's own setting, kept in the same
+file and never sent to anyone. Moving a damaged file aside
 loses this node's own vouches (re-vouch your peers); peers' statements come back at the next exchange.
 """
 
@@ -20,6 +22,7 @@ from pinkybrain.node.core.trust import (
     DEFAULT_MARGINALS_NEEDED,
     DEFAULT_MAX_DEPTH,
     DEFAULT_TTL_SECS,
+    INTRODUCER_LEVELS,
     VALIDITY_RULE,
     Attestation,
     MergeResult,
@@ -77,7 +80,10 @@ CREATE TABLE revocations (
     data TEXT NOT NULL,
     PRIMARY KEY (issuer, serial)
 );
+CREATE TABLE owner_trust (subject TEXT PRIMARY KEY, level TEXT NOT NULL);
 """
+# Added after format 1 first shipped: created on open when an older file lacks it (nothing to migrate).
+_OWNER_TRUST_TABLE = "CREATE TABLE IF NOT EXISTS owner_trust (subject TEXT PRIMARY KEY, level TEXT NOT NULL)"
 _TRUST_SPEC = DbSpec("trust store", _TRUST_SCHEMA, ("meta", "attestations", "revocations"), TRUST_FORMAT,
                      TrustStoreError, TrustStoreCorrupt, TrustStoreLocked)
 
@@ -91,12 +97,16 @@ class TrustStore(SqliteStore):
     error = TrustStoreError
 
     def __init__(self, path: Path, conn: sqlite3.Connection, graph: TrustGraph, anchor: str, max_depth: int,
-                 marginals_needed: int, clock: Clock):
+                 marginals_needed: int, clock: Clock, owner_trust: dict[str, str] | None = None):
         super().__init__(path, conn, clock)
         self.anchor = anchor
         self.max_depth = max_depth
         self.marginals_needed = marginals_needed
         self._graph = graph
+        self._owner_trust: dict[str, str] = dict(owner_trust or {})
+        # Bumped on every change, so callers may cache what they computed from the store (validity also
+        # changes with time: vouches expire, so caches must age out too).
+        self.revision = 0
 
     @classmethod
     def open(cls, directory: Path, anchor: str, *, max_depth: int = DEFAULT_MAX_DEPTH,
@@ -113,18 +123,21 @@ class TrustStore(SqliteStore):
         conn, _meta = open_db(_TRUST_SPEC, path, {})
         try:
             graph = _load_graph(conn, path)
+            conn.execute(_OWNER_TRUST_TABLE)
+            owner_trust = _load_owner_trust(conn, path)
         except sqlite3.Error as exc:
             conn.close()
             raise sqlite_failure(_TRUST_SPEC, path, exc) from exc
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn, graph, anchor, max_depth, marginals_needed, clock)
+        return cls(path, conn, graph, anchor, max_depth, marginals_needed, clock, owner_trust)
 
     # -- this node's own statements -------------------------------------------------------------------
-    def vouch(self, identity: Identity, subject: str, level: str, *, ttl: int = DEFAULT_TTL_SECS,
+    def vouch(self, identity: Identity, subject: str, level: str = "full", *, ttl: int = DEFAULT_TTL_SECS,
               now: float | None = None) -> Attestation:
-        """`trust vouch ID --level full|marginal`: sign and store an attestation; return it."""
+        """`trust vouch ID`: sign and store an attestation (this node's owner says the key is who it claims
+        to be: it becomes valid here); return it. `level` is a note for others, not a weight."""
         with self._lock:
             self._check_usable()
             now = self._now(now)
@@ -151,6 +164,38 @@ class TrustStore(SqliteStore):
             rev = Revocation.sign(identity, subject, now=self._now(now), attestation_serial=attestation_serial)
             self._persist([rev])
             return rev
+
+    def set_owner_trust(self, subject: str, level: str) -> None:
+        """`trust set ID --introducer none|marginal|full`: how far this node trusts `subject` to introduce
+        others. Local only; it matters once `subject` is valid."""
+        if level not in INTRODUCER_LEVELS:
+            raise TrustError(f"introducer trust must be one of {', '.join(INTRODUCER_LEVELS)}, not {level!r}")
+        try:
+            subject = validate_node_id(subject)
+        except IdentityError as exc:
+            raise TrustError(str(exc)) from None
+        if subject == self.anchor:
+            raise TrustError("this node's own key is always fully trusted: it is the anchor")
+        with self._lock:
+            self._check_usable()
+            with write_transaction(_TRUST_SPEC, self.path, self._conn) as conn:
+                if level == "none":
+                    conn.execute("DELETE FROM owner_trust WHERE subject = ?", (subject,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO owner_trust (subject, level) VALUES (?, ?)",
+                                 (subject, level))
+            if level == "none":
+                self._owner_trust.pop(subject, None)
+            else:
+                self._owner_trust[subject] = level
+            self.revision += 1
+
+    def owner_trust(self, subject: str | None = None) -> Any:
+        """The owner-trust of `subject` ('none' when unset), or with no argument a copy of the whole map."""
+        with self._lock:
+            if subject is None:
+                return dict(self._owner_trust)
+            return self._owner_trust.get(subject, "none")
 
     # -- statements from anywhere ---------------------------------------------------------------------
     def add(self, item: Statement | dict[str, Any]) -> bool:
@@ -220,7 +265,8 @@ class TrustStore(SqliteStore):
         with self._lock:
             self._check_usable()
             return self._graph.is_valid(subject, anchor=self.anchor, now=self._now(now),
-                                        max_depth=self.max_depth, marginals_needed=self.marginals_needed)
+                                        owner_trust=self._owner_trust, max_depth=self.max_depth,
+                                        marginals_needed=self.marginals_needed)
 
     def valid_keys(self, *, now: float | None = None) -> dict[str, int]:
         """Every valid node id with its depth (the anchor at 0)."""
@@ -238,6 +284,7 @@ class TrustStore(SqliteStore):
             return {
                 **verdict.to_dict(),
                 "anchor": self.anchor,
+                "introducer": self._owner_trust.get(verdict.subject, "none"),
                 "max_depth": self.max_depth,
                 "marginals_needed": self.marginals_needed,
                 "attestations": [{**a.to_dict(), "status": self._graph.status(a, now)} for a in atts],
@@ -282,6 +329,7 @@ class TrustStore(SqliteStore):
                                  (item.issuer, item.serial))
             for item in old:
                 self._graph.remove(item)
+            self.revision += 1
             return len(old)
 
     def __len__(self) -> int:
@@ -290,8 +338,8 @@ class TrustStore(SqliteStore):
 
     # -- internals ------------------------------------------------------------------------------------
     def _valid_in(self, graph: TrustGraph, now: float) -> dict[str, int]:
-        return graph.valid_keys(anchor=self.anchor, now=now, max_depth=self.max_depth,
-                                marginals_needed=self.marginals_needed)
+        return graph.valid_keys(anchor=self.anchor, now=now, owner_trust=self._owner_trust,
+                                max_depth=self.max_depth, marginals_needed=self.marginals_needed)
 
     def _persist(self, items: list[Statement]) -> None:
         """Write `items` in one transaction, then (only then) add them to the graph."""
@@ -304,6 +352,20 @@ class TrustStore(SqliteStore):
                              "VALUES (?, ?, ?, ?)", (item.issuer, item.serial, item.subject, dumps(item.to_dict())))
         for item in items:
             self._graph.add(item)
+        self.revision += 1
+
+
+def _load_owner_trust(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
+    out = {}
+    for subject, level in conn.execute("SELECT subject, level FROM owner_trust").fetchall():
+        try:
+            canonical = validate_node_id(subject)
+        except IdentityError:
+            canonical = None
+        if canonical != subject or level not in INTRODUCER_LEVELS:
+            raise TrustStoreCorrupt(path, f"owner_trust row ({subject!r}, {level!r}) is not a node id and level")
+        out[subject] = level
+    return out
 
 
 def _load_graph(conn: sqlite3.Connection, path: Path) -> TrustGraph:
