@@ -7,15 +7,18 @@
 #   ./install.sh --no-start   install, but do not start the node
 #   ./install.sh --dev        install with the test tools; no identity, config or node (for running tests)
 #   sudo ./install.sh --system  install to /opt/pinkybrain and run it as the `pinkybrain` systemd service
+#   ./install.sh --openclaw   after one of the above: put `pinkybrain` on PATH (~/.local/bin) and install
+#                             the skill into OpenClaw (only the files .clawhubignore keeps: no .venv, no model)
 set -euo pipefail
 
-DEV=0 START=1 SYSTEM=0
+DEV=0 START=1 SYSTEM=0 OPENCLAW=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 START=0 ;;
     --no-start) START=0 ;;
     --system) SYSTEM=1 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --openclaw) OPENCLAW=1 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -27,6 +30,30 @@ die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 or newer"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is required"
+
+# Put `pinkybrain` on PATH the way pipx does.
+link_command() {
+  mkdir -p "$HOME/.local/bin"
+  ln -sf "$ROOT/.venv/bin/pinkybrain" "$HOME/.local/bin/pinkybrain"
+  case ":$PATH:" in
+    *":$HOME/.local/bin:"*) ;;
+    *) say "add ~/.local/bin to PATH to type \`pinkybrain\` (or use $ROOT/.venv/bin/pinkybrain)" ;;
+  esac
+}
+
+if [[ $OPENCLAW == 1 ]]; then
+  # The skill is SKILL.md (plus README.md); OpenClaw copies whatever folder it is given, so it gets a
+  # bundle of just those files, never the checkout with its .venv, .git and model.
+  [[ -x "$ROOT/.venv/bin/pinkybrain" ]] || die "run ./install.sh (or ./install.sh --dev) first: $ROOT/.venv/bin/pinkybrain is missing"
+  command -v openclaw >/dev/null || die "openclaw not found on PATH (npm install -g openclaw; it needs Node 24)"
+  link_command
+  STAGE="$(mktemp -d)"
+  trap 'rm -rf "$STAGE"' EXIT
+  "$ROOT/.venv/bin/python" -m pinkybrain.skill.bundle --root "$ROOT" --out "$STAGE/pinkybrain"
+  openclaw skills install "$STAGE/pinkybrain" --as pinkybrain --force
+  say "installed; check it with: openclaw skills info pinkybrain"
+  exit 0
+fi
 
 if [[ $SYSTEM == 1 ]]; then
   [[ $(id -u) == 0 ]] || die "--system needs root (sudo ./install.sh --system)"
@@ -114,13 +141,7 @@ if [[ ! -f "$PINKYBRAIN_HOME/pinkybrain.yaml" && -z "${PINKYBRAIN_CONFIG:-}" ]];
   "$PB" config init --no-interactive --shared-models-dir "$ROOT/shared_models"
 fi
 
-# Put `pinkybrain` on PATH the way pipx does.
-mkdir -p "$HOME/.local/bin"
-ln -sf "$PB" "$HOME/.local/bin/pinkybrain"
-case ":$PATH:" in
-  *":$HOME/.local/bin:"*) ;;
-  *) say "add ~/.local/bin to PATH to type \`pinkybrain\` (or use $PB)" ;;
-esac
+link_command
 
 if [[ $START == 1 ]]; then
   if out=$("$PB" serve --daemon 2>&1); then
