@@ -329,7 +329,9 @@ def openai_key(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 
 # -- openapi ----------------------------------------------------------------------------------------
-def openapi() -> None:
+def openapi(
+    as_json: Annotated[bool, typer.Option("--json", help="accepted for uniformity: the output is JSON")] = False,
+) -> None:
     """Print the OpenAPI description of the node API."""
     from pinkybrain.node.api.app import describe_api
 

@@ -774,14 +774,14 @@ def run_tracker(
     async def main() -> None:
         tracker = Tracker(settings)
         await tracker.start()
-        if on_ready is not None:
-            on_ready({"host": settings.host, "port": settings.port, "url": settings.advertised_url(),
-                      "pid": os.getpid()})
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:  # after the handlers: whoever reads it may stop the tracker at once
+            on_ready({"host": settings.host, "port": settings.port, "url": settings.advertised_url(),
+                      "pid": os.getpid()})
         await stop.wait()
         await tracker.stop()
 
