@@ -72,6 +72,10 @@ if [[ $SYSTEM == 1 ]]; then
     runuser -u pinkybrain -- env PINKYBRAIN_HOME=/var/lib/pinkybrain "$DEST/.venv/bin/pinkybrain" config init \
       --no-interactive --shared-models-dir "$DEST/shared_models" --path /var/lib/pinkybrain/pinkybrain.yaml
   fi
+  # The unit runs the release /var/lib/pinkybrain/current links to (updates add releases beside it);
+  # installing (again) makes this install tree's .venv the current one.
+  ln -sfn "$DEST/.venv" /var/lib/pinkybrain/current
+  chown -h pinkybrain:pinkybrain /var/lib/pinkybrain/current
   sed "s#/opt/pinkybrain#$DEST#g" "$DEST/systemd/pinkybrain.service" > /etc/systemd/system/pinkybrain.service
   systemctl daemon-reload
   systemctl enable --now pinkybrain

@@ -14,7 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "pinkybrain.service"
 PLIST = ROOT / "systemd" / "ai.pinkybrain.node.plist"
-PLACEHOLDER_EXEC = "/opt/pinkybrain/.venv/bin/pinkybrain"
+PLACEHOLDER_EXEC = "/opt/pinkybrain/.venv/bin/pinkybrain"  # the plist's; the unit runs through releases
+UNIT_EXEC = "/var/lib/pinkybrain/current/bin/pinkybrain"
+UNIT_STOP_POST = "/opt/pinkybrain/.venv/bin/python -m pinkybrain.node.services.updater after-stop"
 NO_SYSTEMD_ANALYZE = (
     "systemd-analyze is not installed; on Debian/Ubuntu `apt-get install -y systemd` provides it "
     "(no running systemd needed); CI should install it so this check runs"
@@ -66,7 +68,10 @@ SERVICE_EXPECTED = {
     "Group": "pinkybrain",
     "StateDirectory": "pinkybrain",
     "EnvironmentFile": "-/etc/pinkybrain/pinkybrain.env",
-    "ExecStart": f"{PLACEHOLDER_EXEC} serve",
+    "ExecStart": f"{UNIT_EXEC} serve",
+    "ExecStopPost": UNIT_STOP_POST,
+    "RestartForceExitStatus": "75",
+    "SuccessExitStatus": "75",
     "ExecReload": "/bin/kill -HUP $MAINPID",
     "KillSignal": "SIGTERM",
     "TimeoutStopSec": "30",
@@ -134,7 +139,7 @@ def test_install_sh_placeholder_appears_only_in_exec_start():
     text = UNIT.read_text(encoding="utf-8")
     code_lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     placeholder_lines = [line for line in code_lines if "/opt/pinkybrain" in line]
-    assert placeholder_lines == [f"ExecStart={PLACEHOLDER_EXEC} serve"]
+    assert placeholder_lines == [f"ExecStopPost={UNIT_STOP_POST}"]
 
 
 def test_launchd_plist():
@@ -165,7 +170,8 @@ def _runnable_copy(tmp_path: Path, text: str | None = None) -> Path:
     true_bin = shutil.which("true")
     assert true_bin, "coreutils `true` is needed to stand in for the node binary"
     copy = tmp_path / "pinkybrain.service"
-    copy.write_text(text.replace(PLACEHOLDER_EXEC, true_bin), encoding="utf-8")
+    text = text.replace(UNIT_EXEC, true_bin).replace("/opt/pinkybrain/.venv/bin/python", true_bin)
+    copy.write_text(text, encoding="utf-8")
     return copy
 
 
