@@ -6,7 +6,8 @@
 #   ./install.sh              install and start a node (user mode, home ~/.pinkybrain)
 #   ./install.sh --no-start   install, but do not start the node
 #   ./install.sh --dev        install with the test tools; no identity, config or node (for running tests)
-#   sudo ./install.sh --system  install to /opt/pinkybrain and run it as the `pinkybrain` systemd service
+#   sudo ./install.sh --system  Linux: install to /opt/pinkybrain and run it as the `pinkybrain` systemd
+#                             service; macOS: a LaunchDaemon as $PINKYBRAIN_USER (default: the sudo user)
 #   ./install.sh --openclaw   after one of the above: put `pinkybrain` on PATH (~/.local/bin) and install
 #                             the skill into OpenClaw (only the files .clawhubignore keeps: no .venv, no model)
 set -euo pipefail
@@ -18,7 +19,7 @@ for arg in "$@"; do
     --no-start) START=0 ;;
     --system) SYSTEM=1 ;;
     --openclaw) OPENCLAW=1 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -52,6 +53,32 @@ if [[ $OPENCLAW == 1 ]]; then
   "$ROOT/.venv/bin/python" -m pinkybrain.skill.bundle --root "$ROOT" --out "$STAGE/pinkybrain"
   openclaw skills install "$STAGE/pinkybrain" --as pinkybrain --force
   say "installed; check it with: openclaw skills info pinkybrain"
+  exit 0
+fi
+
+# macOS: the launchd job from systemd/ai.pinkybrain.node.plist, filled for this install and bootstrapped.
+install_launchd() {  # $1: system (1) or user agent (0); $2: PINKYBRAIN_HOME; $3: user (daemon only)
+  local plist domain
+  if [[ $1 == 1 ]]; then plist=/Library/LaunchDaemons/ai.pinkybrain.node.plist domain=system
+  else plist="$HOME/Library/LaunchAgents/ai.pinkybrain.node.plist" domain="gui/$(id -u)"; fi
+  mkdir -p "$(dirname "$plist")" "$2"
+  local args=(--template "$ROOT/systemd/ai.pinkybrain.node.plist" --install-dir "$ROOT" --home "$2" --out "$plist")
+  [[ $1 == 1 ]] && args+=(--system --user "$3")
+  "$ROOT/.venv/bin/python" -m pinkybrain.node.services.launchd render "${args[@]}"
+  launchctl bootout "$domain/ai.pinkybrain.node" 2>/dev/null || true
+  launchctl bootstrap "$domain" "$plist"
+  say "launchd job ai.pinkybrain.node bootstrapped in $domain ($plist): pinkybrain service status"
+}
+
+if [[ $SYSTEM == 1 && $(uname -s) == Darwin ]]; then
+  [[ $(id -u) == 0 ]] || die "--system needs root (sudo ./install.sh --system)"
+  RUN_AS="${PINKYBRAIN_USER:-${SUDO_USER:-}}"
+  [[ -n "$RUN_AS" && "$RUN_AS" != root ]] || die "set PINKYBRAIN_USER to the (non-root) user the daemon runs as"
+  HOME_DIR=/usr/local/var/pinkybrain
+  mkdir -p "$HOME_DIR" && chown "$RUN_AS" "$HOME_DIR" && chmod 0700 "$HOME_DIR"
+  # As that user (who owns the checkout): the venv, and the identity and config in the daemon's home.
+  sudo -u "$RUN_AS" env PYTHON="$PYTHON" PINKYBRAIN_HOME="$HOME_DIR" "$ROOT/install.sh" --no-start
+  install_launchd 1 "$HOME_DIR" "$RUN_AS"
   exit 0
 fi
 
@@ -147,7 +174,11 @@ fi
 
 link_command
 
-if [[ $START == 1 ]]; then
+if [[ $START == 1 && $(uname -s) == Darwin ]]; then
+  # launchd runs the node (and starts it at login); `pinkybrain serve --daemon` would be a second one.
+  install_launchd 0 "$PINKYBRAIN_HOME"
+  "$PB" service status
+elif [[ $START == 1 ]]; then
   if out=$("$PB" serve --daemon 2>&1); then
     echo "$out"
   elif grep -q "already running" <<<"$out"; then

@@ -338,6 +338,20 @@ def openapi(
     typer.echo(json.dumps(describe_api(), indent=2, sort_keys=True))
 
 
+# -- service ----------------------------------------------------------------------------------------
+service_app = typer.Typer(help="The node as an operating-system service (systemd unit, launchd job).",
+                          no_args_is_help=True)
+
+
+@service_app.command("status")
+def service_status(as_json: JsonOpt = False) -> None:
+    """How systemd (Linux) or launchd (macOS) sees the node: installed, running, pid, last exit status."""
+    from pinkybrain.node.services.service_status import describe, status
+
+    info = status()
+    emit(info, as_json, describe(info))
+
+
 # -- tracker ----------------------------------------------------------------------------------------
 tracker_app = typer.Typer(
     help="Run a tracker: signed peer records, peer lists and an encrypted-frame relay.", no_args_is_help=True
@@ -439,6 +453,7 @@ def register(app: typer.Typer) -> None:
 
     app.add_typer(release_cli.release_app, name="release", help="Maintainers: release keys and signed manifests.")
     app.add_typer(tracker_app, name="tracker")
+    app.add_typer(service_app, name="service")
 
 
 def main() -> None:
