@@ -216,6 +216,11 @@ def _layout(top: Path, service_user: pwd.struct_passwd) -> dict:
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q",
                     str(wheels["1.0.0"])], check=True, capture_output=True, timeout=300, cwd=top)
     subprocess.run(["chmod", "-R", "a+rX,go-w", str(top)], check=True)
+    can_import = _as_user(service_user, [str(venv / "bin" / "python"), "-c", "import fastapi, pinkybrain.node"],
+                          env={}, cwd=top)
+    if can_import.returncode != 0:
+        pytest.fail(f"{USER} cannot use this test environment's packages ({sysconfig.get_paths()['purelib']}): "
+                    f"the checkout must be readable by other users: {can_import.stderr.strip()[-300:]}")
     uid, gid = service_user.pw_uid, service_user.pw_gid
     for key in ("/var/lib/pinkybrain", "/var/cache/pinkybrain"):  # StateDirectory=, CacheDirectory=
         paths[key].mkdir(mode=0o700)
