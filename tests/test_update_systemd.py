@@ -269,7 +269,7 @@ def test_update_and_rollback_under_the_shipped_unit(tree, service_user):
 
     def outcome(attempt: str) -> dict:
         done = answer("/api/update?fetch=false", until=lambda d: (d.get("last_attempt") or {}).get("id") == attempt
-                      and d["last_attempt"].get("final"))["last_attempt"]
+                      and d["last_attempt"].get("final") and not d["in_progress"])["last_attempt"]
         print(f"update {done['from']} -> {done['to']}: {done['state']} ({done.get('reason')})")
         return done
 
