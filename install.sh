@@ -6,16 +6,20 @@
 #   ./install.sh              install and start a node (user mode, home ~/.pinkybrain)
 #   ./install.sh --no-start   install, but do not start the node
 #   ./install.sh --dev        install with the test tools; no identity, config or node (for running tests)
-#   sudo ./install.sh --system  install to /opt/pinkybrain and run it as the `pinkybrain` systemd service
+#   sudo ./install.sh --system  Linux: install to /opt/pinkybrain and run it as the `pinkybrain` systemd
+#                             service; macOS: a LaunchDaemon as $PINKYBRAIN_USER (default: the sudo user)
+#   ./install.sh --openclaw   after one of the above: put `pinkybrain` on PATH (~/.local/bin) and install
+#                             the skill into OpenClaw (only the files .clawhubignore keeps: no .venv, no model)
 set -euo pipefail
 
-DEV=0 START=1 SYSTEM=0
+DEV=0 START=1 SYSTEM=0 OPENCLAW=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 START=0 ;;
     --no-start) START=0 ;;
     --system) SYSTEM=1 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --openclaw) OPENCLAW=1 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -27,6 +31,56 @@ die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 or newer"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is required"
+
+# Put `pinkybrain` on PATH the way pipx does.
+link_command() {
+  mkdir -p "$HOME/.local/bin"
+  ln -sf "$ROOT/.venv/bin/pinkybrain" "$HOME/.local/bin/pinkybrain"
+  case ":$PATH:" in
+    *":$HOME/.local/bin:"*) ;;
+    *) say "add ~/.local/bin to PATH to type \`pinkybrain\` (or use $ROOT/.venv/bin/pinkybrain)" ;;
+  esac
+}
+
+if [[ $OPENCLAW == 1 ]]; then
+  # The skill is SKILL.md (plus README.md); OpenClaw copies whatever folder it is given, so it gets a
+  # bundle of just those files, never the checkout with its .venv, .git and model.
+  [[ -x "$ROOT/.venv/bin/pinkybrain" ]] || die "run ./install.sh (or ./install.sh --dev) first: $ROOT/.venv/bin/pinkybrain is missing"
+  command -v openclaw >/dev/null || die "openclaw not found on PATH (npm install -g openclaw; it needs Node 24)"
+  link_command
+  STAGE="$(mktemp -d)"
+  trap 'rm -rf "$STAGE"' EXIT
+  "$ROOT/.venv/bin/python" -m pinkybrain.skill.bundle --root "$ROOT" --out "$STAGE/pinkybrain"
+  openclaw skills install "$STAGE/pinkybrain" --as pinkybrain --force
+  say "installed; check it with: openclaw skills info pinkybrain"
+  exit 0
+fi
+
+# macOS: the launchd job from systemd/ai.pinkybrain.node.plist, filled for this install and bootstrapped.
+install_launchd() {  # $1: system (1) or user agent (0); $2: PINKYBRAIN_HOME; $3: user (daemon only)
+  local plist domain
+  if [[ $1 == 1 ]]; then plist=/Library/LaunchDaemons/ai.pinkybrain.node.plist domain=system
+  else plist="$HOME/Library/LaunchAgents/ai.pinkybrain.node.plist" domain="gui/$(id -u)"; fi
+  mkdir -p "$(dirname "$plist")" "$2"
+  local args=(--template "$ROOT/systemd/ai.pinkybrain.node.plist" --install-dir "$ROOT" --home "$2" --out "$plist")
+  [[ $1 == 1 ]] && args+=(--system --user "$3")
+  "$ROOT/.venv/bin/python" -m pinkybrain.node.services.launchd render "${args[@]}"
+  launchctl bootout "$domain/ai.pinkybrain.node" 2>/dev/null || true
+  launchctl bootstrap "$domain" "$plist"
+  say "launchd job ai.pinkybrain.node bootstrapped in $domain ($plist): pinkybrain service status"
+}
+
+if [[ $SYSTEM == 1 && $(uname -s) == Darwin ]]; then
+  [[ $(id -u) == 0 ]] || die "--system needs root (sudo ./install.sh --system)"
+  RUN_AS="${PINKYBRAIN_USER:-${SUDO_USER:-}}"
+  [[ -n "$RUN_AS" && "$RUN_AS" != root ]] || die "set PINKYBRAIN_USER to the (non-root) user the daemon runs as"
+  HOME_DIR=/usr/local/var/pinkybrain
+  mkdir -p "$HOME_DIR" && chown "$RUN_AS" "$HOME_DIR" && chmod 0700 "$HOME_DIR"
+  # As that user (who owns the checkout): the venv, and the identity and config in the daemon's home.
+  sudo -u "$RUN_AS" env PYTHON="$PYTHON" PINKYBRAIN_HOME="$HOME_DIR" "$ROOT/install.sh" --no-start
+  install_launchd 1 "$HOME_DIR" "$RUN_AS"
+  exit 0
+fi
 
 if [[ $SYSTEM == 1 ]]; then
   [[ $(id -u) == 0 ]] || die "--system needs root (sudo ./install.sh --system)"
@@ -45,6 +99,10 @@ if [[ $SYSTEM == 1 ]]; then
     runuser -u pinkybrain -- env PINKYBRAIN_HOME=/var/lib/pinkybrain "$DEST/.venv/bin/pinkybrain" config init \
       --no-interactive --shared-models-dir "$DEST/shared_models" --path /var/lib/pinkybrain/pinkybrain.yaml
   fi
+  # The unit runs the release /var/lib/pinkybrain/current links to (updates add releases beside it);
+  # installing (again) makes this install tree's .venv the current one.
+  ln -sfn "$DEST/.venv" /var/lib/pinkybrain/current
+  chown -h pinkybrain:pinkybrain /var/lib/pinkybrain/current
   sed "s#/opt/pinkybrain#$DEST#g" "$DEST/systemd/pinkybrain.service" > /etc/systemd/system/pinkybrain.service
   systemctl daemon-reload
   systemctl enable --now pinkybrain
@@ -114,15 +172,13 @@ if [[ ! -f "$PINKYBRAIN_HOME/pinkybrain.yaml" && -z "${PINKYBRAIN_CONFIG:-}" ]];
   "$PB" config init --no-interactive --shared-models-dir "$ROOT/shared_models"
 fi
 
-# Put `pinkybrain` on PATH the way pipx does.
-mkdir -p "$HOME/.local/bin"
-ln -sf "$PB" "$HOME/.local/bin/pinkybrain"
-case ":$PATH:" in
-  *":$HOME/.local/bin:"*) ;;
-  *) say "add ~/.local/bin to PATH to type \`pinkybrain\` (or use $PB)" ;;
-esac
+link_command
 
-if [[ $START == 1 ]]; then
+if [[ $START == 1 && $(uname -s) == Darwin ]]; then
+  # launchd runs the node (and starts it at login); `pinkybrain serve --daemon` would be a second one.
+  install_launchd 0 "$PINKYBRAIN_HOME"
+  "$PB" service status
+elif [[ $START == 1 ]]; then
   if out=$("$PB" serve --daemon 2>&1); then
     echo "$out"
   elif grep -q "already running" <<<"$out"; then

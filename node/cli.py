@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,8 +18,18 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
+def json_requested(argv: list[str] | None = None) -> bool:
+    """Whether this command line asks for --json (before a `--`, after which words are arguments)."""
+    args = (sys.argv if argv is None else argv)[1:]
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"pinkybrain: {message}", err=True)
+    """One line on stderr and exit `code`; under --json that line is {"error": ..., "exit_code": ...}."""
+    if json_requested():
+        typer.echo(json.dumps({"error": message, "exit_code": code}, ensure_ascii=False), err=True)
+    else:
+        typer.echo(f"pinkybrain: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -191,6 +202,12 @@ def config_init(
     if interactive is None:
         interactive = sys.stdin.isatty() and sys.stdout.isatty()
     values: dict = {}
+    # An exported P2P_SECRET is the network's secret (every command signs with it): the file gets the same
+    # one, never a different generated one that the node would then ignore in favour of the environment.
+    source = "--secret" if secret is not None else None
+    env_secret = os.environ.get("P2P_SECRET", "").strip()
+    if secret is None and env_secret:
+        secret, source = env_secret, "P2P_SECRET"
     if interactive:
         import socket
 
@@ -204,6 +221,7 @@ def config_init(
                 show_default=False,
             )
             secret = entered or None
+            source = "prompt" if secret else None
         if public is None:
             public = typer.confirm("Join the public mesh at start?", default=False)
         if stealth is None:
@@ -213,7 +231,7 @@ def config_init(
     try:
         check_secret(secret)
     except WeakSecretError as exc:
-        fail(str(exc))
+        fail(f"{exc} (from the exported P2P_SECRET)" if source == "P2P_SECRET" else str(exc))
     values["p2p.secret"] = secret
     for key, value in (
         ("node.name", name),
@@ -230,10 +248,14 @@ def config_init(
             except ConfigError as exc:
                 fail(str(exc))
     write_config(target, values)
+    how = {
+        "P2P_SECRET": " (with the secret from the exported P2P_SECRET)",
+        None: " (with a newly generated secret: no --secret given and P2P_SECRET is not set)",
+    }.get(source, "")
     emit(
-        {"path": str(target), "secret_generated": generated},
+        {"path": str(target), "secret_generated": generated, "secret_source": source or "generated"},
         as_json,
-        f"wrote {target}" + (" (with a newly generated secret)" if generated else ""),
+        f"wrote {target}{how}",
     )
 
 
@@ -297,11 +319,27 @@ def config_show(
 
 
 # -- openapi ----------------------------------------------------------------------------------------
-def openapi() -> None:
+def openapi(
+    as_json: Annotated[bool, typer.Option("--json", help="accepted for uniformity: the output is JSON")] = False,
+) -> None:
     """Print the OpenAPI description of the node API."""
     from pinkybrain.node.api.app import describe_api
 
     typer.echo(json.dumps(describe_api(), indent=2, sort_keys=True))
+
+
+# -- service ----------------------------------------------------------------------------------------
+service_app = typer.Typer(help="The node as an operating-system service (systemd unit, launchd job).",
+                          no_args_is_help=True)
+
+
+@service_app.command("status")
+def service_status(as_json: JsonOpt = False) -> None:
+    """How systemd (Linux) or launchd (macOS) sees the node: installed, running, pid, last exit status."""
+    from pinkybrain.node.services.service_status import describe, status
+
+    info = status()
+    emit(info, as_json, describe(info))
 
 
 # -- tracker ----------------------------------------------------------------------------------------
@@ -360,6 +398,9 @@ def tracker_serve(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error (payloads are never logged)")
     ] = "info",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="once listening, print one JSON line: address, URL, pid")
+    ] = False,
 ) -> None:
     """Run a tracker in the foreground until SIGTERM or Ctrl-C."""
     from pinkybrain.node.services.tracker import TrackerSettings, run_tracker
@@ -391,7 +432,10 @@ def tracker_serve(
             settings.advertised_url()
         except ValueError as exc:
             fail(f"--public-url: {exc}")
-    raise typer.Exit(run_tracker(settings, log_level=log_level.lower()))
+    def ready(info: dict) -> None:
+        typer.echo(json.dumps(info))
+
+    raise typer.Exit(run_tracker(settings, log_level=log_level.lower(), on_ready=ready if as_json else None))
 
 
 def register(app: typer.Typer) -> None:
@@ -403,6 +447,7 @@ def register(app: typer.Typer) -> None:
 
     app.add_typer(release_cli.release_app, name="release", help="Maintainers: release keys and signed manifests.")
     app.add_typer(tracker_app, name="tracker")
+    app.add_typer(service_app, name="service")
 
 
 def main() -> None:

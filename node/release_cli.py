@@ -27,8 +27,9 @@ release_app = typer.Typer(
 
 
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"pinkybrain: {message}", err=True)
-    raise typer.Exit(code)
+    from pinkybrain.node.cli import fail as node_fail  # the same line, or JSON under --json
+
+    node_fail(message, code)
 
 
 def _write_new(path: Path, text: str, mode: int, force: bool) -> None:
@@ -139,6 +140,7 @@ def sign(
     output: Annotated[Path, typer.Option("-o", "--output", help="manifest file to write")] = Path(
         "manifest.json"
     ),
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Hash a wheel and write its signed release manifest (what update.url points at)."""
     from pinkybrain.node.core.release import Manifest, ReleaseError, key_id, sign_manifest
@@ -165,10 +167,12 @@ def sign(
     except ReleaseError as exc:
         fail(str(exc))
     output.write_text(json.dumps(envelope, indent=2) + "\n", encoding="utf-8")
-    typer.echo(
-        f"signed pinkybrain {version} ({size} bytes, sha256 {manifest.sha256[:16]}...) with key "
-        f"{key_id(bytes(signing_key.verify_key))}: {output}"
-    )
+    kid = key_id(bytes(signing_key.verify_key))
+    if as_json:
+        typer.echo(json.dumps({"version": version, "size": size, "sha256": manifest.sha256, "key_id": kid,
+                               "manifest": str(output)}, indent=2))
+        return
+    typer.echo(f"signed pinkybrain {version} ({size} bytes, sha256 {manifest.sha256[:16]}...) with key {kid}: {output}")
 
 
 @release_app.command("verify")
@@ -181,6 +185,7 @@ def verify(
     wheel: Annotated[
         Optional[Path], typer.Option("--wheel", help="also check this wheel's size and SHA-256")
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Check a manifest's signature and fields (and a wheel against it) the way a node does."""
     from pinkybrain.node.core.release import (
@@ -203,6 +208,10 @@ def verify(
         data = wheel.read_bytes()
         if len(data) != manifest.size or hashlib.sha256(data).hexdigest() != manifest.sha256:
             fail(f"{wheel} does not match the manifest (size or SHA-256 differs)", 1)
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "version": manifest.version, "size": manifest.size,
+                               "sha256": manifest.sha256, "wheel_checked": wheel is not None}, indent=2))
+        return
     typer.echo(f"ok: pinkybrain {manifest.version}, {manifest.size} bytes, sha256 {manifest.sha256}")
 
 

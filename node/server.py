@@ -12,8 +12,10 @@ import uvicorn
 
 from pinkybrain.node.core.config import Config, ConfigError, load_config
 from pinkybrain.node.core.identity import Identity, IdentityError, load_identity, save_identity
+from pinkybrain.node.core.release import RESTART_EXIT_CODE, RESTART_SIGNAL
 from pinkybrain.node.core.secrets import WeakSecretError, check_secret
 from pinkybrain.node.services.process import AlreadyRunning, PidFile, sd_notify
+from pinkybrain.node.services.updater import confirm_running
 
 log = logging.getLogger("pinkybrain.node")
 
@@ -65,7 +67,7 @@ def configure_logging(level: str) -> None:
 
 async def _serve(
     cfg: Config, identity: Identity, host: str, port: int, config_source: str | None, peers: tuple[str, ...] = ()
-) -> None:
+) -> int:
     from pinkybrain.node.api.app import create_app
     from pinkybrain.node.services.runtime import NodeRuntime
 
@@ -104,6 +106,16 @@ async def _serve(
             log.error("reload refused, keeping the running settings: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    restart = {"requested": False}
+
+    def request_restart() -> None:
+        # The updater switched `current` to a new release: stop gracefully and exit RESTART_EXIT_CODE,
+        # on which the systemd unit starts the node again (RestartForceExitStatus=).
+        log.info("restarting into a new release (exit status %d)", RESTART_EXIT_CODE)
+        restart["requested"] = True
+        server.handle_exit(RESTART_SIGNAL, None)
+
+    loop.add_signal_handler(RESTART_SIGNAL, request_restart)
 
     async def announce_ready() -> None:
         while not server.started:
@@ -111,6 +123,7 @@ async def _serve(
                 return
             await asyncio.sleep(0.05)
         log.info("node %s (%s) listening on %s:%d", identity.node_id, cfg.node_name, host, port)
+        confirm_running(cfg.home, runtime.version)  # an update that restarted into this version is settled
         sd_notify("READY=1\nSTATUS=serving")
 
     ready_task = asyncio.create_task(announce_ready())
@@ -126,6 +139,7 @@ async def _serve(
         await runtime.stop()
     if not server.started:
         raise StartupError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+    return RESTART_EXIT_CODE if restart["requested"] else 0
 
 
 class _QuietServer(uvicorn.Server):
@@ -170,7 +184,7 @@ def serve(config_source: str | None, host: str | None, port: int | None, peers: 
         print(f"pinkybrain: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(cfg, identity, host, port, config_source, peers))
+        code = asyncio.run(_serve(cfg, identity, host, port, config_source, peers))
     except StartupError as exc:
         print(f"pinkybrain: {exc}", file=sys.stderr)
         return 1
@@ -184,4 +198,4 @@ def serve(config_source: str | None, host: str | None, port: int | None, peers: 
         return 1
     finally:
         pid_file.release()
-    return 0
+    return code

@@ -7,6 +7,9 @@ commands (serve, identity, config) live in pinkybrain.node. Heavy imports happen
 
 from __future__ import annotations
 
+import json
+import sys
+
 import typer
 
 from pinkybrain import __version__
@@ -20,7 +23,8 @@ def build_app() -> typer.Typer:
         name="pinkybrain",
         help="PinkyBrain: a P2P distributed AI network node and its client.",
         no_args_is_help=True,
-        add_completion=False,
+        # `pinkybrain --install-completion` (bash, zsh, fish, PowerShell) and --show-completion.
+        add_completion=True,
         pretty_exceptions_enable=False,
     )
 
@@ -36,4 +40,18 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    build_app()(prog_name="pinkybrain")
+    from pinkybrain.skill.cli import json_requested
+
+    app = build_app()
+    if not json_requested():
+        app(prog_name="pinkybrain")
+        return
+    # Under --json even a usage error (unknown option, bad value) is one JSON object on stderr.
+    try:
+        code = app(prog_name="pinkybrain", standalone_mode=False)
+    except Exception as exc:  # noqa: BLE001 - click's usage errors, whichever click (typer vendors one)
+        if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        print(json.dumps({"error": exc.format_message(), "exit_code": exc.exit_code}), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

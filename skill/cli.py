@@ -1,6 +1,7 @@
 """The skill's commands (status, ping, query, peers, memory, models, conversations, ...): each finds a node
 (skill.discovery, or --url), sends one signed request, and prints a short human summary or, with --json,
-the node's answer. Failures are one `pinkybrain: ...` line on stderr and exit status 1.
+the node's answer. Failures are one `pinkybrain: ...` line on stderr (under --json, one JSON object
+{"error", "exit_code"}) and exit status 1.
 
 Mounted on the root `pinkybrain` app by register(); the node's own commands (serve, identity, config)
 come from pinkybrain.node.cli, which this module never imports.
@@ -13,6 +14,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -112,8 +114,19 @@ def identify(base: str, secret: str | None, keys: dict[str, str], timeout: float
     return {}
 
 
+def json_requested(argv: list[str] | None = None) -> bool:
+    """Whether this command line asks for --json (before a `--`, after which words are arguments). Read
+    from the command line, not the parsed options: an error can come before or without them."""
+    args = (sys.argv if argv is None else argv)[1:]
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
 def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"pinkybrain: {message}", err=True)
+    """One line on stderr and exit `code`; under --json that line is {"error": ..., "exit_code": ...}."""
+    if json_requested():
+        typer.echo(json.dumps({"error": message, "exit_code": code}, ensure_ascii=False), err=True)
+    else:
+        typer.echo(f"pinkybrain: {message}", err=True)
     raise typer.Exit(code)
 
 

@@ -1,6 +1,7 @@
 """Find a node to talk to: the seed's order, first node that accepts our signed ping wins.
 
-  1. PINKYBRAIN_URL                          (step "env")
+  1. PINKYBRAIN_URL                          (step "env"; when set, the only step: a URL the user
+                                             named that does not answer is an error, not a fallback)
   2. http://localhost:8080/api/ping          (step "localhost:8080")
      If this machine's pinkybrain.yaml gives the local node another port (p2p.listen, else node.port),
      that address is probed first, just before 8080 (step "localhost:<port>", or "<host>:<port>" when
@@ -214,6 +215,7 @@ class _Search:
         self.errored: list[Probe] = []
         self.skipped: list[Probe] = []  # unproven responders and other nodes than the pinned one
         self.seen: set[str] = set()
+        self.last_detail = ""
 
     def one(self, url: str, via: str, timeout: float, label: str | None = None) -> Discovered | None:
         return self.first([url], via, timeout, label)
@@ -236,6 +238,7 @@ class _Search:
                 self.skipped.append(result)
                 if self.verbose:
                     print(f"pinkybrain: skipped {result.url} ({via}): {result.detail}", file=sys.stderr)
+        self.last_detail = results[0].detail
         self.refused += [r for r in results if r.outcome == "refused"]
         self.errored += [r for r in results if r.outcome == "error"]
         if label is not None:
@@ -268,9 +271,14 @@ def discover(local: LocalConfig, secret: str, pinned: str | None = None, verbose
 
     env_url = os.environ.get("PINKYBRAIN_URL", "").strip()
     if env_url:
+        # The user named this node: it answers or it is an error, never a quiet answer from another node.
         url = normalize_url(env_url)
-        if found := search.one(url, "env", ENV_PROBE_TIMEOUT, f"PINKYBRAIN_URL={url}"):
+        if found := search.one(url, "env", ENV_PROBE_TIMEOUT):
             return found
+        if search.refused or search.errored:
+            raise search.failure()
+        raise SkillError(f"PINKYBRAIN_URL={url} does not answer ({search.last_detail}); it is used alone, "
+                         "without discovery: start that node, fix the URL, or unset PINKYBRAIN_URL")
 
     local_targets: list[tuple[str, int]] = []
     if local.port is not None and not (local.host == "localhost" and local.port in ports):

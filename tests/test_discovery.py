@@ -2,7 +2,9 @@
 
 Each step of the seed's order is shown to be taken, and taken in order. The localhost ports are
 redirected with PINKYBRAIN_DISCOVERY_PORTS so nothing on the machine's real 8080/8081 interferes, and
-PATH holds only a folder of our own, so a real `tailscale` can never answer for the fake one.
+PATH holds only a folder of our own, so a real `tailscale` can never answer for the fake one. mDNS is
+browsed only where a test is about it, on loopback, and there a node with another secret (any other
+PinkyBrain node advertising on this machine) is passed over: .ci/run runs the suite with one advertising.
 """
 
 from __future__ import annotations
@@ -97,13 +99,30 @@ def test_env_var_wins_over_localhost(nodes, tmp_path):
     assert answer["url"] == other.url
 
 
-def test_dead_env_url_falls_through_to_localhost(nodes, tmp_path):
+def test_dead_env_url_is_an_error_not_a_fallback(nodes, tmp_path):
+    """A node on the first discovery port would answer, but the user named another URL: that one
+    answers or the command fails; it never quietly answers from somewhere else."""
     first = nodes["first"]
-    env = cli_env(tmp_path, secret=first.secret, ports=[first.port],
-                  PINKYBRAIN_URL=f"http://127.0.0.1:{unused_port()}")
-    answer = ping(tmp_path, env)
-    assert answer["discovered_via"] == f"localhost:{first.port}"
-    assert answer["node_id"] == node_id(first)
+    dead = f"http://127.0.0.1:{unused_port()}"
+    env = cli_env(tmp_path, secret=first.secret, ports=[first.port], PINKYBRAIN_URL=dead)
+    result = run_cli("ping", "--json", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    error = json.loads(result.stderr)  # --json: the error is one JSON object on stderr
+    assert error["exit_code"] == 1
+    assert error["error"].startswith(f"PINKYBRAIN_URL={dead} does not answer (connection refused)")
+    assert "unset PINKYBRAIN_URL" in error["error"]
+    plain = run_cli("status", env=env, cwd=tmp_path)
+    assert plain.returncode == 1 and plain.stderr.startswith(f"pinkybrain: PINKYBRAIN_URL={dead} does not")
+
+
+def test_dead_url_flag_is_an_error_not_a_fallback(nodes, tmp_path):
+    first = nodes["first"]
+    dead = f"127.0.0.1:{unused_port()}"
+    env = cli_env(tmp_path, secret=first.secret, ports=[first.port])
+    result = run_cli("ping", "--url", dead, env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"pinkybrain: cannot reach the node at http://{dead}: connection refused"
 
 
 def test_first_localhost_port_wins(nodes, tmp_path):
@@ -170,7 +189,8 @@ def test_mdns(node_factory, tmp_path):
 
 def test_wrong_secret_is_reported_not_skipped(nodes, tmp_path):
     first = nodes["first"]
-    env = cli_env(tmp_path, secret=strong_secret(), ports=[first.port], mdns_secs=0.3)
+    # mDNS off: another node advertising on this machine or the LAN would be a second refusal.
+    env = cli_env(tmp_path, secret=strong_secret(), ports=[first.port], mdns_secs=0)
     result = run_cli("status", env=env, cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip() == (
@@ -181,7 +201,8 @@ def test_wrong_secret_is_reported_not_skipped(nodes, tmp_path):
 
 def test_no_node_at_all(tmp_path):
     ports = [unused_port(), unused_port()]
-    result = run_cli("ping", env=cli_env(tmp_path, secret=strong_secret(), ports=ports, mdns_secs=0.3),
+    # mDNS off: a node advertising on this machine or the LAN is not "no node" (test_mdns covers mDNS).
+    result = run_cli("ping", env=cli_env(tmp_path, secret=strong_secret(), ports=ports, mdns_secs=0),
                      cwd=tmp_path)
     assert result.returncode != 0
     line = result.stderr.strip()
@@ -189,6 +210,7 @@ def test_no_node_at_all(tmp_path):
     assert "\n" not in line
     assert f"localhost:{ports[0]}" in line and f"localhost:{ports[1]}" in line
     assert "tailscale (not installed)" in line
+    assert "mDNS (disabled: PINKYBRAIN_MDNS_TIMEOUT=0)" in line
 
 
 def test_no_secret_at_all(tmp_path):

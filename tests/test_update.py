@@ -617,48 +617,18 @@ class PlainNode:
             self.proc.wait(30)
 
 
-def test_systemd_mode_test_runs_the_new_version_before_restarting_the_unit(
-    installed, server, releases, tmp_path
-):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    calls = tmp_path / "systemctl.calls"
-    (fake / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (fake / "systemctl").chmod(0o755)
-    env = {"PINKYBRAIN_START_MODE": "systemd", "PATH": f"{fake}:{os.environ['PATH']}"}
-    node = PlainNode(installed.python, tmp_path / "svc", server, env)
+def test_systemd_mode_outside_the_release_layout_refuses(installed, server, releases, tmp_path):
+    """Under systemd the unit must run through $PINKYBRAIN_HOME/current (tests/test_update_systemd.py runs
+    the real layout); a service started some other way is told so, with nothing changed."""
+    publish_wheel(server, releases["2.0.0"])
+    node = PlainNode(installed.python, tmp_path / "svc", server, {"PINKYBRAIN_START_MODE": "systemd"})
     try:
-        # A release that cannot start fails its trial run: the old files come back, the service never stopped.
-        publish_wheel(server, releases["3.0.0"])
         r = node.request("POST", "/api/update/apply")
-        assert r.status_code == 202 and r.json()["mode"] == "systemd", r.text
-        deadline = time.monotonic() + 120
-        while not node.last_attempt().get("final"):
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
-        outcome = node.last_attempt()
-        assert outcome["state"] == "rolled_back" and "trial run" in outcome["reason"], outcome
-        assert node.request("GET", "/api/ping").json()["version"] == "1.0.0" and node.proc.poll() is None
-        assert installed.installed_version() == "1.0.0" and not calls.exists()
-
-        # A good one passes, then systemd is asked to restart the unit; systemd's part is played here.
-        publish_wheel(server, releases["2.0.0"])
-        r = node.request("POST", "/api/update/apply")
-        assert r.status_code == 202, r.text
-        while node.last_attempt().get("state") != "restarting":
-            assert time.monotonic() < deadline and not node.last_attempt().get("final"), node.last_attempt()
-            time.sleep(0.3)
-        assert calls.read_text().split()[-2:] == ["restart", "pinkybrain.service"]
-        os.kill(
-            node.last_attempt()["worker_pid"], signal.SIGKILL
-        )  # the restart stops the unit's whole cgroup
-        node.stop()
-        node.start()
-        assert node.request("GET", "/api/ping").json()["version"] == "2.0.0"
-        assert node.last_attempt()["state"] == "succeeded"
+        assert r.status_code == 409 and r.json()["error"] == "not_release_layout", r.text
+        assert str(node.home / "current") in r.json()["detail"]
+        assert node.last_attempt() == {} and installed.installed_version() == "1.0.0"
     finally:
         node.stop()
-        kill_unfinished_worker(node.home)
 
 
 def test_foreground_node_refuses_to_apply(installed, server, releases, tmp_path):

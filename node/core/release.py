@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import json
 import re
+import signal
 from dataclasses import asdict, dataclass
 from importlib import resources
 from urllib.parse import urlsplit
@@ -27,6 +28,11 @@ PACKAGE = "pinkybrain"
 MANIFEST_FORMAT = "pinkybrain-release/1"
 SIGNING_CONTEXT = b"pinkybrain release manifest v1\n"  # a signature made for anything else never matches
 MAX_MANIFEST_BYTES = 64 * 1024
+# Under systemd a node that installed an update exits with this status after a graceful stop, and the unit
+# restarts on it (RestartForceExitStatus=75, SuccessExitStatus=75): no systemctl right needed. 75 is
+# EX_TEMPFAIL. The updater asks the node for it with RESTART_SIGNAL.
+RESTART_EXIT_CODE = 75
+RESTART_SIGNAL = signal.SIGUSR2
 MAX_ARTEFACT_BYTES = 512 * 1024 * 1024
 MAX_NOTES_CHARS = 32 * 1024
 PINNED_KEY_RESOURCE = "release_key.pub"

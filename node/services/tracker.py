@@ -29,10 +29,12 @@ import bisect
 import contextlib
 import heapq
 import logging
+import os
 import secrets
 import signal
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pinkybrain.node.core.channel import TokenBucket
@@ -787,8 +789,11 @@ def configure_logging(level: str) -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
-def run_tracker(settings: TrackerSettings, *, log_level: str = "info") -> int:
-    """Run until SIGTERM or SIGINT; exit status 0 after a clean stop."""
+def run_tracker(
+    settings: TrackerSettings, *, log_level: str = "info", on_ready: Callable[[dict], None] | None = None
+) -> int:
+    """Run until SIGTERM or SIGINT; exit status 0 after a clean stop. `on_ready` gets the bound address
+    once the tracker listens (`tracker serve --json` prints it)."""
     configure_logging(log_level)
 
     async def main() -> None:
@@ -799,6 +804,9 @@ def run_tracker(settings: TrackerSettings, *, log_level: str = "info") -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:  # after the handlers: whoever reads it may stop the tracker at once
+            on_ready({"host": settings.host, "port": settings.port, "url": settings.advertised_url(),
+                      "pid": os.getpid()})
         await stop.wait()
         await tracker.stop()
 

@@ -52,6 +52,8 @@ from pinkybrain.node.core.config import Config, load_config
 from pinkybrain.node.core.release import (
     MAX_MANIFEST_BYTES,
     PACKAGE,
+    RESTART_EXIT_CODE,
+    RESTART_SIGNAL,
     Manifest,
     ManifestError,
     ReleaseError,
@@ -66,6 +68,7 @@ from pinkybrain.node.core.release import (
 )
 from pinkybrain.node.services.daemon import DaemonError, start_daemon
 from pinkybrain.node.services.process import running_pid
+from pinkybrain.node.services.releases import ReleaseTree, ReleaseTreeError, running_base_site
 
 log = logging.getLogger("pinkybrain.node.update")
 
@@ -321,8 +324,9 @@ def check(cfg: Config, current: str, *, home: Path, fetch: bool = True) -> dict:
 
 
 # -- the installed distribution --------------------------------------------------------------------
-def installed_distribution() -> importlib.metadata.Distribution:
-    """The installed pinkybrain the node runs from, if it can be replaced by pip; else a clear refusal."""
+def installed_distribution(need_writable: bool = True) -> importlib.metadata.Distribution:
+    """The installed pinkybrain the node runs from, if it can be replaced by pip (or, with need_writable
+    False, a release venv can be made beside it); else a clear refusal."""
     try:
         dist = importlib.metadata.distribution(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -357,7 +361,7 @@ def installed_distribution() -> importlib.metadata.Distribution:
             f"this node runs code from {code.parent}, not from the installed {PACKAGE} {dist.version} in "
             f"{root}; update with git",
         )
-    if not os.access(root, os.W_OK):
+    if need_writable and not os.access(root, os.W_OK):
         raise UpdateError(
             409, "not_writable", f"cannot install: {root} is not writable by this node's user ({os.getuid()})"
         )
@@ -509,8 +513,8 @@ def start_apply(runtime, allow_downgrade: bool = False) -> dict:
     home: Path = runtime.home
     if not cfg["update.url"]:
         raise UpdateError(409, "no_feed", "no update feed is configured for this node (set update.url)")
-    dist = installed_distribution()
     mode = runtime.start_mode
+    dist = installed_distribution(need_writable=mode != "systemd")
     if mode not in RESTARTABLE_MODES:
         how = {
             "foreground": "it runs in the foreground (`pinkybrain serve`), so it cannot restart itself; "
@@ -519,6 +523,15 @@ def start_apply(runtime, allow_downgrade: bool = False) -> dict:
             f"`{sys.executable} -m pip install` the verified wheel, and start it again",
         }.get(mode, f"it runs in {mode} mode")
         raise UpdateError(409, "cannot_restart", f"this node cannot apply updates: {how}")
+    tree = ReleaseTree(home)
+    if mode == "systemd" and not tree.running_through_current():
+        raise UpdateError(
+            409,
+            "not_release_layout",
+            f"this service runs {sys.prefix}, not the release {tree.current} links to, so an update could "
+            f"not take its place: install the unit from systemd/pinkybrain.service (ExecStart runs "
+            f"{tree.current}/bin/pinkybrain) and link {tree.current} to the install's .venv",
+        )
     lock = acquire_lock(home)
     status = UpdateStatus(home)
     try:
@@ -542,7 +555,8 @@ def start_apply(runtime, allow_downgrade: bool = False) -> dict:
             )
             wheel = download_artefact(manifest, url, updates_dir(home), status.progress)
             status.update(state="verified")
-            rollback = snapshot_installed(dist, updates_dir(home) / "rollback")
+            # systemd: the running release stays untouched beside the new one, so it is the rollback.
+            rollback = None if mode == "systemd" else snapshot_installed(dist, updates_dir(home) / "rollback")
         except OSError as exc:  # disk full, permissions: still nothing changed, and the status must say so
             status.finish("failed", f"{exc}; nothing was changed", changed=False)
             raise UpdateError(
@@ -559,7 +573,8 @@ def start_apply(runtime, allow_downgrade: bool = False) -> dict:
             "target": manifest.version,
             "wheel": str(wheel),
             "sha256": manifest.sha256,
-            "rollback_wheel": str(rollback),
+            "rollback_wheel": str(rollback) if rollback else None,
+            "base_site": str(running_base_site()),
             "node_pid": runtime.pid,
             "host": runtime.bind_host,
             "port": runtime.port,
@@ -585,8 +600,8 @@ def start_apply(runtime, allow_downgrade: bool = False) -> dict:
         f"the node now stops, installs it, restarts and must answer as {manifest.version} within "
         f"{timeout:g} s, else {dist.version} is reinstalled"
         if mode == "daemon"
-        else f"the node installs it, test-runs it, and asks systemd to restart the unit (else {dist.version} "
-        "is reinstalled)"
+        else f"the node installs it into a release venv of its own, test-runs it, switches {tree.current} to it "
+        f"and exits with status {RESTART_EXIT_CODE} for systemd to start it (else {dist.version} keeps running)"
     )
     return {
         "accepted": True,
@@ -657,9 +672,12 @@ def wait_for_version(url: str, secret: str, expected: str, deadline: float) -> s
         time.sleep(0.3)
 
 
-def pip_install(wheel: Path) -> None:
+def pip_install(wheel: Path, *, python: str = sys.executable, deps: bool = False) -> None:
+    """Install a wheel with `python`'s pip. deps: also what the release's own requirements add (from pip's
+    configured index, PIP_INDEX_URL / PIP_FIND_LINKS); without, offline, as for a rollback snapshot."""
+    offline = [] if deps else ["--no-deps", "--no-index"]
     cmd = [
-        sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall",
+        python, "-m", "pip", "install", *offline, "--force-reinstall" if not deps else "--upgrade-strategy=only-if-needed",
         "--disable-pip-version-check", "--no-input", "--quiet", str(wheel),
     ]  # fmt: skip
     log.info("installing %s", wheel.name)
@@ -745,7 +763,7 @@ def apply_daemon(plan: dict, cfg: Config, status: UpdateStatus) -> None:
         return
     try:
         status.update(state="installing")
-        pip_install(Path(plan["wheel"]))
+        pip_install(Path(plan["wheel"]), deps=True)
         status.update(state="starting")
         start_and_check(cfg, plan, plan["target"])
     except WorkerFailure as exc:
@@ -788,7 +806,7 @@ def systemd_unit() -> str:
     return "pinkybrain.service"
 
 
-def trial_run(expected: str, timeout: float, log_path: Path) -> None:
+def trial_run(expected: str, timeout: float, log_path: Path, python: str = sys.executable) -> None:
     """Start the just-installed code as a throwaway node (scratch home, loopback port, new secret) and wait
     for it to answer as `expected`: proof that it starts, without touching the running service."""
     scratch = Path(tempfile.mkdtemp(prefix="pinkybrain-trial-"))
@@ -809,7 +827,7 @@ def trial_run(expected: str, timeout: float, log_path: Path) -> None:
     drop = ("P2P_SECRET", "PINKYBRAIN_CONFIG", "NOTIFY_SOCKET", "INVOCATION_ID", "LISTEN_FDS", "LISTEN_PID")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PINKYBRAIN_HOME=str(scratch), PINKYBRAIN_START_MODE="foreground")
-    cmd = [sys.executable, "-m", "pinkybrain.node", "serve", "--config", str(config_path)]
+    cmd = [python, "-m", "pinkybrain.node", "serve", "--config", str(config_path)]
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=scratch, env=env)
     try:
@@ -839,52 +857,75 @@ def trial_run(expected: str, timeout: float, log_path: Path) -> None:
 
 
 def apply_systemd(plan: dict, cfg: Config, status: UpdateStatus) -> None:
+    """Build the release in a venv of its own under the state directory, test-run it, switch `current` to
+    it and have the node exit with RESTART_EXIT_CODE, on which the unit restarts (RestartForceExitStatus=):
+    no write to the install tree, no systemctl, no root. A failure before the switch leaves the running
+    release as it was; after the switch, the unit's ExecStopPost (`after-stop`) switches back."""
     home = Path(plan["home"])
     timeout = float(plan["health_timeout_secs"])
+    tree = ReleaseTree(home)
+    target: Path | None = None
     try:
         status.update(state="installing", worker_pid=os.getpid())
-        pip_install(Path(plan["wheel"]))
-        status.update(state="trial_run")
-        trial_run(plan["target"], timeout, updates_dir(home) / "update.log")
-    except WorkerFailure as exc:
-        reason = str(exc)
-        try:
-            pip_install(Path(plan["rollback_wheel"]))
-        except WorkerFailure as again:
-            status.finish(
-                "failed", f"{reason}; reinstalling {plan['previous']} failed too: {again}", changed=True
-            )
-            return
+        target = tree.create(plan["target"], Path(plan["base_site"]), plan["python"])
+        python = str(target / "bin" / "python")
+        pip_install(Path(plan["wheel"]), python=python, deps=True)
+        status.update(state="trial_run", release=str(target))
+        trial_run(plan["target"], timeout, updates_dir(home) / "update.log", python=python)
+    except (WorkerFailure, ReleaseTreeError) as exc:
+        if target is not None:
+            tree.discard(target)
         status.finish(
-            "rolled_back",
-            f"{reason}; {plan['previous']} reinstalled, the service kept running",
-            changed=False,
+            "rolled_back", f"{exc}; the service kept running {plan['previous']}", changed=False
         )
         return
-    unit = systemd_unit()
-    # Written first: systemd stops the unit's whole cgroup, this worker included, during the restart.
-    status.update(state="restarting", unit=unit, deadline=time.time() + timeout + 60)
-    done = subprocess.run(
-        ["systemctl", "--no-ask-password", "--no-block", "restart", unit],
-        capture_output=True,
-        text=True,
-        check=False,
+    previous = tree.switch(target)
+    # Written before the node exits: the next start (or ExecStopPost) reads how far this got.
+    status.update(
+        state="restarting",
+        unit=systemd_unit(),
+        release=str(target),
+        previous_release=str(previous) if previous else None,
+        deadline=time.time() + timeout + 60,
     )
-    if done.returncode != 0:
-        reason = f"systemctl could not restart {unit}: {(done.stderr or '').strip() or done.returncode}"
-        try:
-            pip_install(Path(plan["rollback_wheel"]))
-        except WorkerFailure as again:
-            status.finish(
-                "failed", f"{reason}; reinstalling {plan['previous']} failed too: {again}", changed=True
-            )
-            return
-        status.finish("rolled_back", f"{reason}; {plan['previous']} reinstalled", changed=False)
-        return
-    time.sleep(timeout + 60)  # normally killed by the restart long before this
+    try:
+        os.kill(int(plan["node_pid"]), RESTART_SIGNAL)
+    except ProcessLookupError:
+        tree.roll_back()
+        status.finish("failed", "the node stopped before it could be restarted; nothing was changed", changed=False)
+
+
+def after_stop(home: Path) -> int:
+    """The unit's ExecStopPost: when the service stopped while a new release had not yet answered (it
+    crashed, or systemd gave up waiting for READY=1), switch `current` back, so the restart runs the
+    previous release. The old release's own exit for the update (RESTART_EXIT_CODE) is left alone."""
+    status = UpdateStatus.load(home)
+    data = status.data
+    if data.get("state") != "restarting" or data.get("final"):
+        return 0
+    exit_status = os.environ.get("EXIT_STATUS", "")
+    if exit_status == str(RESTART_EXIT_CODE):
+        return 0
+    try:
+        back = ReleaseTree(home).roll_back()
+    except (ReleaseTreeError, OSError) as exc:
+        status.finish("failed", f"{data.get('to')} stopped before it answered and going back failed: {exc}")
+        return 1
+    result = os.environ.get("SERVICE_RESULT", "unknown")
     status.finish(
-        "failed", f"systemd accepted the restart of {unit} but never stopped this worker", changed=True
+        "rolled_back",
+        f"{PACKAGE} {data.get('to')} stopped before it answered (service result {result}, exit status "
+        f"{exit_status or 'none'}); {back} ({data.get('from')}) is current again",
+        changed=False,
     )
+    return 0
+
+
+def confirm_running(home: Path, version: str) -> None:
+    """Called once the node answers: an update that restarted into this version is now settled, so a later
+    stop of this version is never mistaken for a failed start."""
+    with contextlib.suppress(OSError, ValueError):
+        last_attempt(home, version)
 
 
 def prune(home: Path, keep: Path) -> None:
@@ -924,9 +965,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("apply-worker", help="carry out a verified update plan (started by the node)")
     worker.add_argument("plan", type=Path)
+    sub.add_parser("after-stop", help="the systemd unit's ExecStopPost: roll back a release that never answered")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s update: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health-check ping is noise
+    if args.command == "after-stop":
+        from pinkybrain.node.core.config import pinkybrain_home
+
+        return after_stop(pinkybrain_home())
     return run_worker(args.plan)
 
 
