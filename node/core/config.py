@@ -7,6 +7,7 @@ its type, default and bounds. Unknown keys and wrong types are errors naming the
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import socket
 from collections.abc import Iterable
@@ -234,7 +235,12 @@ def coerce(key: Key, value: Any) -> Any:
     elif key.type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise bad("a finite number") from None
+        if not math.isfinite(value):  # .nan passes every bound check; .inf would never time out
+            raise bad("a finite number")
     elif key.type == "mapping":
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad("a mapping of names to settings")
