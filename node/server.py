@@ -43,6 +43,12 @@ def prepare(cfg: Config) -> Identity:
         check_secret(cfg["p2p.secret"])
     except WeakSecretError as exc:
         raise StartupError(f"refusing to start: {exc}") from None
+    exposed = cfg.secret_file_problem()
+    if exposed is not None:
+        message, refuse = exposed
+        if refuse:
+            raise StartupError(f"refusing to start: {message}")
+        log.warning("%s", message)
     path = cfg.identity_path
     if not path.exists():
         identity = Identity.generate()
