@@ -78,6 +78,7 @@ async def status(runtime: RuntimeDep):
             "models_shared": len(runtime.models.shared_entries()),
             "shared_models_dir": str(runtime.cfg.path("sharing.shared_models_dir")),
             "cloud_models": runtime.cfg["sharing.cloud_models"],
+            "withdrawn": runtime.models.problems[-10:],  # shares whose file changed or went away
         },
         "credit": {**runtime.ledger.summary(), "earn_per_query": runtime.cfg["credit.earn_per_query"]},
     }

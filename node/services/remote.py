@@ -46,8 +46,8 @@ from pinkybrain.node.services.mesh import MessageTooLarge, PeerGone, RemoteError
 from pinkybrain.node.services.models import (
     ModelNotFound,
     ModelPathError,
+    ShareChanged,
     entry_bytes,
-    resolve_shared,
     verify_entry,
 )
 
@@ -313,13 +313,13 @@ class RemoteInference:
             if model not in runtime.brain.cloud_models or not runtime.cfg["sharing.cloud_models"]:
                 raise RpcError("not_shared", f"{shown!r} is a cloud model this node does not share")
             return "cloud", None
-        try:
-            path = resolve_shared(runtime.models.models_dir, entry["file"])
-            size = path.stat().st_size
-        except (ModelPathError, ModelNotFound, OSError, KeyError):
+        try:  # the file must still be the one shared: a changed stamp is re-hashed before it is served
+            path = runtime.models.served_path(model)
+        except ShareChanged:
+            raise RpcError("not_shared", f"the shared model {shown!r} changed on disk since it was shared; "
+                                         "not served until its hash is checked again") from None
+        except (ModelPathError, ModelNotFound, OSError):
             raise RpcError("not_shared", f"the shared model {shown!r} is no longer available here") from None
-        if size != entry.get("size_bytes"):
-            raise RpcError("not_shared", f"the shared model {shown!r} changed since it was shared")
         return "local", path
 
     async def _serve_chat(self, ctx, payload) -> bytes:
