@@ -22,7 +22,7 @@ from typing import BinaryIO
 from pinkybrain.node.services.models import ModelNotFound, file_stamp, open_model
 
 _lock = threading.Lock()
-PARSE_TIMEOUT_SECS = 30.0
+PARSE_TIMEOUT_SECS = 300.0  # a large vocabulary takes minutes on a loaded machine; a deadline, not a target
 
 
 class GgufUnreadable(ValueError):
