@@ -104,7 +104,8 @@ async def daemon(runtime: RuntimeDep):
         "uptime_secs": runtime.uptime(),
         "started_at": runtime.started_at,
         "pid_file": str(runtime.home / "pinkybrain.pid"),
-        "log_file": str(runtime.home / "pinkybrain.log") if runtime.start_mode == "daemon" else None,
+        "log_file": str(runtime.cfg.path("logging.file") if runtime.cfg["logging.file"] else runtime.home / "pinkybrain.log")
+        if runtime.start_mode == "daemon" else None,
         "rss_bytes": mem,
         "threads": threads,
         "python": platform.python_version(),

@@ -135,6 +135,11 @@ SCHEMA: tuple[Key, ...] = (
     ),
     # ours
     Key("logging.level", "choice", "info", "log level", choices=("debug", "info", "warning", "error")),
+    Key("logging.file", "path", None,
+        "log file, mode 0600, rotated by size (default: stderr; serve --daemon: $PINKYBRAIN_HOME/pinkybrain.log) (ours)"),
+    Key("logging.max_bytes", "int", 10485760, "rotate the log file at this size (ours)", minimum=65536,
+        maximum=1073741824),
+    Key("logging.backups", "int", 3, "rotated log files kept (ours)", minimum=1, maximum=100),
     # ours: signed self-update
     Key("update.url", "str", None, "URL of the signed release manifest (default: no feed) (ours)"),
     Key(

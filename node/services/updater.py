@@ -713,7 +713,7 @@ def start_and_check(cfg: Config, plan: dict, expected: str) -> None:
     """Start the node as `serve --daemon` does and wait for a signed ping naming `expected`."""
     timeout = float(plan["health_timeout_secs"])
     deadline = time.monotonic() + timeout
-    log_file = Path(plan["home"]) / "pinkybrain.log"
+    log_file = cfg.path("logging.file") if cfg["logging.file"] else Path(plan["home"]) / "pinkybrain.log"
     offset = log_file.stat().st_size if log_file.exists() else 0
     try:
         peers = {"peers": tuple(plan["peers"])} if plan.get("peers") else {}
