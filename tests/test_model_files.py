@@ -14,7 +14,7 @@ import time
 import pytest
 
 from model import DEFAULT_NAME, place_default_model, write_tiny_gguf
-from nodes import free_port, start_node, strong_secret
+from nodes import free_port, run_cli, start_node, strong_secret
 
 FAST = {"p2p.heartbeat_secs": 0.5, "p2p.dead_after_secs": 2.0}
 IN_OPEN, IN_ACCESS = 0x20, 0x01
@@ -146,6 +146,37 @@ def test_a_shared_model_swapped_for_one_of_the_same_size_is_not_served_to_a_peer
             again = c.post("/api/query", json=body)
         assert again.status_code in (502, 503), again.text
         assert b.log().count("serving a remote query") == 1  # only the positive control ever ran on b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_refusal_names_the_peer_whose_guard_paused_sharing(tmp_path):
+    """The only peer that could serve has paused sharing: the error says so, not just "available: none"."""
+    secret = strong_secret()
+    b_port = free_port()
+    (tmp_path / "b" / "shared_models").mkdir(parents=True)
+    write_tiny_gguf(tmp_path / "b" / "shared_models" / "tiny.gguf")
+    b = start_node(tmp_path / "b", port=b_port, secret=secret, extra={
+        **FAST, "resource_guard.ram_threshold": 1, "resource_guard.sustain_secs": 0.3,
+        "resource_guard.sample_secs": 0.1})
+    a = start_node(tmp_path / "a", secret=secret, extra={**FAST, "p2p.peers": [f"http://127.0.0.1:{b_port}"]})
+    try:
+        b_id = b.get("/api/ping").json()["node_id"]
+        assert b.post("/api/models/tiny/share").status_code == 200
+
+        def a_sees_b_paused():
+            peer = next((p for p in a.get("/api/peers").json()["peers"] if p["node_id"] == b_id), None)
+            return peer is not None and peer["guard"]["sharing_paused"]
+
+        _wait_for(a_sees_b_paused, 30, "a to see b's guard pause sharing")
+        r = a.post("/api/query", json={"prompt": "hi", "mode": "single", "model": "tiny"})
+        assert r.status_code in (502, 503), r.text
+        detail = r.json()["detail"]
+        assert "available: none" in detail and f"({b_id[:7]}) has paused sharing: RAM" in detail, detail
+        cli = run_cli("query", "hi", "--url", a.url, env={**a.env, "P2P_SECRET": secret})
+        assert cli.returncode != 0 and "has paused sharing" in cli.stderr, cli.stderr
+        assert len(cli.stderr.strip().splitlines()) == 1
     finally:
         a.stop()
         b.stop()
