@@ -805,7 +805,9 @@ def trial_run(expected: str, timeout: float, log_path: Path) -> None:
     }
     (scratch / "shared_models").mkdir()
     config_path = scratch / "pinkybrain.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    # It holds a secret: 0600 from the start (a node refuses a config file others can read).
+    with os.fdopen(os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
+        fh.write(yaml.safe_dump(config))
     drop = ("P2P_SECRET", "PINKYBRAIN_CONFIG", "NOTIFY_SOCKET", "INVOCATION_ID", "LISTEN_FDS", "LISTEN_PID")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PINKYBRAIN_HOME=str(scratch), PINKYBRAIN_START_MODE="foreground")
