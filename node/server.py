@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -45,6 +46,12 @@ def prepare(cfg: Config) -> Identity:
         check_secret(cfg["p2p.secret"])
     except WeakSecretError as exc:
         raise StartupError(f"refusing to start: {exc}") from None
+    exposed = cfg.secret_file_problem()
+    if exposed is not None:
+        message, refuse = exposed
+        if refuse:
+            raise StartupError(f"refusing to start: {message}")
+        log.warning("%s", message)
     path = cfg.identity_path
     if not path.exists():
         identity = Identity.generate()
@@ -57,12 +64,20 @@ def prepare(cfg: Config) -> Identity:
         raise StartupError(f"refusing to start: {exc}") from None
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_FILE_ENV = "PINKYBRAIN_LOG_FILE"  # set by `serve --daemon`: log there, with stdout and stderr
+
+
+def configure_logging(cfg: Config) -> None:
+    """One safe handler (escaped, capped lines; see services/node_log.py): the daemon's log file, else
+    logging.file, else stderr. A file is 0600 and rotated by size."""
+    from pathlib import Path
+
+    from pinkybrain.node.services.node_log import configure
+
+    daemon_file = os.environ.get(LOG_FILE_ENV)
+    file = Path(daemon_file) if daemon_file else (cfg.path("logging.file") if cfg["logging.file"] else None)
+    configure(cfg["logging.level"], file=file, max_bytes=cfg["logging.max_bytes"], backups=cfg["logging.backups"],
+              own_stdio=bool(daemon_file))
 
 
 async def _serve(
@@ -87,6 +102,7 @@ async def _serve(
             host=host,
             port=port,
             log_level="warning",
+            log_config=None,  # uvicorn's own records go through our handler: escaped, capped, rotated
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=20,
@@ -176,7 +192,7 @@ def serve(config_source: str | None, host: str | None, port: int | None, peers: 
         cfg = load_config(config_source)
         bind_host, bind_port = cfg.listen_address()
         host, port = host or bind_host, port or bind_port
-        configure_logging(cfg["logging.level"])
+        configure_logging(cfg)
         identity = prepare(cfg)
         pid_file = PidFile(cfg.home / "pinkybrain.pid")
         pid_file.acquire()

@@ -26,7 +26,7 @@ import httpx
 import typer
 
 from pinkybrain.skill import output
-from pinkybrain.skill.client import NodeClient, SkillError, normalize_url, path_part
+from pinkybrain.skill.client import NodeClient, SkillError, name_part, normalize_url, path_part
 from pinkybrain.skill.signing import HmacAuth, NodeIdError, canonical_node_id
 
 MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
@@ -345,7 +345,7 @@ def score(
     timeout: TimeoutOpt = None,
 ) -> None:
     """A peer's credit score, with its inputs."""
-    data, _ = call(url, timeout, "GET", f"/api/score/{path_part(peer_id)}")
+    data, _ = call(url, timeout, "GET", f"/api/score/{name_part(peer_id, 'node id')}")
     emit(data, as_json, lambda: output.render_score(data))
 
 
@@ -411,7 +411,7 @@ def trust_show(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Whether this node finds a key valid, by which path, and the attestations it holds about it."""
-    data, _ = call(url, timeout, "GET", f"/api/trust/{path_part(peer_id)}")
+    data, _ = call(url, timeout, "GET", f"/api/trust/{name_part(peer_id, 'node id')}")
     emit(data, as_json, lambda: output.render_trust(data))
 
 
@@ -543,7 +543,7 @@ def models_share(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Share a model with the mesh."""
-    data, _ = call(url, timeout, "POST", f"/api/models/{path_part(name)}/share",
+    data, _ = call(url, timeout, "POST", f"/api/models/{name_part(name, 'model name')}/share",
                    params={"force": "true" if force else None})
     entry = (data or {}).get("entry") or {}
     warning = (data or {}).get("cost_warning")
@@ -563,7 +563,7 @@ def models_share(
 @handled
 def models_unshare(name: NameArg, as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
     """Stop sharing a model."""
-    data, _ = call(url, timeout, "POST", f"/api/models/{path_part(name)}/unshare")
+    data, _ = call(url, timeout, "POST", f"/api/models/{name_part(name, 'model name')}/unshare")
     emit(data, as_json, f"stopped sharing {(data or {}).get('name', name)}")
 
 
@@ -712,7 +712,7 @@ def conversations_export(
 ) -> None:
     """Export one conversation as JSON or Markdown."""
     choice(fmt, EXPORT_FORMATS, "format")
-    text, _ = call(url, timeout, "POST", f"/api/conversations/{path_part(session_id)}/export",
+    text, _ = call(url, timeout, "POST", f"/api/conversations/{name_part(session_id, 'session id')}/export",
                    params={"format": fmt}, raw=True)
     if out is not None:
         out.write_text(text, encoding="utf-8")
@@ -742,7 +742,7 @@ def conversations_set_privacy(
 ) -> None:
     """Set who may see a conversation: private, peers-only or public."""
     choice(level, PRIVACY_LEVELS, "privacy level")
-    data, _ = call(url, timeout, "POST", f"/api/conversations/{path_part(session_id)}/privacy",
+    data, _ = call(url, timeout, "POST", f"/api/conversations/{name_part(session_id, 'session id')}/privacy",
                    json_body={"privacy": level})
     emit(data, as_json, f"{session_id} is now {level}")
 

@@ -79,7 +79,20 @@ def unproven(url: str, why: str) -> str:
 
 
 def path_part(value: str) -> str:
-    """One path segment: keys and names may hold '/', '?', '#' or spaces."""
+    """One path segment: keys and names may hold '/', '?', '#' or spaces. A key that is '.' or '..' is sent
+    percent-encoded, or the HTTP client would read it as a dot segment and ask another route."""
+    if value and set(value) == {"."} and len(value) <= 2:
+        return "%2E" * len(value)
+    return quote(value, safe="")
+
+
+def name_part(value: str, what: str) -> str:
+    """The segment of a route that takes one name (a model, a session, a node id): a value that cannot be
+    one is refused here with its reason, not sent to come back as a bare "Not Found"."""
+    if not value:
+        raise SkillError(f"the {what} must not be empty")
+    if "/" in value or value in (".", ".."):
+        raise SkillError(f"{value[:80]!r} cannot be a {what}: it may not contain '/' or be '.' or '..'")
     return quote(value, safe="")
 
 

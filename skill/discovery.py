@@ -26,6 +26,7 @@ Advanced knobs (mostly for tests and unusual setups):
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import shutil
@@ -169,6 +170,8 @@ def mdns_timeout() -> float:
         value = float(text)
     except ValueError:
         raise SkillError(f"PINKYBRAIN_MDNS_TIMEOUT must be seconds, got {text!r}") from None
+    if not math.isfinite(value):
+        raise SkillError(f"PINKYBRAIN_MDNS_TIMEOUT must be a finite number of seconds, got {text!r}")
     return max(0.0, value)
 
 

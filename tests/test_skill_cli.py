@@ -247,3 +247,21 @@ def test_sealed_requests_work_end_to_end(cli, node, monkeypatch):
     assert all(r.url.query == b"" and "x-pinkybrain-seal" in r.headers for r in wire[1:])
     assert b"sealed search text" not in wire[2].content
     assert [a.headers.get("x-pinkybrain-sealed") for a in answers] == [None, "1", "1"]
+@pytest.mark.parametrize("key", [".", "..", "a/b", "../up", "a/./b", "a/../b", "/lead", "trail/", "%2e", "x?y#z"])
+def test_memory_keys_with_dots_and_slashes_work(cli, key):
+    value = f"value of {key}"
+    cli("memory", "set", key, value, "--string")
+    got = json.loads(cli("memory", "get", key, "--json").stdout)
+    assert got["key"] == key and got["value"] == value, got  # that key, not a listing or another key
+    assert key in json.loads(cli("memory", "list", "--json").stdout)["keys"]
+    cli("memory", "delete", key)
+    assert "no memory key" in cli("memory", "get", key, ok=False).stderr
+
+
+@pytest.mark.parametrize("args,what", [
+    (["models", "share", "sub/tiny"], "model name"), (["models", "unshare", ".."], "model name"),
+    (["score", "a/b"], "node id"), (["conversations", "export", "x/y"], "session id"),
+])
+def test_names_that_cannot_be_names_are_refused_with_the_reason(cli, args, what):
+    err = cli(*args, ok=False).stderr
+    assert f"cannot be a {what}" in err and "'/'" in err and "Not Found" not in err

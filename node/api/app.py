@@ -91,6 +91,7 @@ async def status(runtime: RuntimeDep):
             "models_shared": len(runtime.models.shared_entries()),
             "shared_models_dir": str(runtime.cfg.path("sharing.shared_models_dir")),
             "cloud_models": runtime.cfg["sharing.cloud_models"],
+            "withdrawn": runtime.models.problems[-10:],  # shares whose file changed or went away
         },
         "credit": {**runtime.ledger.summary(), "earn_per_query": runtime.cfg["credit.earn_per_query"]},
         "memory": {"commits": runtime.memory.commits if runtime.memory is not None else 0},
@@ -117,7 +118,8 @@ async def daemon(runtime: RuntimeDep):
         "uptime_secs": runtime.uptime(),
         "started_at": runtime.started_at,
         "pid_file": str(runtime.home / "pinkybrain.pid"),
-        "log_file": str(runtime.home / "pinkybrain.log") if runtime.start_mode == "daemon" else None,
+        "log_file": str(runtime.cfg.path("logging.file") if runtime.cfg["logging.file"] else runtime.home / "pinkybrain.log")
+        if runtime.start_mode == "daemon" else None,
         "rss_bytes": mem,
         "threads": threads,
         "python": platform.python_version(),

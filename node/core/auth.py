@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import time
 from collections import OrderedDict
@@ -125,6 +126,8 @@ class RequestVerifier:
             ts_value = float(ts)
         except ValueError:
             raise AuthError("bad_timestamp", f"{TS_HEADER} must be Unix seconds, got {ts[:40]!r}") from None
+        if not math.isfinite(ts_value):  # nan compares false with every bound: it would never go stale
+            raise AuthError("bad_timestamp", f"{TS_HEADER} must be a finite number of Unix seconds")
         if len(nonce) > MAX_NONCE_LEN or not nonce.isprintable():
             raise AuthError(
                 "bad_nonce", f"{NONCE_HEADER} must be at most {MAX_NONCE_LEN} printable characters"

@@ -7,6 +7,7 @@ its type, default and bounds. Unknown keys and wrong types are errors naming the
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import socket
 from collections.abc import Iterable
@@ -139,6 +140,11 @@ SCHEMA: tuple[Key, ...] = (
     ),
     # ours
     Key("logging.level", "choice", "info", "log level", choices=("debug", "info", "warning", "error")),
+    Key("logging.file", "path", None,
+        "log file, mode 0600, rotated by size (default: stderr; serve --daemon: $PINKYBRAIN_HOME/pinkybrain.log) (ours)"),
+    Key("logging.max_bytes", "int", 10485760, "rotate the log file at this size (ours)", minimum=65536,
+        maximum=1073741824),
+    Key("logging.backups", "int", 3, "rotated log files kept (ours)", minimum=1, maximum=100),
     # ours: signed self-update
     Key("dashboard.allow_remote", "bool", False,
         "serve the owner's dashboard to other machines too (default: this machine only) (ours)"),
@@ -222,7 +228,9 @@ def coerce(key: Key, value: Any) -> Any:
         raise ConfigError(f"{key.path} must not be empty")
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{key.path} must be {expected}, got {value!r}")
+        # A secret's value is never echoed, whatever its type: only what kind of value it was.
+        got = f"a {type(value).__name__}" if key.secret else repr(value)
+        return ConfigError(f"{key.path} must be {expected}, got {got}")
 
     if key.type in ("str", "path"):
         if isinstance(value, (bool, dict, list)):
@@ -241,7 +249,12 @@ def coerce(key: Key, value: Any) -> Any:
     elif key.type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise bad("a finite number") from None
+        if not math.isfinite(value):  # .nan passes every bound check; .inf would never time out
+            raise bad("a finite number")
     elif key.type == "mapping":
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad("a mapping of names to settings")
@@ -277,13 +290,13 @@ def flatten(raw: dict, *, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     for section, body in raw.items():
-        if section in SHORT_FORMS and not isinstance(body, dict):
-            out[resolve_key(section).path] = body
+        if section in SHORT_FORMS and (not isinstance(body, dict) or resolve_key(section).secret):
+            out[resolve_key(section).path] = body  # a secret is checked (and never echoed) by coerce
             continue
         if not isinstance(body, dict):
             if not any(k.startswith(f"{section}.") for k in KEYS):
                 resolve_key(str(section))  # names the unknown key
-            raise ConfigError(f"{source}: {section} must be a section (a mapping), got {body!r}")
+            raise ConfigError(f"{source}: {section} must be a section (a mapping), got a {type(body).__name__}")
         for name, value in body.items():
             out[resolve_key(f"{section}.{name}").path] = value
     return out
@@ -352,6 +365,21 @@ class Config:
                 )
             port = listen_port
         return host.strip("[]") or "0.0.0.0", port
+
+    def secret_file_problem(self) -> tuple[str, bool] | None:
+        """(one line, refuse?) when the config file holding p2p.secret can be read by others (refuse) or
+        by its group (warn: a service group may need it); None when it is private or holds no secret."""
+        if self.file is None or "p2p.secret" not in self.explicit:
+            return None
+        try:
+            mode = self.file.stat().st_mode & 0o777
+        except OSError:
+            return None
+        if not mode & 0o044:
+            return None
+        who = "anyone on this machine" if mode & 0o004 else "its group"
+        return (f"{self.file} holds p2p.secret and can be read by {who} (mode {mode:04o}); "
+                f"run: chmod 600 {self.file}", bool(mode & 0o004))
 
     def redacted(self) -> dict:
         shown = dict(self.values)

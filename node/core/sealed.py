@@ -19,6 +19,7 @@ answer (and chunks their sequence number), which the caller checks.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import struct
 import time
@@ -187,6 +188,12 @@ class ReplayGuard:
             raise SealError("malformed", "the request has no valid query id")
         if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
             raise SealError("malformed", "the request has no timestamp")
+        try:
+            finite = math.isfinite(timestamp)
+        except OverflowError:  # an int past float range
+            finite = False
+        if not finite:  # nan passes every window comparison; inf never expires
+            raise SealError("malformed", "the request's timestamp is not a finite number")
         if abs(now - timestamp) > self.window:
             raise SealError("stale", f"the request is {now - timestamp:+.0f}s off this node's clock "
                                      f"(window ±{self.window:g}s)")

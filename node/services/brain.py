@@ -112,7 +112,8 @@ class Brain:
             if explicit in self.local_models():
                 raise ModelRefused(f"{explicit!r} is not shared by this node: only its owner may use it")
             available = sorted(local) + sorted(cloud) + [f"{n} (on a peer)" for n in remote]
-            raise NoModel(f"no model {explicit!r}; available: {', '.join(available) or 'none'}")
+            raise NoModel(f"no model {explicit!r}; available: {', '.join(available) or 'none'}"
+                          + self._not_serving_note())
         candidates = list(local) + [n for n, cm in cloud.items() if cm.key_present] + remote
         for pattern in (specialist.preferred_models if specialist else ()):
             for name in candidates:
@@ -126,7 +127,13 @@ class Brain:
         if remote:
             return remote[0]
         raise NoModel(f"no usable model: put a GGUF file in {self.runtime.models.models_dir} "
-                      "(install.sh places the embedded default there) or link to a peer that shares one")
+                      "(install.sh places the embedded default there) or link to a peer that shares one"
+                      + self._not_serving_note())
+
+    def _not_serving_note(self) -> str:
+        """Why linked peers offer nothing (paused by their guard, sharing off), so a refusal names its cause."""
+        notes = [n for r in self._remotes() if hasattr(r, "not_serving") for n in r.not_serving()]
+        return f"; not serving now: {'; '.join(notes[:8])}" if notes else ""
 
     def is_remote(self, model: str) -> bool:
         return model not in self.cloud_models and model not in self.local_models()

@@ -47,7 +47,8 @@ def start_daemon(
     peers: tuple[str, ...] = (),
 ) -> dict:
     home = cfg.home
-    pid_file, log_file = home / "pinkybrain.pid", home / "pinkybrain.log"
+    pid_file = home / "pinkybrain.pid"
+    log_file = cfg.path("logging.file") if cfg["logging.file"] else home / "pinkybrain.log"
     pid = running_pid(pid_file)
     if pid is not None:
         raise DaemonError(
@@ -59,10 +60,15 @@ def start_daemon(
         cmd += ["--config", str(Path(config_source).resolve())]
     for peer in peers:
         cmd += ["--peer", peer]
-    env = dict(os.environ, PINKYBRAIN_START_MODE="daemon", PINKYBRAIN_HOME=str(home))
+    # The node logs to the file itself (rotated by size, 0600); its stdout and stderr go there too.
+    env = dict(os.environ, PINKYBRAIN_START_MODE="daemon", PINKYBRAIN_HOME=str(home),
+               PINKYBRAIN_LOG_FILE=str(log_file.resolve()))
     if cfg.file is not None:
         env["PINKYBRAIN_CONFIG"] = str(cfg.file.resolve())  # the daemon's cwd differs from ours
-    with open(log_file, "ab") as log, open(os.devnull, "rb") as devnull:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(
             cmd,
             stdin=devnull,

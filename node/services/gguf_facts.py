@@ -1,7 +1,14 @@
-"""Facts about a GGUF file, read from its header with the `gguf` package, cached by (size, mtime).
+"""Facts about a GGUF file, read from its header with the `gguf` package, cached by the file's stamp.
 
 Parsing a header reads the whole tokenizer vocabulary (seconds for large vocabularies), so results
-are kept in a small JSON cache in the node's home and recomputed only when the file changes.
+are kept in a small JSON cache in the node's home and recomputed only when the file changes (size,
+mtime, inode or ctime). A file that fails to parse is remembered the same way, so a listing does not
+parse a broken file again until it changes.
+
+The file is opened through `open_model` (no symlink followed, no FIFO or device waited on; the opened
+inode is checked) and the parser reads that open file, never the path again. The parse runs in a
+daemon thread with a deadline: a pathological file costs at most PARSE_TIMEOUT_SECS and never keeps the
+process from exiting.
 """
 
 from __future__ import annotations
@@ -10,14 +17,23 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import BinaryIO
+
+from pinkybrain.node.services.models import ModelNotFound, file_stamp, open_model
 
 _lock = threading.Lock()
+PARSE_TIMEOUT_SECS = 300.0  # a large vocabulary takes minutes on a loaded machine; a deadline, not a target
 
 
-def read_gguf_facts(path: Path) -> dict:
+class GgufUnreadable(ValueError):
+    """The file's GGUF header cannot be read; remembered until the file changes."""
+
+
+def read_gguf_facts(source: Path | BinaryIO) -> dict:
+    """Facts from a GGUF header; `source` is a path or a file opened for reading (the parser maps it)."""
     from gguf import GGUFReader, LlamaFileType
 
-    reader = GGUFReader(str(path), "r")
+    reader = GGUFReader(source, "r")
 
     def field(name: str, default=None):
         f = reader.fields.get(name)
@@ -51,45 +67,89 @@ def read_gguf_facts(path: Path) -> dict:
     }
 
 
+def parse_with_deadline(fh: BinaryIO, timeout: float = PARSE_TIMEOUT_SECS) -> dict:
+    """read_gguf_facts on an open file in a daemon thread; the thread closes the file when it ends. Raises
+    GgufUnreadable for a damaged header or one that takes longer than `timeout`."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["facts"] = read_gguf_facts(fh)
+        except Exception as exc:  # noqa: BLE001 (the parser raises many kinds on a damaged file: all mean unreadable)
+            result["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            fh.close()
+
+    worker = threading.Thread(target=run, name="gguf-parse", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise GgufUnreadable(f"parsing the header took longer than {timeout:g}s")
+    if "error" in result:
+        raise GgufUnreadable(result["error"])
+    return result["facts"]
+
+
 class GgufFactsCache:
-    def __init__(self, cache_file: Path):
+    def __init__(self, cache_file: Path, *, timeout: float = PARSE_TIMEOUT_SECS):
         self.cache_file = cache_file
+        self.timeout = timeout
         try:
             self._data: dict = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             self._data = {}
+        if not isinstance(self._data, dict):
+            self._data = {}
         self._parsing: dict[str, threading.Lock] = {}
 
     def get(self, path: Path) -> dict:
-        key = str(path.resolve())
+        """Facts for a path already confined to shared_models/ (resolve_shared); raises GgufUnreadable
+        (a ValueError) for a file that does not parse, from memory while the file is unchanged."""
+        key = str(path)
         with _lock:
             file_lock = self._parsing.setdefault(key, threading.Lock())
         # One parse per file at a time: a share and the start-up scan asking together wait for one result.
         with file_lock:
-            st = path.stat()
-            stamp = [st.st_size, st.st_mtime_ns]
-            with _lock:
-                hit = self._data.get(key)
-                if hit and hit.get("stamp") == stamp:
+            try:
+                fh = open_model(path)
+            except ModelNotFound as exc:  # gone since it was resolved: nothing to remember
+                raise GgufUnreadable(str(exc)) from None
+            try:
+                stamp = file_stamp(os.fstat(fh.fileno()))
+                with _lock:
+                    hit = self._data.get(key)
+                if isinstance(hit, dict) and hit.get("stamp") == stamp:
+                    if "error" in hit:
+                        raise GgufUnreadable(hit["error"])
                     return hit["facts"]
-            facts = read_gguf_facts(path)
-            self._store(key, stamp, facts)
+            except BaseException:
+                fh.close()
+                raise
+            try:
+                facts = parse_with_deadline(fh, self.timeout)  # closes fh
+            except GgufUnreadable as exc:
+                self._store(key, {"stamp": stamp, "error": str(exc)})
+                raise
+            self._store(key, {"stamp": stamp, "facts": facts})
             return facts
 
-    def _store(self, key: str, stamp: list, facts: dict) -> None:
+    def _store(self, key: str, record: dict) -> None:
         with _lock:
-            self._data[key] = {"stamp": stamp, "facts": facts}
+            self._data[key] = record
             tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
-            tmp.write_text(json.dumps(self._data))
-            os.replace(tmp, self.cache_file)
+            try:
+                tmp.write_text(json.dumps(self._data))
+                os.replace(tmp, self.cache_file)
+            except OSError:
+                pass  # only a cache: the next start parses again
 
     def peek(self, path: Path) -> dict | None:
-        """Cached facts if still valid, without parsing (for fast listings)."""
+        """Cached facts if still valid, without opening the file for a parse (for fast listings)."""
         try:
-            st = path.stat()
+            st = path.lstat()
         except OSError:
             return None
-        hit = self._data.get(str(path.resolve()))
-        if hit and hit.get("stamp") == [st.st_size, st.st_mtime_ns]:
+        hit = self._data.get(str(path))
+        if isinstance(hit, dict) and hit.get("stamp") == file_stamp(st) and "facts" in hit:
             return hit["facts"]
         return None

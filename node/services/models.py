@@ -2,22 +2,34 @@
 
 The mesh may read nothing outside shared_models/: every name is resolved through `resolve_shared`,
 which refuses path tricks (.., absolute paths, symlinks or hard links leading out, non-GGUF files).
-A share is a catalog entry signed with the node's Ed25519 key, so anyone can verify entry and file.
+Every read opens the file through `open_model` (never following a link, never waiting on a FIFO or a
+device: O_NOFOLLOW | O_NONBLOCK) and checks the inode it got with fstat, so a file swapped between the
+check and the read is refused too.
+
+A share is a catalog entry signed with the node's Ed25519 key, so anyone can verify entry and file. The
+entry remembers the file's stamp (size, mtime, inode, ctime); before a shared file is served again the
+stamp is compared, and a changed stamp means a re-hash: a changed hash withdraws the share (log line and
+an entry in `problems`), an unchanged one keeps it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from pinkybrain.node.core.identity import Identity, verify
 
 GGUF_MAGIC = b"GGUF"
+# Open without following a final symlink and without waiting: a FIFO or device never blocks a read.
+OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+log = logging.getLogger("pinkybrain.models")
 
 
 class ModelPathError(ValueError):
@@ -28,12 +40,24 @@ class ModelNotFound(LookupError):
     pass
 
 
+class ShareChanged(ModelNotFound):
+    """A shared file changed on disk since it was shared: not served until its hash is checked again."""
+
+
 class CloudShareRefused(PermissionError):
     """Sharing a cloud model needs force and sharing.cloud_models; the message carries the cost warning."""
 
 
 def resolve_shared(models_dir: Path, name: str) -> Path:
     """Map a model name to a regular GGUF file strictly inside models_dir, or raise ModelPathError."""
+    path = _confined_path(models_dir, name)
+    with open_model(path, name) as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise ModelPathError(f"{name!r} is not a GGUF file (bad magic bytes)")
+    return path
+
+
+def _confined_path(models_dir: Path, name: str) -> Path:
     root = models_dir.resolve()
     if not name or "\x00" in name:
         raise ModelPathError("a model name must not be empty")
@@ -48,29 +72,70 @@ def resolve_shared(models_dir: Path, name: str) -> Path:
         st = candidate.lstat()
     except FileNotFoundError:
         raise ModelNotFound(f"no model {name!r} in {root}") from None
+    except OSError as exc:  # a name too long for the file system, say
+        raise ModelPathError(f"{name!r} cannot be looked up ({exc.strerror})") from None
     if stat.S_ISLNK(st.st_mode):
         target = candidate.resolve()
         if root not in target.parents:
             raise ModelPathError(f"{name!r} is a symlink leading outside {root}; refused")
-        st = target.stat()
+        try:
+            st = target.lstat()
+        except OSError:
+            raise ModelNotFound(f"{name!r} is a symlink to nothing") from None
         candidate = target
+    _check_plain(st, name, root)
+    return candidate
+
+
+def _check_plain(st: os.stat_result, name: str, root: Path | None = None) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise ModelPathError(f"{name!r} is not a regular file")
     if st.st_nlink > 1:
         # A hard link may be another name for a file anywhere on the disk: refuse rather than guess.
-        raise ModelPathError(f"{name!r} has {st.st_nlink} hard links; copy the file into {root} instead")
-    with candidate.open("rb") as fh:
-        if fh.read(4) != GGUF_MAGIC:
-            raise ModelPathError(f"{name!r} is not a GGUF file (bad magic bytes)")
-    return candidate
+        where = f" into {root}" if root else ""
+        raise ModelPathError(f"{name!r} has {st.st_nlink} hard links; copy the file{where} instead")
+
+
+def open_model(path: Path, name: str | None = None) -> BinaryIO:
+    """Open a confined path for reading without following a link or blocking on a FIFO, and check the inode
+    actually opened (regular file, one link). The caller closes it."""
+    name = name or path.name
+    try:
+        fd = os.open(path, OPEN_FLAGS)
+    except FileNotFoundError:
+        raise ModelNotFound(f"no model file {name!r}") from None
+    except OSError as exc:  # ELOOP: replaced by a symlink since it was checked; ENXIO: a device or socket
+        raise ModelPathError(f"{name!r} cannot be opened as a plain file ({exc.strerror})") from None
+    fh = os.fdopen(fd, "rb")
+    try:
+        _check_plain(os.fstat(fd), name)
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+def file_stamp(st: os.stat_result) -> list[int]:
+    """What changes when a file's content may have: size, mtime, inode (replaced) and ctime (written or
+    touched back, since ctime cannot be set)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def sha256_file(path: Path) -> str:
+    return _hash_open(path)[0]
+
+
+def _hash_open(path: Path) -> tuple[str, list[int]]:
+    """SHA-256 of the file and the stamp of the very inode hashed (unchanged while it was read)."""
     h = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_model(path) as fh:
+        before = file_stamp(os.fstat(fh.fileno()))
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+        after = file_stamp(os.fstat(fh.fileno()))
+    if before != after:
+        raise ModelPathError(f"{path.name!r} changed while it was being hashed; try again")
+    return h.hexdigest(), after
 
 
 def entry_bytes(entry: dict) -> bytes:
@@ -99,6 +164,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._shares: dict[str, dict] = self._load()
         self.problems: list[dict] = []  # shares withdrawn because their file changed
+        self._rechecking: set[str] = set()
 
     def _load(self) -> dict[str, dict]:
         try:
@@ -128,6 +194,7 @@ class ModelRegistry:
         for path in self.local_files():
             name = path.name[: -len(".gguf")]
             item = {"name": name, "kind": "local", "file": path.name, "shared": name in self._shares}
+            resolved = None
             try:
                 resolved = resolve_shared(self.models_dir, path.name)
                 item["size_bytes"] = resolved.stat().st_size
@@ -136,12 +203,12 @@ class ModelRegistry:
                 item["usable"], item["problem"] = False, str(exc)
             if name in self._shares:
                 item["sha256"] = self._shares[name]["sha256"]
-            if self.facts is not None and item["usable"]:
-                facts = self.facts.peek(path)
+            if self.facts is not None and resolved is not None:
+                facts = self.facts.peek(resolved)
                 if facts is None:
-                    try:
-                        facts = self.facts.get(path)
-                    except (OSError, ValueError, IndexError) as exc:
+                    try:  # a file that failed to parse is remembered until it changes: no re-parse here
+                        facts = self.facts.get(resolved)
+                    except (ModelPathError, ModelNotFound, OSError, ValueError, IndexError) as exc:
                         item["usable"], item["problem"] = False, f"unreadable GGUF header: {exc}"
                 if facts:
                     item.update({k: facts.get(k) for k in ("architecture", "parameters", "quantization",
@@ -154,41 +221,101 @@ class ModelRegistry:
         return out
 
     def verify_shares(self) -> list[dict]:
-        """Re-hash shared files whose size or mtime changed; withdraw (and report) any that no longer match."""
+        """Re-hash shared files whose stamp changed; withdraw (and report) any that no longer match."""
         withdrawn = []
         for name, entry in list(self._shares.items()):
             if entry.get("kind") == "cloud":
                 continue
-            reason = None
-            try:
-                path = resolve_shared(self.models_dir, entry["file"])
-                st = path.stat()
-                if st.st_size != entry["size_bytes"]:
-                    reason = f"size changed from {entry['size_bytes']} to {st.st_size} bytes"
-                elif entry.get("_stamp") != st.st_mtime_ns and sha256_file(path) != entry["sha256"]:
-                    reason = "SHA-256 no longer matches the signed entry"
-            except (ModelPathError, ModelNotFound, OSError) as exc:
-                reason = str(exc)
-            if reason:
-                with self._lock:
-                    self._shares.pop(name, None)
-                    self._save()
-                problem = {"model": name, "unshared": True, "reason": reason, "at": int(time.time())}
-                self.problems.append(problem)
+            problem = self.recheck(name)
+            if problem is not None:
                 withdrawn.append(problem)
         return withdrawn
+
+    def served_path(self, name: str) -> Path:
+        """The file of a shared local model, if it is still the file that was shared; cheap (one open and
+        fstat) unless the stamp changed. A changed stamp is re-hashed in the background and the model is
+        not served meanwhile (ShareChanged); a share found gone or different is withdrawn."""
+        entry = self._shares.get(name)
+        if entry is None or entry.get("kind") == "cloud":
+            raise ModelNotFound(f"model {name!r} is not shared as a local file")
+        try:
+            path = _confined_path(self.models_dir, entry["file"])
+            with open_model(path, entry["file"]) as fh:
+                stamp = file_stamp(os.fstat(fh.fileno()))
+        except (ModelPathError, ModelNotFound, OSError, KeyError) as exc:
+            self._withdraw(name, f"its file is no longer usable: {exc}")
+            raise ModelNotFound(f"the shared model {name!r} is no longer available here") from None
+        if stamp == entry.get("_stamp"):
+            return path
+        self._recheck_in_background(name)
+        raise ShareChanged(f"the shared model {name!r} changed on disk since it was shared; it is not served "
+                           "until its SHA-256 is checked again")
+
+    def recheck(self, name: str) -> dict | None:
+        """Hash a shared file again if its stamp changed: keep the share (new stamp) when the hash matches,
+        withdraw it otherwise. Returns the problem entry when withdrawn."""
+        entry = self._shares.get(name)
+        if entry is None or entry.get("kind") == "cloud":
+            return None
+        try:
+            path = _confined_path(self.models_dir, entry["file"])
+            with open_model(path, entry["file"]) as fh:
+                stamp = file_stamp(os.fstat(fh.fileno()))
+            if stamp == entry.get("_stamp"):
+                return None
+            if stamp[0] != entry["size_bytes"]:
+                return self._withdraw(name, f"size changed from {entry['size_bytes']} to {stamp[0]} bytes")
+            digest, stamp = _hash_open(path)
+        except (ModelPathError, ModelNotFound, OSError, KeyError) as exc:
+            return self._withdraw(name, str(exc))
+        if digest != entry["sha256"]:
+            return self._withdraw(name, "SHA-256 no longer matches the signed entry")
+        with self._lock:
+            if self._shares.get(name) is entry:
+                entry["_stamp"] = stamp  # same content (touched, copied back): keep sharing
+                self._save()
+        return None
+
+    def _recheck_in_background(self, name: str) -> None:
+        with self._lock:
+            if name in self._rechecking:
+                return
+            self._rechecking.add(name)
+
+        def run() -> None:
+            try:
+                self.recheck(name)
+            except Exception:  # a thread must not die silently: say so, the share stays unserved
+                log.exception("re-checking shared model %s failed", name)
+            finally:
+                with self._lock:
+                    self._rechecking.discard(name)
+
+        threading.Thread(target=run, name=f"recheck-{name[:24]}", daemon=True).start()
+
+    def _withdraw(self, name: str, reason: str) -> dict | None:
+        with self._lock:
+            if name not in self._shares:
+                return None
+            problem = {"model": name, "unshared": True, "reason": reason, "at": int(time.time())}
+            self.problems.append(problem)  # first: whoever sees the share gone finds the reason
+            del self.problems[:-100]  # bounded: the latest hundred
+            del self._shares[name]
+            self._save()
+        log.warning("unshared model %s: %s", name, reason)
+        return problem
 
     def share(self, name: str, *, force: bool = False) -> dict:
         if name in self.cloud_models:
             return self._share_cloud(name, force)
         path = resolve_shared(self.models_dir, name)
         model = path.name[: -len(".gguf")]
-        st = path.stat()
+        digest, stamp = _hash_open(path)
         entry = {
             "name": model,
             "file": path.name,
-            "size_bytes": st.st_size,
-            "sha256": sha256_file(path),
+            "size_bytes": stamp[0],
+            "sha256": digest,
             "owner": self.identity.node_id,
             "signed_at": int(time.time()),
         }
@@ -201,7 +328,7 @@ class ModelRegistry:
                                                        "context_length")}
         entry["signature"] = self.identity.sign(entry_bytes(entry)).hex()
         with self._lock:
-            self._shares[model] = {**entry, "_stamp": st.st_mtime_ns}
+            self._shares[model] = {**entry, "_stamp": stamp}
             self._save()
         return entry
 

@@ -15,6 +15,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import math
 import struct
 import time
 from collections import Counter
@@ -256,7 +257,14 @@ def unpack_payload(msg: dict, body: bytes) -> Any:
 
 
 def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number from a peer, else None (nan or inf as a timeout would never fire)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _int(value) -> int | None:

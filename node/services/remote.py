@@ -46,8 +46,8 @@ from pinkybrain.node.services.mesh import MessageTooLarge, PeerGone, RemoteError
 from pinkybrain.node.services.models import (
     ModelNotFound,
     ModelPathError,
+    ShareChanged,
     entry_bytes,
-    resolve_shared,
     verify_entry,
 )
 
@@ -148,6 +148,23 @@ class RemoteInference:
         """Models some unpaused peer shares, in a stable order."""
         return sorted({c.model for c in self.candidates("*")})
 
+    def not_serving(self) -> list[str]:
+        """Linked peers that serve no model now, and why: what an error saying "available: none" should name."""
+        out = []
+        for peer_id in self.mesh.peer_ids():
+            info = self.mesh.peer(peer_id)
+            if info is None:
+                continue
+            name = info.get("name")
+            who = f"{name[:40] if isinstance(name, str) else '?'} ({peer_id[:7]})"
+            guard = info.get("guard") if isinstance(info.get("guard"), dict) else {}
+            if guard.get("sharing_paused"):
+                reason = guard.get("reason")
+                out.append(f"{who} has paused sharing: {reason[:120] if isinstance(reason, str) else 'its resource guard'}")
+            elif info.get("sharing") is False:
+                out.append(f"{who} has sharing turned off")
+        return out
+
     def _entry_ok(self, entry: dict) -> bool:
         signature = entry.get("signature")
         if not isinstance(signature, str):
@@ -218,7 +235,7 @@ class RemoteInference:
             return RemoteResult(text=body["text"], usage=usage,
                                 elapsed_ms=round((time.perf_counter() - start) * 1000, 1),
                                 model=cand.model, node=cand.peer_id, attempts=attempts)
-        raise _failed(model, attempts, self.timeout)
+        raise _failed(model, attempts, self.timeout, self.not_serving())
 
     async def stream(self, model: str, messages: list[dict], *, max_tokens: int, temperature: float,
                      top_p: float, meta: dict | None = None) -> AsyncIterator[str]:
@@ -277,7 +294,7 @@ class RemoteInference:
                 log.info("remote stream of %s on %s failed before its first piece (%s); %s", cand.model,
                          cand.peer_id[:7], attempts[-1]["error"],
                          "trying the next peer" if deadline > loop.time() else "out of time")
-        raise _failed(model, attempts, self.timeout)
+        raise _failed(model, attempts, self.timeout, self.not_serving())
 
     # -- serving -----------------------------------------------------------------------------------
     def _admit(self, ctx, payload) -> _Job:
@@ -316,13 +333,13 @@ class RemoteInference:
             if model not in runtime.brain.cloud_models or not runtime.cfg["sharing.cloud_models"]:
                 raise RpcError("not_shared", f"{shown!r} is a cloud model this node does not share")
             return "cloud", None
-        try:
-            path = resolve_shared(runtime.models.models_dir, entry["file"])
-            size = path.stat().st_size
-        except (ModelPathError, ModelNotFound, OSError, KeyError):
+        try:  # the file must still be the one shared: a changed stamp is re-hashed before it is served
+            path = runtime.models.served_path(model)
+        except ShareChanged:
+            raise RpcError("not_shared", f"the shared model {shown!r} changed on disk since it was shared; "
+                                         "not served until its hash is checked again") from None
+        except (ModelPathError, ModelNotFound, OSError):
             raise RpcError("not_shared", f"the shared model {shown!r} is no longer available here") from None
-        if size != entry.get("size_bytes"):
-            raise RpcError("not_shared", f"the shared model {shown!r} changed since it was shared")
         return "local", path
 
     def _serve_log(self, level: int, msg: str, *args) -> None:
@@ -435,10 +452,11 @@ def _attempt(cand: Candidate, exc: BaseException) -> dict:
     return {"node": cand.peer_id, "model": cand.model, "error": code, "detail": detail[:300]}
 
 
-def _failed(model: str, attempts: list[dict], timeout: float) -> RemoteFailed:
+def _failed(model: str, attempts: list[dict], timeout: float, not_serving: list[str] = ()) -> RemoteFailed:
     if not attempts:
+        why = f"; not serving now: {'; '.join(not_serving[:8])}" if not_serving else ""
         return RemoteFailed(f"no connected peer shares model {model!r} (or every one that does has paused "
-                            "sharing)")
+                            f"sharing){why}")
     tried = "; ".join(f"{a['node'][:7]}: {a['error']}: {a['detail']}" for a in attempts)
     return RemoteFailed(f"no peer could run model {model!r} within {timeout:g}s (tried {tried})", attempts)
 

@@ -15,7 +15,7 @@ from pinkybrain.node.core.config import Config
 from pinkybrain.node.core.guard import GuardSettings, ResourceGuard
 from pinkybrain.node.core.identity import Identity
 from pinkybrain.node.services.discovery import MdnsService
-from pinkybrain.node.services.models import ModelRegistry
+from pinkybrain.node.services.models import ModelNotFound, ModelPathError, ModelRegistry, resolve_shared
 
 log = logging.getLogger("pinkybrain.node")
 
@@ -244,14 +244,17 @@ class NodeRuntime:
             await asyncio.sleep(self.cfg["resource_guard.sample_secs"])
 
     async def _verify_models(self) -> None:
-        """At start: warm the GGUF facts cache and withdraw shares whose file no longer matches."""
+        """At start: warm the GGUF facts cache and withdraw shares whose file no longer matches. Every file
+        goes through the confinement check first: nothing outside shared_models/, nothing but regular files."""
         for path in self.models.local_files():
             try:
-                await asyncio.to_thread(self.brain.facts.get, path)
+                resolved = await asyncio.to_thread(resolve_shared, self.models.models_dir, path.name)
+                await asyncio.to_thread(self.brain.facts.get, resolved)
+            except (ModelPathError, ModelNotFound) as exc:
+                log.warning("skipping %s: %s", path.name[:120], exc)
             except (OSError, ValueError) as exc:
-                log.warning("cannot read GGUF header of %s: %s", path.name, exc)
-        for problem in await asyncio.to_thread(self.models.verify_shares):
-            log.warning("unshared model %s: %s", problem["model"], problem["reason"])
+                log.warning("cannot read GGUF header of %s: %s", path.name[:120], exc)
+        await asyncio.to_thread(self.models.verify_shares)  # each withdrawal logs its own line
 
     async def _retention_loop(self) -> None:
         while True:

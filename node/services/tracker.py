@@ -781,10 +781,9 @@ def _ip(connection) -> str:
 
 # -- process entry point ----------------------------------------------------------------------------
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from pinkybrain.node.services.node_log import configure
+
+    configure(level)  # escaped, capped lines: nothing a client sends can forge one
     # websockets logs frame contents at DEBUG: never let relayed payloads reach the log.
     logging.getLogger("websockets").setLevel(logging.WARNING)
 

@@ -731,7 +731,7 @@ def start_and_check(cfg: Config, plan: dict, expected: str) -> None:
     """Start the node as `serve --daemon` does and wait for a signed ping naming `expected`."""
     timeout = float(plan["health_timeout_secs"])
     deadline = time.monotonic() + timeout
-    log_file = Path(plan["home"]) / "pinkybrain.log"
+    log_file = cfg.path("logging.file") if cfg["logging.file"] else Path(plan["home"]) / "pinkybrain.log"
     offset = log_file.stat().st_size if log_file.exists() else 0
     try:
         peers = {"peers": tuple(plan["peers"])} if plan.get("peers") else {}
@@ -823,7 +823,9 @@ def trial_run(expected: str, timeout: float, log_path: Path, python: str = sys.e
     }
     (scratch / "shared_models").mkdir()
     config_path = scratch / "pinkybrain.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    # It holds a secret: 0600 from the start (a node refuses a config file others can read).
+    with os.fdopen(os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
+        fh.write(yaml.safe_dump(config))
     drop = ("P2P_SECRET", "PINKYBRAIN_CONFIG", "NOTIFY_SOCKET", "INVOCATION_ID", "LISTEN_FDS", "LISTEN_PID")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PINKYBRAIN_HOME=str(scratch), PINKYBRAIN_START_MODE="foreground")
