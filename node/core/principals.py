@@ -173,7 +173,7 @@ CLI_COMMANDS: tuple[tuple[str, str], ...] = (
     ("openai-key", "POST /api/keys"),
     ("dashboard", "POST /api/dashboard/login"),
 )
-LOCAL_COMMANDS = ("serve", "identity", "config", "owner-key", "release", "tracker")
+LOCAL_COMMANDS = ("serve", "identity", "config", "owner-key", "release", "tracker", "service")
 
 
 def cli_principal(route: str) -> Principal:
