@@ -101,7 +101,7 @@ ROUTES: tuple[RouteRule, ...] = (
     RouteRule("POST", "/v1/chat/completions", MEM, body_limit=4096 * KIB, note=CLOUD_NOTE),
 )
 # An unknown path still needs a member's signature (FastAPI then answers 404) and gets no room for a body.
-UNKNOWN_ROUTE = RouteRule("*", "*", MEM)
+UNKNOWN_ROUTE = RouteRule("ANY", "(a route this node does not have)", MEM)
 
 
 class RouteTable:
@@ -117,6 +117,8 @@ class RouteTable:
                 self._exact[(rule.method, rule.path)] = rule
 
     def rule(self, method: str, path: str) -> RouteRule:
+        if method == "HEAD":  # answered like GET by the router: the same rule
+            method = "GET"
         found = self._exact.get((method, path))
         if found is not None:
             return found
