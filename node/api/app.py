@@ -192,11 +192,14 @@ async def mesh_leave(runtime: RuntimeDep):
 # -- memory -------------------------------------------------------------------------------------
 def memory_call(fn, *args):
     from pinkybrain.node.core.memory_doc import MemoryLimitError
+    from pinkybrain.node.core.memory_values import MemoryValueError
 
     try:
         return fn(*args)
     except MemoryLimitError as exc:
         raise error(413, "too_large", str(exc)) from None
+    except MemoryValueError as exc:  # not storable JSON (or, read back, a value an older version let in)
+        raise error(400, "bad_value", str(exc)) from None
     except KeyError as exc:
         raise error(404, "not_found", f"no memory key {args[0]!r}" if args else str(exc)) from None
     except ValueError as exc:

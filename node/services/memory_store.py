@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pinkybrain.node.core.memory_doc import (
+    DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_KEY_BYTES,
     DEFAULT_MAX_VALUE_BYTES,
     MemoryDoc,
@@ -116,6 +117,7 @@ class MemoryStore:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         *,
         compact_every: int = DEFAULT_COMPACT_EVERY,
+        max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> MemoryStore:
         """Open (creating if absent) the store of `namespace` in `directory`.
 
@@ -126,7 +128,7 @@ class MemoryStore:
         path = store_path(directory, namespace)
         conn, _ = open_db(_SPEC, path, {"namespace": namespace})
         try:
-            doc, pending = _load(conn, path, max_key_bytes, max_value_bytes)
+            doc, pending = _load(conn, path, max_key_bytes, max_value_bytes, max_depth)
         except sqlite3.Error as exc:
             conn.close()
             raise sqlite_failure(_SPEC, path, exc) from exc
@@ -295,7 +297,7 @@ class MemoryStore:
         # readers and peers never see a value that a restart would lose.
         try:
             self._doc, self._pending = _load(self._conn, self.path, self._doc.max_key_bytes,
-                                             self._doc.max_value_bytes)
+                                             self._doc.max_value_bytes, self._doc.max_depth)
         except (sqlite3.Error, MemoryStoreError) as exc:
             self._failed = (sqlite_failure(_SPEC, self.path, exc) if isinstance(exc, sqlite3.Error) else exc)
             log.error("memory store %s unusable after a failed write: %s", self.path, self._failed)
@@ -314,7 +316,8 @@ class MemoryStore:
                 log.exception("memory store %s: listener %r failed", self.path, callback)
 
 
-def _load(conn: sqlite3.Connection, path: Path, max_key_bytes: int, max_value_bytes: int) -> tuple[MemoryDoc, int]:
+def _load(conn: sqlite3.Connection, path: Path, max_key_bytes: int, max_value_bytes: int,
+          max_depth: int) -> tuple[MemoryDoc, int]:
     """The document from snapshot + log, and how many log rows there were."""
     count = 0
 
@@ -334,7 +337,7 @@ def _load(conn: sqlite3.Connection, path: Path, max_key_bytes: int, max_value_by
             yield data
 
     try:
-        doc = MemoryDoc.from_updates(blobs(), max_key_bytes, max_value_bytes)
+        doc = MemoryDoc.from_updates(blobs(), max_key_bytes, max_value_bytes, max_depth)
     except MemoryUpdateError as exc:
         raise MemoryStoreCorrupt(path, f"stored updates do not form a valid document ({exc})") from exc
     return doc, count

@@ -386,6 +386,11 @@ class MemorySync:
         except MemoryStoreError as exc:  # our disk, not the peer: it will resend at the next sync
             log.error("memory %s: cannot store an update from %s: %s", self.namespace, peer[:7], exc)
             raise RpcError("unavailable", "memory store unavailable") from None
+        except (Exception, RecursionError) as exc:  # noqa: BLE001 - whatever it was, the update was refused
+            # Nothing was applied (the store checks on a scratch copy), and an error we did not foresee is
+            # still the sender's doing: it counts like any other refusal.
+            self._strike(peer, f"an update that failed to apply ({type(exc).__name__})", len(update), via)
+            raise RpcError("bad_update", "update refused") from None
         if not lacking:
             self._remember(uid)  # the document only grows: the same bytes can never matter again
         elif via == "push":

@@ -258,7 +258,8 @@ class PublicMesh:
 
         # Its own store file: the private memory is never attached to this mesh.
         self.memory = await asyncio.to_thread(MemoryStore.open, runtime.data_dir / "memory", "public",
-                                              cfg["memory.max_key_bytes"], cfg["memory.max_value_bytes"])
+                                              cfg["memory.max_key_bytes"], cfg["memory.max_value_bytes"],
+                                              max_depth=cfg["memory.max_depth"])
         self.memory_sync = MemorySync(self.memory, mesh, namespace="public",
                                       interval=cfg["memory.sync_interval_secs"],
                                       penalty_limit=cfg["memory.penalty_limit"], ban_secs=cfg["memory.ban_secs"])
