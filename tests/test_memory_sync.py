@@ -578,7 +578,7 @@ def test_private_and_public_documents_never_mix(tmp_path):
             files = sorted(p.name for p in (tmp_path / "a").glob("memory-*.sqlite3"))
             assert files == ["memory-private.sqlite3", "memory-public.sqlite3"]
             assert {m for m in a.mesh._handlers if m.startswith("memory.")} == {
-                f"memory.{ns}.{kind}" for ns in both for kind in ("update", "sync", "hint")
+                f"memory.{ns}.{kind}" for ns in both for kind in ("update", "sync", "hint", "digests")
             }
         with MemoryStore.open(tmp_path / "c", "private") as private, pytest.raises(ValueError):
             MemorySync(private, a.mesh, namespace="public")

@@ -9,6 +9,8 @@ the real document, so a garbage or hostile update changes nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -178,6 +180,29 @@ class MemoryDoc:
         """The whole document as one update (a snapshot)."""
         return self._doc.get_update()
 
+    # -- divergence (equivocation) ------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, str]:
+        """What two copies compare to tell "in sync" from "split by equivocation".
+
+        `state` covers the Yjs ids each copy holds (state vector) and what it deleted (delete set); `view`
+        covers what a reader sees. Two copies with the same `state` hold the same items, so by Yjs's own
+        rules they show the same `view`, unless a peer gave both an item id with different content (the
+        same client id and clock, different values): then `view` differs and no sync can repair it.
+        """
+        state = sorted(_read_state_vector(self._doc.get_state()))
+        deleted = _read_delete_set(self._doc.get_update(self._doc.get_state()))
+        view = hashlib.sha256()
+        for key in sorted(self._map.keys()):
+            view.update(_entry_digest(key, self._map[key]))
+        return {
+            "state": hashlib.sha256(json.dumps([state, deleted]).encode()).hexdigest(),
+            "view": view.hexdigest(),
+        }
+
+    def entry_digests(self) -> dict[str, str]:
+        """A short digest of each entry (key and stored text), to find which entries two copies disagree on."""
+        return {key: _entry_digest(key, self._map[key]).hex()[:32] for key in self._map.keys()}
+
     def apply_remote(self, update: bytes) -> bool:
         """Validate a peer's update and apply it; returns whether it changed anything."""
         return self.integrate_remote(update) is not None
@@ -265,3 +290,51 @@ def _check_entry(key: str, value: Any, max_key_bytes: int, max_value_bytes: int,
         decode_value(value, max_depth)
     except MemoryValueError as exc:
         raise MemoryUpdateError(f"update writes an invalid value under memory key {key!r}: {exc}") from None
+
+
+# -- Yjs v1 encodings (lib0 varuints) read for fingerprints -------------------------------------------------
+def _entry_digest(key: str, text: object) -> bytes:
+    return hashlib.sha256(json.dumps([key, text], ensure_ascii=True).encode()).digest()
+
+
+def _varuints(data: bytes):
+    pos = 0
+
+    def read() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    return read
+
+
+def _read_state_vector(data: bytes) -> list[tuple[int, int]]:
+    read = _varuints(data)
+    return [(read(), read()) for _ in range(read())]
+
+
+def _read_delete_set(update: bytes) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The delete set of an update that carries no structs (get_update(own state vector)), normalised:
+    clients sorted, each client's ranges sorted and merged, so equal sets compare equal."""
+    read = _varuints(update)
+    if read() != 0:
+        raise ValueError("expected an update without structs")
+    result = []
+    for _ in range(read()):
+        client = read()
+        ranges = sorted((read(), read()) for _ in range(read()))
+        merged: list[list[int]] = []
+        for clock, length in ranges:
+            if merged and clock <= merged[-1][0] + merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], clock + length - merged[-1][0])
+            else:
+                merged.append([clock, length])
+        if merged:
+            result.append((client, [(c, n) for c, n in merged]))
+    return sorted(result)

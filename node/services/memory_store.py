@@ -238,6 +238,41 @@ class MemoryStore:
             self._check_usable()
             return self._doc.full_update()
 
+    def diff_and_fingerprint(self, remote_state_vector: bytes) -> tuple[bytes, dict[str, str]]:
+        """diff() and the fingerprint of the document it came from, taken together."""
+        with self._lock:
+            self._check_usable()
+            return self._doc.diff(remote_state_vector), self._doc.fingerprint()
+
+    def fingerprint(self) -> dict[str, str]:
+        with self._lock:
+            self._check_usable()
+            return self._doc.fingerprint()
+
+    def entry_digests(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(fingerprint, digest of each entry), taken together."""
+        with self._lock:
+            self._check_usable()
+            return self._doc.fingerprint(), self._doc.entry_digests()
+
+    def drop_diverged(self, peer_state: str, peer_digests: dict[str, str]) -> list[str]:
+        """Delete the entries a peer holding the same Yjs items shows differently; returns their keys.
+
+        Same items, different values means someone equivocated (one client id and clock, two contents).
+        Deleting an entry deletes its item id, whatever content each copy holds under it, so the delete
+        reaches every copy and they agree again: a value that was given out two ways is not kept. Nothing
+        happens unless our fingerprint's state still equals `peer_state` (no write in between).
+        """
+        with self._lock:
+            self._check_usable()
+            if self._doc.fingerprint()["state"] != peer_state:
+                return []
+            mine = self._doc.entry_digests()
+            diverged = sorted(key for key, digest in mine.items() if peer_digests.get(key) != digest)
+            for key in diverged:
+                self.delete(key)
+            return diverged
+
     # -- maintenance --------------------------------------------------------------------------------
     def compact(self) -> None:
         """Fold the snapshot and all logged updates into one snapshot row, in one transaction."""
