@@ -278,7 +278,7 @@ stored_text = st.one_of(
     st.integers(0xD800, 0xDFFF).map(lambda c: f'"\\u{c:04x}"'),
     st.text(max_size=30),
 )
-yjs_value = st.one_of(stored_text, st.integers(), st.none(), st.just("map"), st.just("array"))
+yjs_value = st.one_of(stored_text, st.integers(-(2**53), 2**53), st.none(), st.just("map"), st.just("array"))
 keys = st.sampled_from(["a", "b", "c", "d", "é", "k" * 300, ""])
 operation = st.tuples(st.sampled_from(["set", "delete"]), keys, yjs_value)
 

@@ -58,6 +58,7 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             self._guard_timer: asyncio.TimerHandle | None = None
             self._guard_cycle = None
+            self._guard_done = False  # upgraded to a WebSocket: the connection is no longer ours
             super().connection_made(transport)
             host = self.client[0] if self.client else None
             if host is not None and _held_by(self.connections, host) > limits.per_address:
@@ -71,6 +72,8 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
+            if self._guard_done:
+                return
             cycle = self.cycle
             if cycle is None or cycle.response_complete:
                 # Between requests: idle time is uvicorn's keep-alive timer, but the first byte of a next
@@ -91,6 +94,7 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
 
         def handle_websocket_upgrade(self, event) -> None:
             # The connection now belongs to the WebSocket protocol (the mesh sets its own deadlines).
+            self._guard_done = True
             self._guard_cancel()
             super().handle_websocket_upgrade(event)
 
@@ -116,6 +120,8 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
                 self._guard_close("slow_body")
 
         def _guard_close(self, reason: str) -> None:
+            if self._guard_done:
+                return
             stats.closed[reason] += 1
             self._guard_cancel()
             if not self.transport.is_closing():
