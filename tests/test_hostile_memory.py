@@ -183,6 +183,20 @@ def test_depth_is_bounded_without_recursion():
     assert decode_value(json.dumps("[" * 5000)) == "[" * 5000
 
 
+def test_content_under_our_own_client_id_is_refused():
+    doc = MemoryDoc()
+    doc.set("mine", 1)
+    before = doc.full_update()
+    forged = Doc(client_id=doc._doc.client_id)  # a peer reusing our id, at a clock we have not used yet
+    forged.get("memory", type=Map)["mine"] = '"forged"'
+    forged.get("memory", type=Map)["more"] = '"forged"'
+    with pytest.raises(MemoryUpdateError, match="own Yjs client id"):
+        doc.apply_remote(forged.get_update())
+    assert doc.full_update() == before and doc.get("mine") == 1
+    # What we wrote ourselves, coming back from a peer, is just a duplicate.
+    assert doc.apply_remote(before) is False
+
+
 # -- real nodes ------------------------------------------------------------------------------------------
 def test_crafted_peer_updates_leave_every_node_readable_and_converged(tmp_path):
     a, b = start_pair(tmp_path)

@@ -234,6 +234,13 @@ class MemoryDoc:
         except Exception as exc:  # pycrdt raises ValueError; anything else is just as much a refusal
             raise MemoryUpdateError(f"remote update cannot be decoded: {exc}") from exc
         _check_roots(scratch)
+        # Only this document writes under its own client id: content under it that we lack was made by
+        # someone reusing our id, and would later clash with our own writes at the same clocks.
+        own = self._doc.client_id
+        if dict(_read_state_vector(scratch.get_state())).get(own, 0) > dict(
+            _read_state_vector(self._doc.get_state())
+        ).get(own, 0):
+            raise MemoryUpdateError("update carries content under this node's own Yjs client id")
         # A peer treating "memory" as a Text/Array adds sequence content the Map view never shows; it
         # would sit in every copy of the document, so it is refused like any other invalid data.
         if len(scratch.get(ROOT, type=Array)):
