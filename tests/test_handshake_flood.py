@@ -14,7 +14,7 @@ import time
 import pytest
 
 from nodes import free_port
-from pinkybrain.node.core.admission import PendingSlots
+from pinkybrain.node.core.admission import PendingSlots, address_bucket
 from pinkybrain.node.core.identity import Identity
 from pinkybrain.node.services.mesh import Mesh, MeshSettings
 
@@ -45,6 +45,17 @@ def test_a_full_budget_is_shared_fairly_by_evicting_the_heaviest_address():
     assert slots.held_by("flood") == 3 and slots.held_by("peer") == 3
     assert slots.admit("peer", lambda: None) is None and slots.admit("flood", lambda: None) is None
     assert evicted == ["flood-0", "flood-1", "flood-2"] and len(slots) == 6
+
+
+@pytest.mark.parametrize("host, bucket", [
+    ("127.0.0.2", "127.0.0.2"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff::9", "2001:db8:1:2::/64"),  # the same machine's /64: one share
+    ("::ffff:10.1.2.3", "10.1.2.3"),
+    (None, "unknown"),
+])
+def test_address_buckets(host, bucket):
+    assert address_bucket(host) == bucket
 
 
 @pytest.mark.parametrize("total, per_address", [(0, 1), (1, 0)])

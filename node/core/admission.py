@@ -6,8 +6,25 @@ Pure bookkeeping, no I/O: the caller says how to stop a slot's holder (`on_evict
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Callable
+
+
+def address_bucket(host: str | None) -> str:
+    """What one client counts as: its IPv4 address, or its IPv6 /64 (one machine usually holds a whole
+    /64, so counting single IPv6 addresses would give it millions of shares). No address: "unknown"."""
+    if not host:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class Slot:

@@ -10,8 +10,8 @@ at a time, or that connects and sends nothing. This is a small subclass of uvico
   headers must be complete within `header_secs`;
 - once the headers are in, the body must be complete within `body_secs` (a response may then take as
   long as it takes: streamed answers are the app's business);
-- a connection from an address that already holds `per_address` connections (HTTP and WebSocket alike:
-  uvicorn's server state lists both) is closed at once.
+- a connection from an address (an IPv6 /64 counts as one) that already holds `per_address` connections
+  (HTTP and WebSocket alike: uvicorn's server state lists both) is closed at once.
 
 Closing is an abort: a client that does not read cannot keep the socket open through a pending write.
 """
@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from pinkybrain.node.core.admission import address_bucket
 
 log = logging.getLogger("pinkybrain.http")
 
@@ -60,7 +62,7 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
             self._guard_cycle = None
             self._guard_done = False  # upgraded to a WebSocket: the connection is no longer ours
             super().connection_made(transport)
-            host = self.client[0] if self.client else None
+            host = address_bucket(self.client[0]) if self.client else None
             if host is not None and _held_by(self.connections, host) > limits.per_address:
                 self._guard_close("per_address")
                 return
@@ -131,5 +133,5 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
     return GuardedH11Protocol
 
 
-def _held_by(connections, host: str) -> int:
-    return sum(1 for p in connections if (getattr(p, "client", None) or ("",))[0] == host)
+def _held_by(connections, bucket: str) -> int:
+    return sum(1 for p in connections if getattr(p, "client", None) and address_bucket(p.client[0]) == bucket)

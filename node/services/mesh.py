@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from pinkybrain.node.core.admission import PendingSlots
+from pinkybrain.node.core.admission import PendingSlots, address_bucket
 from pinkybrain.node.core.channel import OVERHEAD, RateLimits
 from pinkybrain.node.core.handshake import (
     MAX_HANDSHAKE_MESSAGE,
@@ -413,12 +413,13 @@ class Mesh:
         """Whether a new inbound link (from `host`, if known) would get a handshake slot now."""
         if not self._started or self._stopping:
             return False
-        return host is None or self._pending.would_admit(host)
+        return host is None or self._pending.would_admit(address_bucket(host))
 
     async def accept(self, transport) -> None:
         """Serve one inbound link (an accepted WebSocket) until it closes."""
         where = _where(transport.remote)
-        host = transport.remote[0] if transport.remote else "?"
+        # Relay circuits (public mesh) have no address: they share one bucket.
+        host = address_bucket(transport.remote[0] if transport.remote else None)
         if not self.accepting():
             await transport.close(CLOSE_TRY_LATER, "not accepting links now")
             return
