@@ -6,11 +6,13 @@ Pure bookkeeping, no I/O: the caller says how to stop a slot's holder (`on_evict
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import Counter
 from collections.abc import Callable
 
 
+@functools.lru_cache(maxsize=8192)  # counted on every new connection, for every open one
 def address_bucket(host: str | None) -> str:
     """What one client counts as: its IPv4 address, or its IPv6 /64 (one machine usually holds a whole
     /64, so counting single IPv6 addresses would give it millions of shares). No address: "unknown"."""
