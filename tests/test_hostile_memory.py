@@ -183,6 +183,13 @@ def test_depth_is_bounded_without_recursion():
     assert decode_value(json.dumps("[" * 5000)) == "[" * 5000
 
 
+def test_a_bad_value_an_older_version_stored_is_a_clear_error_not_an_unopenable_store():
+    doc = MemoryDoc.from_updates([raw_update({"old": "1e400", "fine": '"ok"'})])
+    assert doc.list() == ["fine", "old"] and doc.get("fine") == "ok"
+    with pytest.raises(MemoryValueError, match="finite"):
+        doc.get("old")
+
+
 def test_content_under_our_own_client_id_is_refused():
     doc = MemoryDoc()
     doc.set("mine", 1)
