@@ -1,6 +1,7 @@
 """Slow and idle clients cannot hold a node's connections or memory (node/services/http_guard.py), tested
 against a real node with raw sockets from several loopback addresses: slow headers, slow bodies,
-silence, and more connections from one address than it may hold.
+silence, a slow request pipelined behind a complete one, and more connections from one address than it
+may hold.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ async def slow_client(node: RunningNode, source: str, kind: str) -> float | None
         writer.write(HEAD + b"X-Slow: ")
     elif kind == "body":
         writer.write(BODY_HEAD + b"[" * 65536)  # never signed, never finished
+    elif kind == "pipelined":  # a complete request with an unfinished one behind it, then silence
+        writer.write(b"GET /api/ping HTTP/1.1\r\nHost: node\r\n\r\n" + BODY_HEAD + b"[" * 1000)
     try:
         while time.monotonic() - started < HOLD_SECS:
             if kind == "headers":
@@ -72,8 +75,8 @@ def test_300_slow_unsigned_clients_are_closed_and_memory_stays_flat(node_factory
         assert node.get("/api/ping").status_code == 200
     baseline = psutil.Process(node.proc.pid).memory_info().rss
     sampler = RssSampler(node.proc.pid)
-    # 100 of each kind, spread over six addresses so no address meets the per-address cap (64).
-    kinds = ["headers", "body", "idle"] * 100
+    # 75 of each kind, spread over six addresses so no address meets the per-address cap (64).
+    kinds = ["headers", "body", "idle", "pipelined"] * 75
     sources = [f"127.0.0.{2 + i % 6}" for i in range(len(kinds))]
 
     async def flood() -> list[float | None]:

@@ -19,15 +19,11 @@ Closing is an abort: a client that does not read cannot keep the socket open thr
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections import Counter
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pinkybrain.node.core.admission import address_bucket
-
-log = logging.getLogger("pinkybrain.http")
 
 
 @dataclass(frozen=True)
@@ -45,16 +41,8 @@ class ConnectionLimits:
         )
 
 
-class GuardStats:
-    """What the guard closed, by reason (shared by every connection of one server)."""
-
-    def __init__(self) -> None:
-        self.closed: Counter = Counter()
-
-
-def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) -> type[H11Protocol]:
+def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
     """An H11Protocol class enforcing `limits`, for uvicorn.Config(http=...)."""
-    stats = stats or GuardStats()
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -64,7 +52,7 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
             super().connection_made(transport)
             host = address_bucket(self.client[0]) if self.client else None
             if host is not None and _held_by(self.connections, host) > limits.per_address:
-                self._guard_close("per_address")
+                self._guard_close()
                 return
             self._guard_arm(limits.header_secs, self._guard_headers_late)
 
@@ -74,13 +62,21 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self._guard_done:
+            self._guard_watch(bytes_arrived=bool(data))
+
+        def on_response_complete(self) -> None:
+            self._guard_cancel()
+            super().on_response_complete()  # may start a pipelined request already buffered
+            self._guard_watch(bytes_arrived=False)
+
+        def _guard_watch(self, *, bytes_arrived: bool) -> None:
+            if self._guard_done or self.transport.is_closing():
                 return
             cycle = self.cycle
             if cycle is None or cycle.response_complete:
                 # Between requests: idle time is uvicorn's keep-alive timer, but the first byte of a next
                 # request starts the header clock.
-                if data and self._guard_timer is None and not self.transport.is_closing():
+                if bytes_arrived and self._guard_timer is None:
                     self._guard_arm(limits.header_secs, self._guard_headers_late)
             elif cycle is not self._guard_cycle:  # a new request's headers are complete
                 self._guard_cycle = cycle
@@ -89,10 +85,6 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
                     self._guard_arm(limits.body_secs, self._guard_body_late)
             elif not cycle.more_body:
                 self._guard_cancel()
-
-        def on_response_complete(self) -> None:
-            self._guard_cancel()
-            super().on_response_complete()
 
         def handle_websocket_upgrade(self, event) -> None:
             # The connection now belongs to the WebSocket protocol (the mesh sets its own deadlines).
@@ -113,23 +105,21 @@ def guarded_protocol(limits: ConnectionLimits, stats: GuardStats | None = None) 
         def _guard_headers_late(self) -> None:
             self._guard_timer = None
             if self.cycle is None or self.cycle.response_complete:
-                self._guard_close("slow_headers")
+                self._guard_close()
 
         def _guard_body_late(self) -> None:
             self._guard_timer = None
             cycle = self.cycle
             if cycle is not None and cycle is self._guard_cycle and cycle.more_body and not cycle.response_complete:
-                self._guard_close("slow_body")
+                self._guard_close()
 
-        def _guard_close(self, reason: str) -> None:
+        def _guard_close(self) -> None:
             if self._guard_done:
                 return
-            stats.closed[reason] += 1
             self._guard_cancel()
             if not self.transport.is_closing():
                 self.transport.abort()
 
-    GuardedH11Protocol.guard_stats = stats  # type: ignore[attr-defined]
     return GuardedH11Protocol
 
 

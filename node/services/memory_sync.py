@@ -59,6 +59,7 @@ MAX_STATE_VECTOR = 256 * 1024
 FRAME_ROOM = 4096  # message header and encryption overhead inside one frame
 SYNC_CHUNK = 256 * 1024
 GAP_PULL_SPACING = 1.0  # at most one gap-triggered pull per peer per second
+RECHECK_SECS = 2.0  # after a sync that left two copies apart, compare again this much later
 MAX_ENTRIES = 10_000_000  # the most entry digests accepted from a peer
 
 
@@ -132,6 +133,7 @@ class MemorySync:
         self._pulls: dict[str, asyncio.Task] = {}
         self._pull_again: set[str] = set()
         self._last_gap_pull: dict[str, float] = {}
+        self._rechecks: dict[str, asyncio.TimerHandle] = {}
         # One thread for every store call made here: applies run in arrival order and a burst of peer
         # traffic cannot take the default pool's threads from the API.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"memory-sync-{namespace}")
@@ -169,6 +171,9 @@ class MemorySync:
         ):
             await asyncio.sleep(0.02)
         self._stopping = True
+        for recheck in self._rechecks.values():
+            recheck.cancel()
+        self._rechecks.clear()
         tasks = [t for t in (self._task, *self._pulls.values()) if t is not None]
         tasks += [box.task for box in self._outboxes.values() if box.task is not None]
         for box in self._outboxes.values():
@@ -341,29 +346,45 @@ class MemorySync:
         self.stats["syncs"] += 1
         self.stats["sync_bytes_received"] += len(diff)
         try:
-            await self._receive(peer, diff, "sync")
+            changed = await self._receive(peer, diff, "sync")
         except RpcError:
             return  # already counted against the peer by _receive
-        if theirs is not None:
-            await self._check_divergence(peer, theirs)
+        if theirs is not None and not await self._check_divergence(peer, theirs) and changed:
+            # We were behind and still differ (the peer lacked something too, and is likely pulling it
+            # from us right now): compare again once both pulls are done.
+            self._recheck_later(peer)
 
-    async def _check_divergence(self, peer: str, theirs: dict) -> None:
-        """After a pull we hold everything the peer held: the same items must show the same values."""
+    def _recheck_later(self, peer: str) -> None:
+        if peer in self._rechecks or self._stopping:
+            return
+
+        def recheck() -> None:
+            self._rechecks.pop(peer, None)
+            if self.mesh.connected(peer):
+                self.request_sync(peer)
+
+        self._rechecks[peer] = asyncio.get_running_loop().call_later(RECHECK_SECS, recheck)
+
+    async def _check_divergence(self, peer: str, theirs: dict) -> bool:
+        """After a pull we hold everything the peer held: the same items must show the same values.
+        Returns whether the two copies held the same items (and so could be compared)."""
         try:
             mine = await self._run(self.store.fingerprint)
         except MemoryStoreError:
-            return
-        if mine["state"] != theirs["state"] or mine["view"] == theirs["view"]:
-            return  # not the same items yet (writes in flight), or in agreement
+            return True
+        if mine["state"] != theirs["state"]:
+            return False  # not the same items yet: writes in flight either way
+        if mine["view"] == theirs["view"]:
+            return True
         try:
             state, digests = await self._fetch_digests(peer)
             dropped = await self._run(self.store.drop_diverged, state, digests)
         except (PeerGone, RpcTimeout, RemoteError, MemoryStoreError) as exc:
             log.info("memory %s: cannot compare entries with %s: %s", self.namespace, peer[:7], exc)
-            return
+            return True
         except _BadSync as exc:
             self._strike(peer, f"a malformed digest answer ({exc})", 0, "sync")
-            return
+            return True
         if dropped:
             # A member may delete entries anyway, so acting on its word grants it nothing new.
             self.stats["equivocations"] += 1
@@ -375,6 +396,7 @@ class MemorySync:
                 peer[:7],
                 len(dropped),
             )
+        return True
 
     async def _fetch_digests(self, peer: str) -> tuple[str, dict[str, str]]:
         state, count, digests = None, None, {}
@@ -558,6 +580,9 @@ class MemorySync:
             task.cancel()
         self._pull_again.discard(peer)
         self._last_gap_pull.pop(peer, None)
+        recheck = self._rechecks.pop(peer, None)
+        if recheck is not None:
+            recheck.cancel()
 
     async def _anti_entropy_loop(self) -> None:
         rng = random.SystemRandom()
