@@ -18,6 +18,7 @@ from pycrdt import Array, Doc, Map, MapEvent, TransactionEvent
 
 from pinkybrain.node.core.memory_values import (
     DEFAULT_MAX_DEPTH,
+    MAX_READ_DEPTH,
     MemoryValueError,
     decode_value,
     encode_value,
@@ -78,8 +79,9 @@ class MemoryDoc:
 
         Raises MemoryUpdateError if one fails to decode or the result holds entries that are not text.
         Values are checked when read (MemoryValueError), not here: a bad value that an older version let
-        in must not make the whole store unopenable. Sizes are not re-checked: they were enforced when each write was accepted, and lowering a
-        limit in the configuration must not make existing data unreadable.
+        in must not make the whole store unopenable. Sizes are not re-checked: they were enforced when
+        each write was accepted, and lowering a limit in the configuration must not make existing data
+        unreadable (reads allow the deepest nesting any configuration allows, for the same reason).
         """
         doc = cls(max_key_bytes, max_value_bytes, max_depth=max_depth)
         for index, update in enumerate(updates):
@@ -89,8 +91,6 @@ class MemoryDoc:
                 raise MemoryUpdateError(f"update at position {index} cannot be decoded: {exc}") from exc
         _check_roots(doc._doc)
         for key in doc._map.keys():
-            # Structure only: a value a former version let in stays unreadable (a clear error on read),
-            # it does not make the whole store unopenable.
             if not isinstance(doc._map.get(key, ""), str):
                 raise MemoryUpdateError(f"stored entry {key!r} is not JSON text")
         return doc
@@ -148,7 +148,7 @@ class MemoryDoc:
         text = self._map.get(key, _MISSING)
         if text is _MISSING:
             raise KeyError(key)
-        return decode_value(text, self.max_depth)
+        return decode_value(text, MAX_READ_DEPTH)
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key in self._map
@@ -162,7 +162,7 @@ class MemoryDoc:
 
     def items(self, prefix: str = "") -> list[tuple[str, Any]]:
         """(key, value) pairs for keys starting with `prefix`, sorted by key."""
-        return [(k, decode_value(self._map[k], self.max_depth)) for k in self.list(prefix)]
+        return [(k, decode_value(self._map[k], MAX_READ_DEPTH)) for k in self.list(prefix)]
 
     # -- sync ---------------------------------------------------------------------------------------
     def state_vector(self) -> bytes:

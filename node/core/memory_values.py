@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 DEFAULT_MAX_DEPTH = 64
+MAX_READ_DEPTH = 256  # reads take the deepest any configuration accepts: lowering the limit hides nothing
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET = re.compile(r"[\[\]{}]")
 
