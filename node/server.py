@@ -84,6 +84,7 @@ async def _serve(
     cfg: Config, identity: Identity, host: str, port: int, config_source: str | None, peers: tuple[str, ...] = ()
 ) -> int:
     from pinkybrain.node.api.app import create_app
+    from pinkybrain.node.services.http_guard import ConnectionLimits, guarded_protocol
     from pinkybrain.node.services.runtime import NodeRuntime
 
     runtime = NodeRuntime(cfg, identity, bind_host=host, port=port, extra_peers=peers)
@@ -106,6 +107,12 @@ async def _serve(
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=20,
+            # Slow or idle clients cannot hold connections (or the memory behind them): the guard times
+            # out headers and bodies and caps connections per address; uvicorn closes idle keep-alives and
+            # answers 503 past the total.
+            http=guarded_protocol(ConnectionLimits.from_config(cfg)),
+            timeout_keep_alive=cfg["http.idle_timeout_secs"],
+            limit_concurrency=cfg["http.max_connections"],
             # Peer links (/p2p): a frame is at most p2p.max_frame_bytes plus a small header, and ciphertext
             # does not compress.
             ws_max_size=cfg["p2p.max_frame_bytes"] + 1024,

@@ -211,9 +211,12 @@ async def mesh_leave(runtime: RuntimeDep):
 def memory_refusal(exc: Exception, key: str | None) -> HTTPException | None:
     """The HTTP error for a refused memory read or write, or None for an unexpected failure."""
     from pinkybrain.node.core.memory_doc import MemoryLimitError
+    from pinkybrain.node.core.memory_values import MemoryValueError
 
     if isinstance(exc, MemoryLimitError):
         return error(413, "too_large", str(exc))
+    if isinstance(exc, MemoryValueError):  # not storable JSON (or, read back, a value an older version let in)
+        return error(400, "bad_value", str(exc))
     if isinstance(exc, KeyError):
         return error(404, "not_found", f"no memory key {key!r}" if key is not None else str(exc))
     if isinstance(exc, ValueError):

@@ -16,7 +16,8 @@ router = APIRouter()
 @router.websocket("/p2p")
 async def p2p_link(websocket: WebSocket) -> None:
     mesh = getattr(websocket.app.state.runtime, "mesh", None)
-    if mesh is None or not mesh.accepting():
+    # Refused before the upgrade when this address already holds its share of handshake slots.
+    if mesh is None or not mesh.accepting(websocket.client.host if websocket.client else None):
         await websocket.close(code=CLOSE_TRY_LATER)  # before accept: the upgrade is refused
         return
     await websocket.accept()
@@ -28,7 +29,7 @@ async def public_link(websocket: WebSocket) -> None:
     # The public mesh (services/public_mesh.py): only while this node has joined it.
     public = getattr(websocket.app.state.runtime, "public", None)
     mesh = public.mesh if public is not None else None
-    if mesh is None or not mesh.accepting():
+    if mesh is None or not mesh.accepting(websocket.client.host if websocket.client else None):
         await websocket.close(code=CLOSE_TRY_LATER)
         return
     await websocket.accept()

@@ -9,11 +9,20 @@ the real document, so a garbage or hostile update changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from typing import Any
 
 from pycrdt import Array, Doc, Map, MapEvent, TransactionEvent
+
+from pinkybrain.node.core.memory_values import (
+    DEFAULT_MAX_DEPTH,
+    MAX_READ_DEPTH,
+    MemoryValueError,
+    decode_value,
+    encode_value,
+)
 
 ROOT = "memory"
 DEFAULT_MAX_KEY_BYTES = 256
@@ -33,24 +42,6 @@ class MemoryUpdateError(MemoryDocError, ValueError):
     """A remote update was refused (undecodable, or it would store invalid data); nothing was applied."""
 
 
-def encode_value(value: Any) -> str:
-    """The canonical JSON text stored for `value` (ValueError if it is not JSON-serialisable)."""
-    try:
-        # allow_nan=False: NaN/Infinity are not JSON, and a peer with a strict parser would choke on them.
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"memory value is not JSON-serialisable: {exc}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def decode_value(text: str) -> Any:
-    """Parse stored JSON text strictly (no NaN/Infinity), raising ValueError on anything else."""
-    return json.loads(text, parse_constant=_reject_constant)
-
-
 class MemoryDoc:
     """A CRDT key-value map. Not thread-safe on its own: callers serialise access (MemoryStore does)."""
 
@@ -60,11 +51,13 @@ class MemoryDoc:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         *,
         client_id: int | None = None,
+        max_depth: int = DEFAULT_MAX_DEPTH,
     ):
-        if max_key_bytes < 1 or max_value_bytes < 1:
-            raise ValueError("max_key_bytes and max_value_bytes must be positive")
+        if max_key_bytes < 1 or max_value_bytes < 1 or max_depth < 1:
+            raise ValueError("max_key_bytes, max_value_bytes and max_depth must be positive")
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
+        self.max_depth = max_depth
         self._doc: Doc = Doc(client_id=client_id)
         self._map: Map = self._doc.get(ROOT, type=Map)
         self._last_update: bytes | None = None
@@ -80,14 +73,17 @@ class MemoryDoc:
         updates: Iterable[bytes],
         max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> MemoryDoc:
         """Rebuild a document from trusted, previously accepted updates (a store's snapshot and log).
 
-        Raises MemoryUpdateError if one fails to decode or the result holds entries that are not JSON
-        text. Sizes are not re-checked: they were enforced when each write was accepted, and lowering a
-        limit in the configuration must not make existing data unreadable.
+        Raises MemoryUpdateError if one fails to decode or the result holds entries that are not text.
+        Values are checked when read (MemoryValueError), not here: a bad value that an older version let
+        in must not make the whole store unopenable. Sizes are not re-checked: they were enforced when
+        each write was accepted, and lowering a limit in the configuration must not make existing data
+        unreadable (reads allow the deepest nesting any configuration allows, for the same reason).
         """
-        doc = cls(max_key_bytes, max_value_bytes)
+        doc = cls(max_key_bytes, max_value_bytes, max_depth=max_depth)
         for index, update in enumerate(updates):
             try:
                 doc._doc.apply_update(bytes(update))
@@ -95,7 +91,8 @@ class MemoryDoc:
                 raise MemoryUpdateError(f"update at position {index} cannot be decoded: {exc}") from exc
         _check_roots(doc._doc)
         for key in doc._map.keys():
-            _check_entry(key, doc._map.get(key, _MISSING), None, None)
+            if not isinstance(doc._map.get(key, ""), str):
+                raise MemoryUpdateError(f"stored entry {key!r} is not JSON text")
         return doc
 
     # -- validation ---------------------------------------------------------------------------------
@@ -114,11 +111,8 @@ class MemoryDoc:
             )
 
     def _encode_checked(self, key: str, value: Any) -> str:
-        text = encode_value(value)
-        try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise ValueError(f"value for memory key {key!r} contains a lone surrogate") from None
+        text = encode_value(value, self.max_depth)  # the same check a peer's update passes
+        size = len(text.encode("utf-8"))
         if size > self.max_value_bytes:
             raise MemoryLimitError(
                 f"value for memory key {key!r} is {size} bytes as JSON; the limit is {self.max_value_bytes} bytes"
@@ -154,7 +148,7 @@ class MemoryDoc:
         text = self._map.get(key, _MISSING)
         if text is _MISSING:
             raise KeyError(key)
-        return decode_value(text)
+        return decode_value(text, MAX_READ_DEPTH)
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key in self._map
@@ -168,7 +162,7 @@ class MemoryDoc:
 
     def items(self, prefix: str = "") -> list[tuple[str, Any]]:
         """(key, value) pairs for keys starting with `prefix`, sorted by key."""
-        return [(k, decode_value(self._map[k])) for k in self.list(prefix)]
+        return [(k, decode_value(self._map[k], MAX_READ_DEPTH)) for k in self.list(prefix)]
 
     # -- sync ---------------------------------------------------------------------------------------
     def state_vector(self) -> bytes:
@@ -185,6 +179,29 @@ class MemoryDoc:
     def full_update(self) -> bytes:
         """The whole document as one update (a snapshot)."""
         return self._doc.get_update()
+
+    # -- divergence (equivocation) ------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, str]:
+        """What two copies compare to tell "in sync" from "split by equivocation".
+
+        `state` covers the Yjs ids each copy holds (state vector) and what it deleted (delete set); `view`
+        covers what a reader sees. Two copies with the same `state` hold the same items, so by Yjs's own
+        rules they show the same `view`, unless a peer gave both an item id with different content (the
+        same client id and clock, different values): then `view` differs and no sync can repair it.
+        """
+        state = sorted(_read_state_vector(self._doc.get_state()))
+        deleted = _read_delete_set(self._doc.get_update(self._doc.get_state()))
+        view = hashlib.sha256()
+        for key in sorted(self._map.keys()):
+            view.update(_entry_digest(key, self._map[key]))
+        return {
+            "state": hashlib.sha256(json.dumps([state, deleted]).encode()).hexdigest(),
+            "view": view.hexdigest(),
+        }
+
+    def entry_digests(self) -> dict[str, str]:
+        """A short digest of each entry (key and stored text), to find which entries two copies disagree on."""
+        return {key: _entry_digest(key, self._map[key]).hex()[:32] for key in self._map.keys()}
 
     def apply_remote(self, update: bytes) -> bool:
         """Validate a peer's update and apply it; returns whether it changed anything."""
@@ -217,12 +234,20 @@ class MemoryDoc:
         except Exception as exc:  # pycrdt raises ValueError; anything else is just as much a refusal
             raise MemoryUpdateError(f"remote update cannot be decoded: {exc}") from exc
         _check_roots(scratch)
+        # Only this document writes under its own client id: content under it that we lack was made by
+        # someone reusing our id, and would later clash with our own writes at the same clocks.
+        own = self._doc.client_id
+        if dict(_read_state_vector(scratch.get_state())).get(own, 0) > dict(
+            _read_state_vector(self._doc.get_state())
+        ).get(own, 0):
+            raise MemoryUpdateError("update carries content under this node's own Yjs client id")
         # A peer treating "memory" as a Text/Array adds sequence content the Map view never shows; it
         # would sit in every copy of the document, so it is refused like any other invalid data.
         if len(scratch.get(ROOT, type=Array)):
             raise MemoryUpdateError(f"update adds list or text content to the {ROOT!r} root, which is a map")
         for key in touched:
-            _check_entry(key, scratch_map.get(key, _MISSING), self.max_key_bytes, self.max_value_bytes)
+            _check_entry(key, scratch_map.get(key, _MISSING), self.max_key_bytes, self.max_value_bytes,
+                         self.max_depth)
         # Yrs encodes equal states to equal bytes, so this spots a duplicate (already known) update.
         if scratch.get_update() == base:
             return None
@@ -245,14 +270,17 @@ def _check_roots(doc: Doc) -> None:
         raise MemoryUpdateError(f"update adds root types other than {ROOT!r}: {extra}")
 
 
-def _check_entry(key: str, value: Any, max_key_bytes: int | None, max_value_bytes: int | None) -> None:
+def _check_entry(key: str, value: Any, max_key_bytes: int, max_value_bytes: int, max_depth: int) -> None:
     """Raise MemoryUpdateError unless `value` (_MISSING: deleted) is valid JSON text under a valid key."""
     if value is _MISSING:
         return
     if not key:
         raise MemoryUpdateError("update writes an empty memory key")
-    key_size = len(key.encode("utf-8"))
-    if max_key_bytes is not None and key_size > max_key_bytes:
+    try:
+        key_size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise MemoryUpdateError("update writes a memory key that is not valid Unicode") from None
+    if key_size > max_key_bytes:
         raise MemoryUpdateError(
             f"update writes a memory key of {key_size} bytes; the limit is {max_key_bytes} bytes"
         )
@@ -261,11 +289,59 @@ def _check_entry(key: str, value: Any, max_key_bytes: int | None, max_value_byte
             f"update writes a {type(value).__name__} under memory key {key!r}; values must be JSON text"
         )
     size = len(value.encode("utf-8"))
-    if max_value_bytes is not None and size > max_value_bytes:
+    if size > max_value_bytes:
         raise MemoryUpdateError(
             f"update writes {size} bytes under memory key {key!r}; the limit is {max_value_bytes} bytes"
         )
     try:
-        decode_value(value)
-    except ValueError as exc:
-        raise MemoryUpdateError(f"update writes non-JSON text under memory key {key!r}: {exc}") from None
+        decode_value(value, max_depth)
+    except MemoryValueError as exc:
+        raise MemoryUpdateError(f"update writes an invalid value under memory key {key!r}: {exc}") from None
+
+
+# -- Yjs v1 encodings (lib0 varuints) read for fingerprints -------------------------------------------------
+def _entry_digest(key: str, text: object) -> bytes:
+    return hashlib.sha256(json.dumps([key, text], ensure_ascii=True).encode()).digest()
+
+
+def _varuints(data: bytes):
+    pos = 0
+
+    def read() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    return read
+
+
+def _read_state_vector(data: bytes) -> list[tuple[int, int]]:
+    read = _varuints(data)
+    return [(read(), read()) for _ in range(read())]
+
+
+def _read_delete_set(update: bytes) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The delete set of an update that carries no structs (get_update(own state vector)), normalised:
+    clients sorted, each client's ranges sorted and merged, so equal sets compare equal."""
+    read = _varuints(update)
+    if read() != 0:
+        raise ValueError("expected an update without structs")
+    result = []
+    for _ in range(read()):
+        client = read()
+        ranges = sorted((read(), read()) for _ in range(read()))
+        merged: list[list[int]] = []
+        for clock, length in ranges:
+            if merged and clock <= merged[-1][0] + merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], clock + length - merged[-1][0])
+            else:
+                merged.append([clock, length])
+        if merged:
+            result.append((client, [(c, n) for c, n in merged]))
+    return sorted(result)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pinkybrain.node.core.memory_doc import (
+    DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_KEY_BYTES,
     DEFAULT_MAX_VALUE_BYTES,
     MemoryDoc,
@@ -117,6 +118,7 @@ class MemoryStore:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         *,
         compact_every: int = DEFAULT_COMPACT_EVERY,
+        max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> MemoryStore:
         """Open (creating if absent) the store of `namespace` in `directory`.
 
@@ -127,7 +129,7 @@ class MemoryStore:
         path = store_path(directory, namespace)
         conn, _ = open_db(_SPEC, path, {"namespace": namespace})
         try:
-            doc, pending = _load(conn, path, max_key_bytes, max_value_bytes)
+            doc, pending = _load(conn, path, max_key_bytes, max_value_bytes, max_depth)
         except sqlite3.Error as exc:
             conn.close()
             raise sqlite_failure(_SPEC, path, exc) from exc
@@ -255,6 +257,41 @@ class MemoryStore:
             self._check_usable()
             return self._doc.full_update()
 
+    def diff_and_fingerprint(self, remote_state_vector: bytes) -> tuple[bytes, dict[str, str]]:
+        """diff() and the fingerprint of the document it came from, taken together."""
+        with self._lock:
+            self._check_usable()
+            return self._doc.diff(remote_state_vector), self._doc.fingerprint()
+
+    def fingerprint(self) -> dict[str, str]:
+        with self._lock:
+            self._check_usable()
+            return self._doc.fingerprint()
+
+    def entry_digests(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(fingerprint, digest of each entry), taken together."""
+        with self._lock:
+            self._check_usable()
+            return self._doc.fingerprint(), self._doc.entry_digests()
+
+    def drop_diverged(self, peer_state: str, peer_digests: dict[str, str]) -> list[str]:
+        """Delete the entries a peer holding the same Yjs items shows differently; returns their keys.
+
+        Same items, different values means someone equivocated (one client id and clock, two contents).
+        Deleting an entry deletes its item id, whatever content each copy holds under it, so the delete
+        reaches every copy and they agree again: a value that was given out two ways is not kept. Nothing
+        happens unless our fingerprint's state still equals `peer_state` (no write in between).
+        """
+        with self._lock:
+            self._check_usable()
+            if self._doc.fingerprint()["state"] != peer_state:
+                return []
+            mine = self._doc.entry_digests()
+            diverged = sorted(key for key, digest in mine.items() if peer_digests.get(key) != digest)
+            for key in diverged:
+                self.delete(key)
+            return diverged
+
     # -- maintenance --------------------------------------------------------------------------------
     def compact(self) -> None:
         """Fold the snapshot and all logged updates into one snapshot row, in one transaction."""
@@ -320,7 +357,7 @@ class MemoryStore:
         # readers and peers never see a value that a restart would lose.
         try:
             self._doc, self._pending = _load(self._conn, self.path, self._doc.max_key_bytes,
-                                             self._doc.max_value_bytes)
+                                             self._doc.max_value_bytes, self._doc.max_depth)
         except (sqlite3.Error, MemoryStoreError) as exc:
             self._failed = (sqlite_failure(_SPEC, self.path, exc) if isinstance(exc, sqlite3.Error) else exc)
             log.error("memory store %s unusable after a failed write: %s", self.path, self._failed)
@@ -339,7 +376,8 @@ class MemoryStore:
                 log.exception("memory store %s: listener %r failed", self.path, callback)
 
 
-def _load(conn: sqlite3.Connection, path: Path, max_key_bytes: int, max_value_bytes: int) -> tuple[MemoryDoc, int]:
+def _load(conn: sqlite3.Connection, path: Path, max_key_bytes: int, max_value_bytes: int,
+          max_depth: int) -> tuple[MemoryDoc, int]:
     """The document from snapshot + log, and how many log rows there were."""
     count = 0
 
@@ -359,7 +397,7 @@ def _load(conn: sqlite3.Connection, path: Path, max_key_bytes: int, max_value_by
             yield data
 
     try:
-        doc = MemoryDoc.from_updates(blobs(), max_key_bytes, max_value_bytes)
+        doc = MemoryDoc.from_updates(blobs(), max_key_bytes, max_value_bytes, max_depth)
     except MemoryUpdateError as exc:
         raise MemoryStoreCorrupt(path, f"stored updates do not form a valid document ({exc})") from exc
     return doc, count

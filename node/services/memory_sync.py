@@ -59,6 +59,8 @@ MAX_STATE_VECTOR = 256 * 1024
 FRAME_ROOM = 4096  # message header and encryption overhead inside one frame
 SYNC_CHUNK = 256 * 1024
 GAP_PULL_SPACING = 1.0  # at most one gap-triggered pull per peer per second
+RECHECK_SECS = 2.0  # after a sync that left two copies apart, compare again this much later
+MAX_ENTRIES = 10_000_000  # the most entry digests accepted from a peer
 
 
 def update_id(update: bytes) -> bytes:
@@ -123,6 +125,7 @@ class MemorySync:
         self.update_method = f"memory.{namespace}.update"
         self.sync_method = f"memory.{namespace}.sync"
         self.hint_method = f"memory.{namespace}.hint"
+        self.digests_method = f"memory.{namespace}.digests"
         frame = getattr(getattr(mesh, "settings", None), "max_frame_bytes", 1024 * 1024)
         self.push_budget = max(1024, frame - FRAME_ROOM)
         self.chunk_bytes = max(1024, min(SYNC_CHUNK, frame // 2))
@@ -133,6 +136,7 @@ class MemorySync:
         self._pulls: dict[str, asyncio.Task] = {}
         self._pull_again: set[str] = set()
         self._last_gap_pull: dict[str, float] = {}
+        self._rechecks: dict[str, asyncio.TimerHandle] = {}
         # One thread for every store call made here: applies run in arrival order and a burst of peer
         # traffic cannot take the default pool's threads from the API.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"memory-sync-{namespace}")
@@ -147,6 +151,7 @@ class MemorySync:
         self.mesh.register_handler(self.update_method, self._serve_update)
         self.mesh.register_handler(self.sync_method, self._serve_sync)
         self.mesh.register_handler(self.hint_method, self._serve_hint)
+        self.mesh.register_handler(self.digests_method, self._serve_digests)
         self._undo = [
             self.store.add_listener(self._on_local_write),
             self.mesh.on_link_up(self._link_up),
@@ -161,7 +166,7 @@ class MemorySync:
         for undo in self._undo:
             undo()
         self._undo = []
-        for method in (self.update_method, self.sync_method, self.hint_method):
+        for method in (self.update_method, self.sync_method, self.hint_method, self.digests_method):
             self.mesh.unregister_handler(method)
         deadline = asyncio.get_running_loop().time() + flush_secs
         while (
@@ -169,6 +174,9 @@ class MemorySync:
         ):
             await asyncio.sleep(0.02)
         self._stopping = True
+        for recheck in self._rechecks.values():
+            recheck.cancel()
+        self._rechecks.clear()
         tasks = [t for t in (self._task, *self._pulls.values()) if t is not None]
         tasks += [box.task for box in self._outboxes.values() if box.task is not None]
         for box in self._outboxes.values():
@@ -203,6 +211,8 @@ class MemorySync:
             "syncs_failed": s["syncs_failed"],
             "refused": s["refused"],
             "peers_banned": s["peers_banned"],
+            "equivocations": s["equivocations"],
+            "diverged_entries_dropped": s["diverged_entries"],
             "strikes": {peer[:7]: n for peer, n in self._strikes.items()},
         }
 
@@ -316,7 +326,7 @@ class MemorySync:
     async def _pull(self, peer: str) -> None:
         try:
             state_vector = await self._run(self.store.state_vector)
-            diff = await self._fetch_diff(peer, state_vector)
+            diff, theirs = await self._fetch_diff(peer, state_vector)
         except PeerGone:
             return
         except RpcTimeout as exc:
@@ -339,12 +349,80 @@ class MemorySync:
         self.stats["syncs"] += 1
         self.stats["sync_bytes_received"] += len(diff)
         try:
-            await self._receive(peer, diff, "sync")
+            changed = await self._receive(peer, diff, "sync")
         except RpcError:
-            pass  # already counted against the peer by _receive
+            return  # already counted against the peer by _receive
+        if theirs is not None and not await self._check_divergence(peer, theirs) and changed:
+            # We were behind and still differ (the peer lacked something too, and is likely pulling it
+            # from us right now): compare again once both pulls are done.
+            self._recheck_later(peer)
 
-    async def _fetch_diff(self, peer: str, state_vector: bytes) -> bytes:
-        size, parts, got = None, [], 0
+    def _recheck_later(self, peer: str) -> None:
+        if peer in self._rechecks or self._stopping:
+            return
+
+        def recheck() -> None:
+            self._rechecks.pop(peer, None)
+            if self.mesh.connected(peer):
+                self.request_sync(peer)
+
+        self._rechecks[peer] = asyncio.get_running_loop().call_later(RECHECK_SECS, recheck)
+
+    async def _check_divergence(self, peer: str, theirs: dict) -> bool:
+        """After a pull we hold everything the peer held: the same items must show the same values.
+        Returns whether the two copies held the same items (and so could be compared)."""
+        try:
+            mine = await self._run(self.store.fingerprint)
+        except MemoryStoreError:
+            return True
+        if mine["state"] != theirs["state"]:
+            return False  # not the same items yet: writes in flight either way
+        if mine["view"] == theirs["view"]:
+            return True
+        try:
+            state, digests = await self._fetch_digests(peer)
+            dropped = await self._run(self.store.drop_diverged, state, digests)
+        except (PeerGone, RpcTimeout, RemoteError, MemoryStoreError) as exc:
+            log.info("memory %s: cannot compare entries with %s: %s", self.namespace, peer[:7], exc)
+            return True
+        except _BadSync as exc:
+            self._strike(peer, f"a malformed digest answer ({exc})", 0, "sync")
+            return True
+        if dropped:
+            # A member may delete entries anyway, so acting on its word grants it nothing new.
+            self.stats["equivocations"] += 1
+            self.stats["diverged_entries"] += len(dropped)
+            log.warning(
+                "memory %s: %s and this node hold different values under the same Yjs item ids "
+                "(a peer equivocated); dropped %d such entries everywhere",
+                self.namespace,
+                peer[:7],
+                len(dropped),
+            )
+        return True
+
+    async def _fetch_digests(self, peer: str) -> tuple[str, dict[str, str]]:
+        state, count, digests = None, None, {}
+        async with self.mesh.stream(peer, self.digests_method, None, timeout=self.sync_timeout) as chunks:
+            async for chunk in chunks:
+                if not isinstance(chunk, dict):
+                    raise _BadSync("a digest chunk is not a mapping")
+                if state is None:
+                    state, count = chunk.get("state"), chunk.get("count")
+                    if not isinstance(state, str) or not isinstance(count, int) or not 0 <= count <= MAX_ENTRIES:
+                        raise _BadSync("bad digest header")
+                    continue
+                if not all(isinstance(k, str) and isinstance(v, str) for k, v in chunk.items()):
+                    raise _BadSync("digests are text")
+                digests.update(chunk)
+                if len(digests) > count:
+                    raise _BadSync("more digests than announced")
+        if state is None or len(digests) != count:
+            raise _BadSync(f"{len(digests)} of {count} announced digests")
+        return state, digests
+
+    async def _fetch_diff(self, peer: str, state_vector: bytes) -> tuple[bytes, dict | None]:
+        size, parts, got, theirs = None, [], 0, None
         async with self.mesh.stream(
             peer, self.sync_method, state_vector, timeout=self.sync_timeout
         ) as chunks:
@@ -357,6 +435,8 @@ class MemorySync:
                         or not 0 <= size <= self.max_sync_bytes
                     ):
                         raise _BadSync(f"size {size!r} outside 0..{self.max_sync_bytes}")
+                    if isinstance(chunk.get("state"), str) and isinstance(chunk.get("view"), str):
+                        theirs = {"state": chunk["state"], "view": chunk["view"]}  # older nodes omit it
                     continue
                 if not isinstance(chunk, bytes) or got + len(chunk) > size:
                     raise _BadSync("more data than announced")
@@ -364,7 +444,7 @@ class MemorySync:
                 got += len(chunk)
         if size is None or got != size:
             raise _BadSync(f"{got} of {size} announced bytes")
-        return b"".join(parts)
+        return b"".join(parts), theirs
 
     # -- receiving ----------------------------------------------------------------------------------
     async def _receive(self, peer: str, update: bytes, via: str) -> bool:
@@ -389,6 +469,11 @@ class MemorySync:
         except MemoryStoreError as exc:  # our disk, not the peer: it will resend at the next sync
             log.error("memory %s: cannot store an update from %s: %s", self.namespace, peer[:7], exc)
             raise RpcError("unavailable", "memory store unavailable") from None
+        except (Exception, RecursionError) as exc:  # noqa: BLE001 - whatever it was, the update was refused
+            # Nothing was applied (the store checks on a scratch copy), and an error we did not foresee is
+            # still the sender's doing: it counts like any other refusal.
+            self._strike(peer, f"an update that failed to apply ({type(exc).__name__})", len(update), via)
+            raise RpcError("bad_update", "update refused") from None
         if not lacking:
             self._remember(uid)  # the document only grows: the same bytes can never matter again
         elif via == "push":
@@ -396,12 +481,13 @@ class MemorySync:
             # overtook the update it overwrote): the sender has it all. A sync answer that still lacks
             # something is all that peer has, so asking it again would only repeat it.
             self.stats["gaps"] += 1
-            now = asyncio.get_running_loop().time()
-            if now - self._last_gap_pull.get(peer, -GAP_PULL_SPACING) >= GAP_PULL_SPACING:
-                self._last_gap_pull[peer] = now
-                self.request_sync(peer)
+            self._pull_soon(peer)
         if not changed:
             self.stats["duplicates"] += 0 if lacking else 1
+            if via == "push" and not lacking:
+                # New bytes, nothing new in them: normal for merged batches, but also what an item id we
+                # hold with other content looks like (equivocation). A pull compares fingerprints.
+                self._pull_soon(peer)
             return False
         self.stats["updates_applied"] += 1
         self._fan_out(update, exclude=peer)
@@ -411,6 +497,12 @@ class MemorySync:
         changed = self.store.apply_remote(update)
         rest = pycrdt.get_update(update, self.store.state_vector())
         return changed, has_structs(rest)
+
+    def _pull_soon(self, peer: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._last_gap_pull.get(peer, -GAP_PULL_SPACING) >= GAP_PULL_SPACING:
+            self._last_gap_pull[peer] = now
+            self.request_sync(peer)
 
     def _strike(self, peer: str, what: str, size: int, via: str) -> None:
         self.stats["refused"] += 1
@@ -448,15 +540,31 @@ class MemorySync:
             self._strike(ctx.peer_id, "a malformed state vector", 0, "sync")
             raise RpcError("bad_state_vector", "a state vector is raw bytes, at most 256 KiB")
         try:
-            diff = await self._run(self.store.diff, payload)
+            diff, fingerprint = await self._run(self.store.diff_and_fingerprint, payload)
         except MemoryUpdateError as exc:
             self._strike(ctx.peer_id, "an undecodable state vector", len(payload), "sync")
             raise RpcError("bad_state_vector", str(exc)[:300]) from None
         except MemoryStoreError:
             raise RpcError("unavailable", "memory store unavailable") from None
-        yield {"size": len(diff)}
+        yield {"size": len(diff), **fingerprint}
         for start in range(0, len(diff), self.chunk_bytes):
             yield diff[start : start + self.chunk_bytes]
+
+    async def _serve_digests(self, ctx: RpcContext, payload: Any):
+        try:
+            fingerprint, digests = await self._run(self.store.entry_digests)
+        except MemoryStoreError:
+            raise RpcError("unavailable", "memory store unavailable") from None
+        yield {"state": fingerprint["state"], "count": len(digests)}
+        chunk, size = {}, 0
+        for key, digest in digests.items():
+            chunk[key] = digest
+            size += len(key.encode()) * 6 + 48  # JSON-escaped worst case, so a chunk fits one frame
+            if size >= self.chunk_bytes // 2:
+                yield chunk
+                chunk, size = {}, 0
+        if chunk:
+            yield chunk
 
     async def _serve_hint(self, ctx: RpcContext, payload: Any) -> bool:
         self.request_sync(ctx.peer_id)
@@ -475,6 +583,9 @@ class MemorySync:
             task.cancel()
         self._pull_again.discard(peer)
         self._last_gap_pull.pop(peer, None)
+        recheck = self._rechecks.pop(peer, None)
+        if recheck is not None:
+            recheck.cancel()
 
     async def _anti_entropy_loop(self) -> None:
         rng = random.SystemRandom()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from pinkybrain.node.core.admission import PendingSlots, address_bucket
 from pinkybrain.node.core.channel import OVERHEAD, RateLimits
 from pinkybrain.node.core.handshake import (
     MAX_HANDSHAKE_MESSAGE,
@@ -79,7 +80,6 @@ log = logging.getLogger("pinkybrain.mesh")
 _rng = random.SystemRandom()
 
 DEFAULT_PORT = 8080
-MAX_PENDING_HANDSHAKES = 16
 MAX_TARGETS = 256
 MAX_PEX_ENTRIES = 64
 DISCOVERED_MAX_FAILURES = 4
@@ -133,6 +133,11 @@ class MeshSettings:
     rate_bytes_per_sec: float = 64 * 1024 * 1024
     max_peers: int = 32
     handshake_timeout: float = 10.0
+    # Inbound handshakes in progress: strangers can open them, so the budget is shared out per address
+    # and the first Noise message (sent at once by a real peer) has a short deadline.
+    max_pending_handshakes: int = 256
+    max_pending_per_address: int = 8
+    first_message_secs: float = 2.0
     pex_secs: float = 60.0
     discovery_secs: float = 5.0
     tailscale_secs: float = 60.0
@@ -152,6 +157,9 @@ class MeshSettings:
             rate_frames_per_sec=cfg["p2p.rate_limit_frames"],
             rate_bytes_per_sec=cfg["p2p.rate_limit_bytes"],
             max_peers=cfg["p2p.max_peers"],
+            max_pending_handshakes=cfg["p2p.max_pending_handshakes"],
+            max_pending_per_address=cfg["p2p.max_pending_handshakes_per_address"],
+            first_message_secs=cfg["p2p.handshake_first_message_secs"],
         )
 
     def link_settings(self) -> LinkSettings:
@@ -232,7 +240,7 @@ class Mesh:
         self._link_tasks: set[asyncio.Task] = set()
         self._all_links: set[Link] = set()
         self._pex_task: asyncio.Task | None = None
-        self._pending_inbound = 0
+        self._pending = PendingSlots(self.settings.max_pending_handshakes, self.settings.max_pending_per_address)
         self._started = False
         self._stopping = False
         self._hs_log_budget = _LogBudget()
@@ -396,6 +404,7 @@ class Mesh:
             "links_opened": self.stats["links_opened"],
             "links_closed": self.stats["links_closed"],
             "handshakes_failed": self.stats["handshakes_failed"],
+            "handshakes_pending": len(self._pending),
             "handshake_failures": dict(self.handshake_failures),
             "banned": [
                 {"node_id": node_id, "secs_left": round(until - now, 1)}
@@ -416,18 +425,29 @@ class Mesh:
         }
 
     # -- inbound -----------------------------------------------------------------------------------
-    def accepting(self) -> bool:
-        return self._started and not self._stopping and self._pending_inbound < MAX_PENDING_HANDSHAKES
+    def accepting(self, host: str | None = None) -> bool:
+        """Whether a new inbound link (from `host`, if known) would get a handshake slot now."""
+        if not self._started or self._stopping:
+            return False
+        return host is None or self._pending.would_admit(address_bucket(host))
 
     async def accept(self, transport) -> None:
         """Serve one inbound link (an accepted WebSocket) until it closes."""
         where = _where(transport.remote)
+        # Relay circuits (public mesh) have no address: they share one bucket.
+        host = address_bucket(transport.remote[0] if transport.remote else None)
         if not self.accepting():
             await transport.close(CLOSE_TRY_LATER, "not accepting links now")
             return
-        self._pending_inbound += 1
+        handshake: list[asyncio.Task] = []
+        slot = self._pending.admit(host, lambda: handshake[0].cancel() if handshake else None)
+        if slot is None:
+            self._handshake_failed(f"refused inbound link from {where}: too many handshakes in progress", "busy")
+            await transport.close(CLOSE_TRY_LATER, "too many handshakes in progress")
+            return
+        handshake.append(asyncio.ensure_future(self._respond(transport)))
         try:
-            result = await asyncio.wait_for(self._respond(transport), self.settings.handshake_timeout)
+            result = await asyncio.wait_for(handshake[0], self.settings.handshake_timeout)
         except HandshakeError as exc:
             self._handshake_failed(f"refused inbound link from {where}: {exc}", exc.code)
             await transport.close(CLOSE_HANDSHAKE, f"handshake failed: {exc.code}")
@@ -441,8 +461,17 @@ class Mesh:
             self._handshake_failed(f"refused inbound link from {where}: handshake timed out", "timeout")
             await transport.close(CLOSE_HANDSHAKE, "handshake timed out")
             return
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not slot.evicted or (current is not None and current.cancelling()):
+                raise
+            # Its slot went to a newcomer from an address holding fewer (see PendingSlots).
+            self._handshake_failed(f"dropped inbound handshake from {where}: slot given to another address",
+                                   "evicted")
+            await transport.close(CLOSE_TRY_LATER, "too many handshakes in progress")
+            return
         finally:
-            self._pending_inbound -= 1
+            self._pending.release(slot)
         link = Link(self, transport, result, direction="inbound", settings=self._link_settings)
         refusal = self._register(link)
         if refusal is not None:
@@ -452,7 +481,9 @@ class Mesh:
 
     async def _respond(self, transport) -> HandshakeResult:
         handshake = Handshake(self.identity, self._psk, initiator=False, hello=self._hello())
-        reply = handshake.receive(await transport.recv())
+        # A real dialler sends message 1 as soon as the link opens; a silent one loses its slot early.
+        first = await asyncio.wait_for(transport.recv(), self.settings.first_message_secs)
+        reply = handshake.receive(first)
         await transport.send(reply)
         handshake.receive(await transport.recv())
         return handshake.result

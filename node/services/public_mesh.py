@@ -270,7 +270,8 @@ class PublicMesh:
 
         # Its own store file: the private memory is never attached to this mesh.
         store = await asyncio.to_thread(MemoryStore.open, runtime.data_dir / "memory", "public",
-                                        cfg["memory.max_key_bytes"], cfg["memory.max_value_bytes"])
+                                        cfg["memory.max_key_bytes"], cfg["memory.max_value_bytes"],
+                                        max_depth=cfg["memory.max_depth"])
         # What this node's user reads and writes: signed entries, shown only from valid writers.
         self.memory = SignedPublicMemory(store, runtime.identity, self._valid)
         self.memory_sync = MemorySync(store, mesh, namespace="public",

@@ -87,6 +87,7 @@ class NodeRuntime:
         self.memory = await asyncio.to_thread(
             MemoryStore.open, self.data_dir / "memory", "private",
             self.cfg["memory.max_key_bytes"], self.cfg["memory.max_value_bytes"],
+            max_depth=self.cfg["memory.max_depth"],
         )
         from pinkybrain.node.services.conversations import ConversationStore
 
