@@ -20,6 +20,7 @@ from pinkybrain.node.api.auth import SignedRequestMiddleware
 from pinkybrain.node.api.query import router as query_router
 from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
+from pinkybrain.node.openai.routes import router as openai_router
 from pinkybrain.node.services import updater
 from pinkybrain.node.services.models import CloudShareRefused, ModelNotFound, ModelPathError
 from pinkybrain.node.services.runtime import NodeRuntime
@@ -356,6 +357,7 @@ def _new_app(lifespan=None) -> FastAPI:
     app.include_router(router)
     app.include_router(query_router)
     app.include_router(trust_router)
+    app.include_router(openai_router)  # last: its /v1 catch-all answers unknown /v1 paths
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
