@@ -84,6 +84,10 @@ def prepare(loaded, gen: Generation) -> Prepared:
 
 def _create(llm, prepared: Prepared, gen: Generation, stream: bool):
     s = gen.sampling
+    if s["seed"] is not None:
+        # Reusing the cached prompt prefix evaluates the prompt's tail in other batches, which moves the
+        # logits enough to change what a seeded sampler draws: a seed must give the same answer every time.
+        llm.reset()
     return llm.create_completion(
         prompt=prepared.tokens, max_tokens=s["max_tokens"], temperature=s["temperature"], top_p=s["top_p"],
         stop=prepared.stop + s["stop"], seed=s["seed"] if s["seed"] is not None else secrets.randbits(31),

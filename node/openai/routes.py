@@ -182,14 +182,20 @@ async def v1_chat(request: Request):
 
 async def _grammar(tools, body: ChatCompletionRequest):
     answer = response_schema(body.response_format)
-    param = "tools" if tools else "response_format.json_schema.schema"
-    try:
-        return await asyncio.to_thread(llama.compile_grammar, output_schema(tools, answer), param)
-    except OpenAIError:
-        if tools is None or tools.choice in ("auto", "required"):
-            raise
-        # The named tool's parameter schema has a construct the converter lacks: any JSON object then.
-        return await asyncio.to_thread(llama.compile_grammar, output_schema(tools, answer, set()), param)
+    if tools is None:
+        return await asyncio.to_thread(llama.compile_grammar, answer, "response_format.json_schema.schema")
+
+    def compile_all():
+        usable = set()
+        for tool in tools.tools:  # a parameter schema the converter cannot take: any JSON object instead
+            try:
+                llama.compile_grammar(tool["parameters"], "tools")
+                usable.add(tool["name"])
+            except OpenAIError:
+                pass
+        return llama.compile_grammar(output_schema(tools, answer, usable), "tools")
+
+    return await asyncio.to_thread(compile_all)
 
 
 async def _chat_elsewhere(request: Request, body: ChatCompletionRequest, plan: dict, conv, head: ResponseHead):

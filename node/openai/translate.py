@@ -28,6 +28,7 @@ from pinkybrain.node.openai.schema import ChatCompletionRequest, ChatMessage, Re
 
 TEXT_PARTS = ("text", "input_text", "refusal")
 IMAGE_PARTS = ("image_url", "input_image", "image")
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 # -- request bodies -----------------------------------------------------------------------------------
@@ -50,9 +51,9 @@ def _param(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier():
+        elif isinstance(part, str) and part.isidentifier() and part not in UNION_TAGS and not part[0].isupper():
             out += ("." if out else "") + part
-        # else: a union member's tag (e.g. "list[...]"), not a field name
+        # else: a union member's tag ("str", "list[...]", a model's class name), not a field name
     return out
 
 
@@ -224,7 +225,7 @@ def tool_plan(body: ChatCompletionRequest) -> ToolPlan | None:
 
 
 def tool_prompt(plan: ToolPlan) -> str:
-    listing = json.dumps(plan.tools, ensure_ascii=False)
+    listing = json.dumps(plan.tools, ensure_ascii=False, separators=(",", ":"))
     call = '{"tool_call": {"name": "<tool name>", "arguments": {<arguments as the tool\'s parameters say>}}}'
     if plan.choice == "auto":
         how = f"Answer with one JSON object and nothing else: {call} to call a tool, or " \
@@ -247,20 +248,18 @@ def response_schema(fmt: ResponseFormat | None) -> dict | None:
     return fmt.json_schema.schema_
 
 
-def output_schema(plan: ToolPlan | None, answer_schema: dict | None, tool_schema_ok: set[str] | None = None) -> dict | None:
-    """The JSON schema the model's whole output must match (compiled to a llama.cpp grammar), or None."""
+def output_schema(plan: ToolPlan | None, answer_schema: dict | None, usable: set[str] | None = None) -> dict | None:
+    """The JSON schema the model's whole output must match (compiled to a llama.cpp grammar), or None.
+    A call's arguments follow its tool's parameter schema; for tools not in `usable` (their schema has a
+    construct the grammar converter lacks), any JSON object."""
     if plan is None:
         return answer_schema
-    names = [t["name"] for t in plan.tools]
-    if plan.choice in names:
-        params = next(t["parameters"] for t in plan.tools if t["name"] == plan.choice)
-        usable = tool_schema_ok is None or plan.choice in tool_schema_ok
-        call = {"type": "object", "properties": {"name": {"const": plan.choice},
-                                                 "arguments": params if usable else {"type": "object"}},
-                "required": ["name", "arguments"]}
-    else:
-        call = {"type": "object", "properties": {"name": {"enum": names}, "arguments": {"type": "object"}},
-                "required": ["name", "arguments"]}
+    offered = [t for t in plan.tools if plan.choice in ("auto", "required") or t["name"] == plan.choice]
+    calls = [{"type": "object", "properties": {
+                 "name": {"const": t["name"]},
+                 "arguments": t["parameters"] if usable is None or t["name"] in usable else {"type": "object"}},
+              "required": ["name", "arguments"]} for t in offered]
+    call = calls[0] if len(calls) == 1 else {"oneOf": calls}
     calling = {"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"]}
     if plan.choice != "auto":
         return calling

