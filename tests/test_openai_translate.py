@@ -142,7 +142,6 @@ def test_openclaw_requests_are_accepted_whole():
         refuse_unsupported(body)
         conv = normalize_messages(body.messages)
         assert conv.image_param is None and conv.messages[-1]["role"] == "user"
-        assert any(isinstance(m.get("content"), list) for m in raw["messages"]) or True
         if raw.get("max_completion_tokens"):
             assert requested_max_tokens(body) == raw["max_completion_tokens"]
         if raw.get("stream_options", {}).get("include_usage"):

@@ -228,8 +228,9 @@ def tool_prompt(plan: ToolPlan) -> str:
     listing = json.dumps(plan.tools, ensure_ascii=False, separators=(",", ":"))
     call = '{"tool_call": {"name": "<tool name>", "arguments": {<arguments as the tool\'s parameters say>}}}'
     if plan.choice == "auto":
-        how = f"Answer with one JSON object and nothing else: {call} to call a tool, or " \
-              '{"response": "<your answer>"} to answer directly.'
+        # The direct answer first: small models otherwise call a tool for a greeting.
+        how = 'Answer with one JSON object and nothing else: {"response": "<your answer>"} to answer ' \
+              f"directly, or, only when a tool is needed, {call} to call it."
     elif plan.choice == "required":
         how = f"Call one of these tools now. Answer with one JSON object and nothing else: {call}"
     else:
@@ -265,7 +266,7 @@ def output_schema(plan: ToolPlan | None, answer_schema: dict | None, usable: set
         return calling
     answering = {"type": "object", "properties": {"response": answer_schema or {"type": "string"}},
                  "required": ["response"]}
-    return {"oneOf": [calling, answering]}
+    return {"oneOf": [answering, calling]}
 
 
 def with_tool_prompt(messages: list[dict], plan: ToolPlan | None) -> list[dict]:
