@@ -1,15 +1,14 @@
-"""Query endpoints: `/api/query` (the specialist router, with SSE token streaming) and the
-OpenAI-compatible `/v1/chat/completions` and `/v1/models`, all served by the same brain."""
+"""Query endpoint: `/api/query` (the specialist router, with SSE token streaming). The OpenAI-compatible
+`/v1/*` endpoints, served by the same brain, live in node/openai/."""
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from pinkybrain.node.api.auth import principal_of
@@ -157,89 +156,3 @@ async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: lis
                            "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
-
-
-# -- OpenAI-compatible ----------------------------------------------------------------------------
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatCompletionRequest(BaseModel):
-    model: str = "pinkybrain"
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stream: bool = False
-
-
-def _openai_error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}},
-                        status_code=status)
-
-
-@router.get("/v1/models", summary="OpenAI-compatible model list")
-async def v1_models(runtime: RuntimeDep, principal: PrincipalDep):
-    created = int(runtime.started_at)
-    ids = ["pinkybrain"] + [f"pinkybrain/{s}" for s in sorted(runtime.brain.specialists)]
-    local, cloud = runtime.brain.usable(principal is Principal.OWNER)
-    ids += sorted(local) + sorted(cloud) + runtime.brain.remote_models()
-    return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "pinkybrain"}
-                                       for i in ids]}
-
-
-@router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion")
-async def v1_chat(runtime: RuntimeDep, principal: PrincipalDep, body: ChatCompletionRequest):
-    brain = runtime.brain
-    messages = [m.model_dump() for m in body.messages]
-    refused = guest_refusal(runtime, principal)
-    if refused:
-        return _openai_error(503, refused, "sharing_paused")
-    try:
-        plan = brain.plan_messages(body.model, messages, max_tokens=body.max_tokens, temperature=body.temperature,
-                                   top_p=body.top_p, owner=principal is Principal.OWNER)
-    except ModelRefused as exc:
-        return _openai_error(403, str(exc), "forbidden")
-    except NoModel as exc:
-        return _openai_error(404, str(exc), "model_not_found")
-    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    prompt_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    if body.stream:
-        async def events():
-            pieces = []
-            head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
-            yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
-            served: dict = {}
-            try:
-                async for piece in brain.stream(plan["model"], plan["messages"], meta=served, **plan["settings"]):
-                    pieces.append(piece)
-                    chunk = {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-            except Exception as exc:  # noqa: BLE001 - end the stream with an error object
-                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-                return
-            yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
-            yield "data: [DONE]\n\n"
-            if not served.get("public"):  # zero query logging for the public mesh
-                await brain.record(None, prompt_text, "".join(pieces).strip(), "openai", [plan["specialist"]],
-                                   plan["model"])
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    served: dict = {}
-    try:
-        text, usage, _ = await brain.complete(plan["model"], plan["messages"], meta=served, **plan["settings"])
-    except InsufficientCredit as exc:
-        return _openai_error(402, str(exc), "insufficient_credit")
-    except Exception as exc:  # noqa: BLE001 - surfaced in OpenAI's error shape
-        return _openai_error(502, str(exc), "model_error")
-    if not served.get("public"):  # zero query logging for the public mesh
-        await brain.record(None, prompt_text, text, "openai", [plan["specialist"]], plan["model"])
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
-                  "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)},
-        "system_fingerprint": f"pinkybrain-{runtime.version}",
-    }

@@ -29,7 +29,7 @@ from pinkybrain.node.core.router import Answer, NoAnswer, route, run_query
 from pinkybrain.node.core.specialists import Specialist, generation_settings, load_specialists
 from pinkybrain.node.services.cloud import CloudClient, CloudError, CloudModel, parse_cloud_models
 from pinkybrain.node.services.gguf_facts import GgufFactsCache
-from pinkybrain.node.services.inference import InferenceError, LocalEngine
+from pinkybrain.node.services.inference import EmbeddingEngine, InferenceError, LocalEngine
 from pinkybrain.node.services.models import ModelNotFound, ModelPathError, resolve_shared
 from pinkybrain.node.services.remote import RemoteFailed
 
@@ -55,11 +55,14 @@ class Brain:
         self.facts = GgufFactsCache(runtime.data_dir / "gguf-facts.json")
         self.engine = LocalEngine(n_ctx=cfg["inference.n_ctx"], n_threads=cfg["inference.n_threads"],
                                   max_loaded=cfg["inference.max_loaded_models"])
+        # /v1/embeddings: a separate embedding-mode instance, loaded on first use.
+        self.embeddings = EmbeddingEngine(n_ctx=cfg["inference.n_ctx"], n_threads=cfg["inference.n_threads"])
         self.cloud = CloudClient()
         self.default_model = cfg["inference.default_model"]
 
     async def close(self) -> None:
         await self.engine.close()
+        await self.embeddings.close()
         await self.cloud.aclose()
 
     # -- models ------------------------------------------------------------------------------------

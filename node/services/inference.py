@@ -227,6 +227,49 @@ class LocalEngine:
                 cancelled.set()
                 await worker
 
+    # -- direct access for callers that drive llama.cpp themselves (the OpenAI-compatible layer) ----------
+    async def run_locked(self, name: str, path: Path, facts: dict, work):
+        """`work(loaded)` in a worker thread, with the model loaded and locked; returns its result."""
+        model = await self._get(name, path, facts)
+        async with model.lock:
+            model.last_used = time.monotonic()
+            return await asyncio.to_thread(work, model)
+
+    async def iterate_locked(self, name: str, path: Path, facts: dict, work) -> AsyncIterator:
+        """The items of the iterator `work(loaded)` returns, produced in a worker thread with the model
+        loaded and locked until the iteration ends (or the consumer stops: generation stops too)."""
+        model = await self._get(name, path, facts)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def produce():
+            try:
+                for item in work(model):
+                    if cancelled.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+            except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, (None, exc))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, (done, None))
+
+        async with model.lock:
+            model.last_used = time.monotonic()
+            worker = loop.run_in_executor(None, produce)
+            try:
+                while True:
+                    item, exc = await queue.get()
+                    if exc is not None:
+                        raise exc
+                    if item is done:
+                        break
+                    yield item
+            finally:
+                cancelled.set()
+                await worker
+
     @staticmethod
     def _run(model: _Loaded, messages, max_tokens, temperature, top_p, stop, stream):
         if model.chat:
@@ -243,3 +286,77 @@ class LocalEngine:
                 close = getattr(m.llm, "close", None)
                 if close:
                     await asyncio.to_thread(close)
+
+
+# -- embeddings ------------------------------------------------------------------------------------------
+@dataclass
+class EmbeddingResult:
+    vectors: list[list[float]]
+    prompt_tokens: int
+    model: str
+
+
+class EmbeddingEngine:
+    """Models loaded in embedding mode: a `Llama(embedding=True)` of their own (a llama.cpp context either
+    generates or embeds), mean-pooled over the tokens and L2-normalised, so any GGUF (the default model
+    too) gives one vector per text. One model at a time; it stays warm until another is asked for."""
+
+    def __init__(self, *, n_ctx: int = 4096, n_threads: int = 0):
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or psutil.cpu_count(logical=True) or 1
+        self._name: str | None = None
+        self._llm = None
+        self._lock = asyncio.Lock()
+
+    def _load(self, name: str, path: Path, facts: dict):
+        import llama_cpp
+
+        n_ctx = min(self.n_ctx, int(facts.get("context_length") or self.n_ctx))
+        need = estimate_bytes(path.stat().st_size, facts, n_ctx)
+        free = psutil.virtual_memory().available
+        if need > free:
+            raise ModelTooLarge(f"model {name!r} needs about {need / 2**30:.1f} GiB of RAM to embed with a "
+                                f"{n_ctx}-token context, but only {free / 2**30:.1f} GiB is free")
+        log.info("loading model %s for embeddings (%s)", name, path.name)
+        try:
+            # The whole text must fit one micro-batch for pooling: n_batch = n_ubatch = n_ctx.
+            return llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   n_threads=self.n_threads, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                                   verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise InferenceError(f"could not load model {name!r} for embeddings: {exc}") from None
+
+    def _ensure(self, name: str, path: Path, facts: dict):
+        if self._name != name:
+            if self._llm is not None:
+                self._llm.close()
+                self._llm, self._name = None, None
+            self._llm = self._load(name, path, facts)
+            self._name = name
+        return self._llm
+
+    def _tokens(self, llm, texts: list[str]) -> list[int]:
+        return [len(llm.tokenize(t.encode("utf-8"), add_bos=True, special=False)) for t in texts]
+
+    async def count_and_embed(self, name: str, path: Path, facts: dict, texts: list[str], check=None) -> EmbeddingResult:
+        """Embed `texts`; `check(token_counts, n_ctx)`, when given, runs first and may refuse them."""
+        ok, why = LocalEngine.available()
+        if not ok:
+            raise EngineUnavailable(why)
+
+        def work():
+            llm = self._ensure(name, path, facts)
+            counts = self._tokens(llm, texts)
+            if check is not None:
+                check(counts, llm.n_ctx())
+            vectors = llm.embed(texts, normalize=True)
+            return EmbeddingResult(vectors=vectors, prompt_tokens=sum(counts), model=name)
+
+        async with self._lock:
+            return await asyncio.to_thread(work)
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._llm is not None:
+                await asyncio.to_thread(self._llm.close)
+                self._llm, self._name = None, None
