@@ -99,6 +99,9 @@ ROUTES: tuple[RouteRule, ...] = (
     RouteRule("GET", "/api/events", OWN, note="recent operational log lines (the dashboard's events)"),
     RouteRule("GET", "/v1/models", MEM, note="members and query keys do not see unshared cloud models"),
     RouteRule("POST", "/v1/chat/completions", MEM, body_limit=4096 * KIB, note=CLOUD_NOTE),
+    RouteRule("GET", "/v1/models/{model_id:path}", MEM, note="members see what /v1/models lists for them"),
+    RouteRule("POST", "/v1/completions", MEM, body_limit=4096 * KIB, note="local models only; " + CLOUD_NOTE),
+    RouteRule("POST", "/v1/embeddings", MEM, body_limit=4096 * KIB, note="a local GGUF in embedding mode"),
 )
 # An unknown path still needs a member's signature (FastAPI then answers 404) and gets no room for a body.
 UNKNOWN_ROUTE = RouteRule("ANY", "(a route this node does not have)", MEM)
