@@ -373,6 +373,8 @@ class Brain:
             raise
         result = _jsonable(result)
         result["history"] = state.get("history", {"turns": 0, "dropped": len(turns)})
+        result["model"] = next((a["model"] for a in result.get("answers", [])
+                                if a["specialist"] == result.get("specialist") and not a.get("error")), None)
         if state["public"]:
             # Zero query logging: nothing of an exchange that crossed the public mesh is stored.
             result.update(session_id=None, recorded=False, node=self.runtime.identity.node_id)
