@@ -78,13 +78,15 @@ class GpuSettings:
 
 
 def gpu_offload_supported() -> bool:
-    """Whether this llama.cpp build has a GPU backend (CUDA, Metal, Vulkan, ...)."""
-    try:
-        import llama_cpp
+    """Whether this llama.cpp build has a GPU backend (CUDA, Metal, Vulkan, ...) that found a device."""
+    from pinkybrain.node.services.capabilities import llama_cpp_info
 
-        return bool(llama_cpp.llama_supports_gpu_offload())
-    except Exception:  # noqa: BLE001 - no usable llama.cpp means no offload
+    info = llama_cpp_info()  # probed once per process
+    if not info.get("available") or not info.get("gpu_offload"):
         return False
+    devices = info.get("devices") or []
+    # A GPU build on a machine without its GPU lists only the CPU device; older builds list nothing.
+    return not devices or any(str(d.get("backend") or "").upper() != "CPU" for d in devices)
 
 
 def gpu_load_kwargs(gpu: GpuSettings, supported: bool) -> dict:
