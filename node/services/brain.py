@@ -264,12 +264,12 @@ class Brain:
         return plan
 
     def plan_single(self, prompt: str, requested: list[str], *, model: str | None, max_tokens: int | None) -> dict:
+        routes = route(prompt, self.specialists)
+        best = next(r for r in routes if r.name == requested[0]) if requested else routes[0]
+        spec = self.specialists[best.name]
+        routing = {"chosen": best.name, "score": best.score, "reasons": list(best.reasons)}
         if requested:
-            spec, routing = self.specialists[requested[0]], {"chosen": requested[0], "requested": True}
-        else:
-            best = route(prompt, self.specialists)[0]
-            spec = self.specialists[best.name]
-            routing = {"chosen": best.name, "score": best.score, "reasons": list(best.reasons)}
+            routing["requested"] = True
         messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": prompt}]
         chosen = self.choose_model(spec, model)
         return {"specialist": spec.name, "model": chosen, "remote": self.is_remote(chosen), "messages": messages,
