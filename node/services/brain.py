@@ -33,7 +33,7 @@ from pinkybrain.node.core.router import Answer, NoAnswer, route, run_query
 from pinkybrain.node.core.specialists import Specialist, generation_settings, load_specialists
 from pinkybrain.node.services.cloud import CloudClient, CloudError, CloudModel, parse_cloud_models
 from pinkybrain.node.services.gguf_facts import GgufFactsCache
-from pinkybrain.node.services.inference import GpuSettings, InferenceError, LocalEngine
+from pinkybrain.node.services.inference import ContextLengthExceeded, GpuSettings, InferenceError, LocalEngine
 from pinkybrain.node.services.models import ModelNotFound, ModelPathError, resolve_shared
 from pinkybrain.node.services.remote import RemoteFailed
 
@@ -212,7 +212,15 @@ class Brain:
         if path is None:
             return None
         facts = await asyncio.to_thread(self.facts.get, path)
-        return await self.engine.check_context(model, path, facts, messages)
+        try:
+            return await self.engine.check_context(model, path, facts, messages)
+        except ContextLengthExceeded:
+            raise
+        except InferenceError as exc:
+            # No readable tokenizer (a broken or tokenizer-less GGUF): nothing to refuse here; loading the
+            # model reports what is wrong with it, as it would without this check.
+            log.info("context check skipped for %s: %s", model, exc)
+            return None
 
     async def _token_counter(self, model: str) -> tuple[Callable[[list[dict]], Awaitable[int]], int]:
         path = self._local_path(model)
