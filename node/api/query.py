@@ -140,7 +140,8 @@ async def _stream_tokens(runtime: NodeRuntime, body: QueryRequest, requested: li
             return
         finally:
             if first is not None and not first.done():
-                first.cancel()
+                first.cancel()  # the client left while the model loaded: stop waiting, then close
+                await asyncio.wait({first})
             await stream.aclose()
         answer = "".join(pieces).strip()
         # Zero query logging: an answer from the public mesh is not stored.
@@ -208,8 +209,8 @@ async def specialists(runtime: RuntimeDep):
 @router.get("/api/models/ps", summary="Loaded models: memory, device, idle time")
 async def models_ps(runtime: RuntimeDep):
     engine = runtime.brain.engine
-    return {"models": engine.loaded(), "keep_alive_secs": engine.keep_alive_secs,
-            "gpu_offload": await asyncio.to_thread(gpu_offload_supported)}
+    on_gpu = await asyncio.to_thread(gpu_offload_supported)  # the first call probes llama.cpp: not on the loop
+    return {"models": engine.loaded(on_gpu), "keep_alive_secs": engine.keep_alive_secs, "gpu_offload": on_gpu}
 
 
 # -- OpenAI-compatible ----------------------------------------------------------------------------

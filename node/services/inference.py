@@ -191,10 +191,11 @@ class LocalEngine:
             return False, f"llama-cpp-python is not usable: {exc}"
         return True, None
 
-    def loaded(self) -> list[dict]:
-        """The loaded models (`pinkybrain models ps`): memory, where they live, idle time, when unloaded."""
+    def loaded(self, gpu_offload: bool | None = None) -> list[dict]:
+        """The loaded models (`pinkybrain models ps`): memory, where they live, idle time, when unloaded.
+        `gpu_offload`: gpu_offload_supported(), when the caller has it (its first call probes llama.cpp)."""
         now = time.monotonic()
-        supported = gpu_offload_supported()
+        supported = gpu_offload_supported() if gpu_offload is None else gpu_offload
         out = []
         for name, m in self._models.items():
             weights = m.path.stat().st_size if m.path.exists() else m.bytes_estimate
@@ -271,11 +272,12 @@ class LocalEngine:
             )
         log.info("loading model %s (%s, ~%.0f MiB)", name, path.name, need / 2**20)
 
-        gpu = gpu_load_kwargs(self.gpu, gpu_offload_supported())
+        gpu: dict = {}
 
         def load():
             from llama_cpp import Llama
 
+            gpu.update(gpu_load_kwargs(self.gpu, gpu_offload_supported()))
             return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.n_threads, verbose=False, **gpu)
 
         try:
