@@ -444,8 +444,8 @@ def render_specialists(d: dict) -> str:
         if not isinstance(s, dict):
             continue
         hints = [str(h) for h in s.get("hints") or []]
-        shown = ", ".join(hints[:6]) + (f" (+{len(hints) - 6})" if len(hints) > 6 else "")
-        rows.append([s.get("name", "?"), first_line(s.get("description"), 60), shown,
+        shown = ", ".join(hints[:4]) + (f" (+{len(hints) - 4})" if len(hints) > 4 else "")
+        rows.append([s.get("name", "?"), first_line(s.get("description"), 48), shown,
                      ", ".join(s.get("preferred_models") or []) or "any"])
     return table(["NAME", "DESCRIPTION", "HINTS", "MODELS"], rows) if rows else "no specialists"
 
