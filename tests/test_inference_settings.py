@@ -169,3 +169,24 @@ def test_install_builds_llama_cpp_for_the_gpu_it_finds(tmp_path):
     assert _build_args({**env, "CMAKE_ARGS": "-DGGML_VULKAN=on"}) == "-DGGML_VULKAN=on"
     mac = _build_args(_fake_tools(tmp_path / "mac", uname='case "$1" in -s) echo Darwin;; *) echo arm64;; esac'))
     assert "-DGGML_METAL=ON" in mac and "CUDA" not in mac
+
+
+def test_a_chat_template_models_prompt_is_counted_as_its_template_renders_it():
+    path = default_model_file()
+    facts = {**read_gguf_facts(path), "has_chat_template": True}
+
+    async def go():
+        engine = LocalEngine(n_ctx=512, n_threads=1)
+        try:
+            vocab = engine._tokenizer("t", path)  # the vocabulary-only load counting uses
+            vocab.metadata["tokenizer.chat_template"] = (
+                "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My name is Ada."}]
+            rendered = "<system>Be brief.</s><user>My name is Ada.</s><assistant>"
+            expected = len(vocab.tokenize(rendered.encode(), add_bos=True, special=True))
+            assert await engine.count_tokens("t", path, facts, messages) == expected
+        finally:
+            await engine.close()
+
+    asyncio.run(go())
