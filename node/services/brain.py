@@ -360,10 +360,13 @@ class Brain:
 
     async def precheck(self, prompt: str, mode: str, requested: list[str], *, model: str | None,
                        max_tokens: int | None) -> None:
-        """Refuse (ContextLengthExceeded, NoModel) a query whose prompt cannot fit the first model asked,
+        """Refuse (ContextLengthExceeded) a query whose prompt cannot fit the first model asked,
         before any answer starts; later steps of a chain, which grow, report their own failures."""
         del mode  # every mode asks the prompt first of the specialist plan_single picks or one like it
-        plan = self.plan_single(prompt, requested[:1], model=model, max_tokens=max_tokens)
+        try:
+            plan = self.plan_single(prompt, requested[:1], model=model, max_tokens=max_tokens)
+        except NoModel:
+            return  # each answer reports it (and the query ends 502 no_answer, as it always has)
         await self.check_context(plan["model"], plan["messages"])
 
     async def query(self, prompt: str, mode: str, requested: list[str], *, max_tokens: int | None = None,
