@@ -152,7 +152,7 @@ class Brain:
                 meta.update(node=result.node, model=result.model, remote=True, attempts=result.attempts,
                             public=remote is self._public_remote())
                 return result.text, result.usage, result.elapsed_ms
-        facts = await asyncio.to_thread(self.facts.get, path)
+        facts = await self._facts(path)
         result = await self.engine.chat(model, path, facts, messages, max_tokens=max_tokens,
                                         temperature=temperature, top_p=top_p)
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
@@ -185,12 +185,17 @@ class Brain:
                         raise
                     continue
                 return
-        facts = await asyncio.to_thread(self.facts.get, path)
+        facts = await self._facts(path)
         async for piece in self.engine.stream_chat(model, path, facts, messages, max_tokens=max_tokens,
                                                    temperature=temperature, top_p=top_p, meta=meta):
             yield piece
 
     # -- context: the model's limit, and the earlier turns of a session ----------------------------------
+    async def _facts(self, path: Path) -> dict:
+        # Cached facts on the event loop (a stat); a GGUF not parsed yet is parsed in a worker thread.
+        cached = self.facts.peek(path)
+        return cached if cached is not None else await asyncio.to_thread(self.facts.get, path)
+
     def _local_path(self, model: str) -> Path | None:
         return None if model in self.cloud_models else self.local_models().get(model)
 
@@ -211,7 +216,7 @@ class Brain:
         path = self._local_path(model)
         if path is None:
             return None
-        facts = await asyncio.to_thread(self.facts.get, path)
+        facts = await self._facts(path)
         try:
             return await self.engine.check_context(model, path, facts, messages)
         except ContextLengthExceeded:
@@ -229,7 +234,7 @@ class Brain:
                 return history.estimate_tokens(messages)
 
             return estimate, CLOUD_CONTEXT if model in self.cloud_models else REMOTE_CONTEXT
-        facts = await asyncio.to_thread(self.facts.get, path)
+        facts = await self._facts(path)
 
         async def count(messages: list[dict]) -> int:
             return await self.engine.count_tokens(model, path, facts, messages)
