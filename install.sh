@@ -10,16 +10,18 @@
 #                             service; macOS: a LaunchDaemon as $PINKYBRAIN_USER (default: the sudo user)
 #   ./install.sh --openclaw   after one of the above: put `pinkybrain` on PATH (~/.local/bin) and install
 #                             the skill into OpenClaw (only the files .clawhubignore keeps: no .venv, no model)
+#   ./install.sh --print-llama-build  print the CMake arguments llama.cpp would be built with, and exit
 set -euo pipefail
 
-DEV=0 START=1 SYSTEM=0 OPENCLAW=0
+DEV=0 START=1 SYSTEM=0 OPENCLAW=0 PRINT_BUILD=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 START=0 ;;
     --no-start) START=0 ;;
     --system) SYSTEM=1 ;;
     --openclaw) OPENCLAW=1 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --print-llama-build) PRINT_BUILD=1 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -28,6 +30,26 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+
+# llama.cpp's build: portable CPU code, plus a GPU backend where the machine has its toolchain (below).
+CPU_ARGS="-DGGML_NATIVE=OFF"
+[[ $(uname -m) == x86_64 ]] && CPU_ARGS+=" -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+GPU_ARGS=""
+if [[ -z "${CMAKE_ARGS:-}" && "${PINKYBRAIN_GPU:-1}" != 0 ]]; then
+  NVCC=$(command -v nvcc || true)
+  [[ -z "$NVCC" && -x /usr/local/cuda/bin/nvcc ]] && NVCC=/usr/local/cuda/bin/nvcc
+  if [[ $(uname -s) == Darwin ]]; then
+    GPU_ARGS="-DGGML_METAL=ON"
+  elif [[ -n "$NVCC" ]] && nvidia-smi -L >/dev/null 2>&1; then
+    # nvcc alone is not enough: a CUDA build needs the NVIDIA driver (libcuda) to even import.
+    GPU_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_COMPILER=$NVCC"
+  fi
+fi
+
+if [[ $PRINT_BUILD == 1 ]]; then
+  if [[ -n "${CMAKE_ARGS:-}" ]]; then echo "$CMAKE_ARGS"; else echo "$CPU_ARGS${GPU_ARGS:+ $GPU_ARGS}"; fi
+  exit 0
+fi
 
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 or newer"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is required"
@@ -123,19 +145,29 @@ EXTRAS="inference"
 # llama-cpp-python compiles llama.cpp. pip's default build targets this exact CPU ("native"), which
 # produced binaries that crash on CPUs advertising AMX under virtualisation, and pip's wheel cache
 # would hand such a build to any other machine sharing the cache. So we build a portable wheel once
-# (AVX2 class on x86-64; override with CMAKE_ARGS, e.g. -DGGML_CUDA=on) and keep it in our own cache.
+# (AVX2 class on x86-64) and keep it in our own cache. With a GPU toolchain the wheel also gets a GPU
+# backend: CUDA when `nvcc` and the NVIDIA driver are present, Metal on macOS; if that build fails, the portable CPU build is
+# used. CMAKE_ARGS (e.g. -DGGML_VULKAN=on) overrides the choice; PINKYBRAIN_GPU=0 forces the CPU build.
 LLAMA_VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
-if [[ -z "${CMAKE_ARGS:-}" ]]; then
-  CMAKE_ARGS="-DGGML_NATIVE=OFF"
-  [[ $(uname -m) == x86_64 ]] && CMAKE_ARGS+=" -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
-fi
-WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/pinkybrain/wheels/$(printf '%s|%s|%s' "$LLAMA_VERSION" "$CMAKE_ARGS" "$(uname -m)" | sha256sum | cut -c1-16)"
-if ! compgen -G "$WHEELS/llama_cpp_python-$LLAMA_VERSION-*.whl" >/dev/null; then
-  say "building llama-cpp-python $LLAMA_VERSION ($CMAKE_ARGS): several minutes, once"
-  mkdir -p "$WHEELS"
-  CMAKE_ARGS="$CMAKE_ARGS" "$VPY" -m pip wheel --quiet --no-deps --no-cache-dir -w "$WHEELS.partial" \
-    "llama-cpp-python==$LLAMA_VERSION"
+build_llama() {  # $1: the CMake arguments; the wheel lands in a cache folder named after them
+  WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/pinkybrain/wheels/$(printf '%s|%s|%s' "$LLAMA_VERSION" "$1" "$(uname -m)" | sha256sum | cut -c1-16)"
+  compgen -G "$WHEELS/llama_cpp_python-$LLAMA_VERSION-*.whl" >/dev/null && return 0
+  say "building llama-cpp-python $LLAMA_VERSION ($1): several minutes, once"
+  rm -rf "$WHEELS.partial" && mkdir -p "$WHEELS"
+  CMAKE_ARGS="$1" "$VPY" -m pip wheel --quiet --no-deps --no-cache-dir -w "$WHEELS.partial" \
+    "llama-cpp-python==$LLAMA_VERSION" || return 1
   mv "$WHEELS.partial"/llama_cpp_python-*.whl "$WHEELS/" && rmdir "$WHEELS.partial"
+}
+
+if [[ -n "${CMAKE_ARGS:-}" ]]; then
+  build_llama "$CMAKE_ARGS"
+elif [[ -n "$GPU_ARGS" ]]; then
+  build_llama "$CPU_ARGS $GPU_ARGS" || {
+    say "the GPU build of llama.cpp failed ($GPU_ARGS); building the portable CPU one instead"
+    build_llama "$CPU_ARGS"
+  }
+else
+  build_llama "$CPU_ARGS"
 fi
 say "installing PinkyBrain [$EXTRAS]"
 # Developers get an editable install; a node gets a regular one, which `pinkybrain update apply` can

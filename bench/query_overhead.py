@@ -15,6 +15,13 @@ rotating the order each round so drift and background noise hit all paths alike:
   node    `POST /api/query` (mode single, specialist `bench`, fixed max_tokens), HMAC-signed over a kept-alive
           connection: HTTP, auth, routing, model choice, the engine, and the encrypted conversation record.
 
+Then time to first token, `--runs` times per path, alternating:
+
+  direct  `LocalEngine._run(..., stream=True)`: llama-cpp-python's own stream, until its first text piece.
+  node    `POST /api/query` with stream=true, until the first `token` event: HTTP, auth, routing, the
+          context check with the model's tokenizer, the engine's worker thread and the SSE framing.
+Both read their stream to the end before the next run. Goal: the node adds at most 15 ms.
+
 The messages are built by the node's own code (the profile's system prompt + the user prompt, as the router
 does), and the sampling settings by `generation_settings`, so all three paths send the same prompt text.
 
@@ -131,6 +138,22 @@ class InProcess:
         elapsed = (time.perf_counter() - start) * 1000
         return elapsed, (out.get("usage") or {}).get("completion_tokens", 0)
 
+    def direct_first_token(self) -> tuple[float, int]:
+        """ms until llama-cpp-python's stream yields its first text piece; the stream is read to the end."""
+        from pinkybrain.node.services.inference import LocalEngine
+
+        loaded = self.engine._models[self.name]
+        s = self.settings
+        first, pieces = math.nan, 0
+        start = time.perf_counter()
+        for chunk in LocalEngine._run(loaded, self.messages, s["max_tokens"], s["temperature"], s["top_p"], None, True):
+            choice = chunk["choices"][0]
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                if not pieces:
+                    first = (time.perf_counter() - start) * 1000
+                pieces += 1
+        return first, pieces
+
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.close())
         self.loop.close()
@@ -148,6 +171,27 @@ def node_query(client: httpx.Client, url: str, args: argparse.Namespace) -> tupl
     if data.get("specialist") != PROFILE or answer.get("error"):
         raise RuntimeError(f"unexpected node answer: {json.dumps(data)[:300]}")
     return elapsed, int(answer.get("tokens") or 0), data
+
+
+def node_first_token(client: httpx.Client, url: str, args: argparse.Namespace) -> tuple[float, int]:
+    """ms until the node's first `token` event; the stream is read to its `end`."""
+    body = {"prompt": args.prompt, "mode": "single", "specialist": PROFILE, "max_tokens": args.max_tokens,
+            "stream": True}
+    first, pieces, event = math.nan, 0, None
+    start = time.perf_counter()
+    with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            raise RuntimeError(f"node answered HTTP {response.status_code}: {response.text[:300]}")
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                if event == "token" and not pieces:
+                    first = (time.perf_counter() - start) * 1000
+                pieces += event == "token"
+                if event == "error":
+                    raise RuntimeError("the node's stream ended with an error")
+    return first, pieces
 
 
 def summarize(name: str, ms: list[float], tokens: list[int]) -> dict:
@@ -250,14 +294,26 @@ def run_bench(args: argparse.Namespace) -> int:
                     ms, n = paths[p]()
                     times[p].append(ms)
                     tokens[p].append(n)
+            # Time to first token: direct stream vs the node's SSE stream, alternating.
+            first: dict[str, list[float]] = {"direct": [], "node": []}
+            ttft_paths = {"direct": local.direct_first_token,
+                          "node": lambda: node_first_token(client, query_url, args)}
+            for i in range(args.runs):
+                for p in (["direct", "node"] if i % 2 == 0 else ["node", "direct"]):
+                    ms, _ = ttft_paths[p]()
+                    first[p].append(ms)
         results = [summarize(p, times[p], tokens[p]) for p in paths]
+        ttft = {p: {"median_ms": statistics.median(v), "p90_ms": percentile(sorted(v), 90),
+                    "all_ms": [round(x, 2) for x in v]} for p, v in first.items()}
         base = results[0]
         same_tokens = len({t for r in results for t in r["all_tokens"]}) == 1
         if args.json:
             print(json.dumps({"model": name, "n_ctx": args.n_ctx, "threads": args.threads,
                               "max_tokens": args.max_tokens, "runs": args.runs, "prompt": args.prompt,
                               "same_tokens": same_tokens, "answer": sample.get("answer"),
-                              "results": results, "node_inside": inside}, indent=2))
+                              "results": results, "node_inside": inside, "first_token": ttft,
+                              "first_token_added_ms": ttft["node"]["median_ms"] - ttft["direct"]["median_ms"]},
+                             indent=2))
         else:
             print(f"{TABLE_HEADER}\n{'-' * len(TABLE_HEADER)}")
             for r in results:
@@ -271,6 +327,11 @@ def run_bench(args: argparse.Namespace) -> int:
                   f"{statistics.median(routing):.1f} ms (p90 {percentile(routing, 90):.1f}) routing and "
                   "orchestration.\nratio: median ms / direct median ms; ratio/tok: ms per token / direct ms per "
                   "token.")
+            print(f"\n{'first token':<11} {'runs':>4} {'median ms':>10} {'p90 ms':>9} {'added ms':>9}")
+            for p, r in ttft.items():
+                added = r["median_ms"] - ttft["direct"]["median_ms"]
+                print(f"{p:<11} {len(first[p]):>4} {r['median_ms']:>10.1f} {r['p90_ms']:>9.1f} {added:>+9.1f}")
+            print("first token: ms from the request to the first text piece (goal: node adds <= 15 ms).")
         if not same_tokens:
             print("warning: the paths generated different token counts "
                   f"({ {r['path']: r['all_tokens'] for r in results} }); compare ms/token", file=sys.stderr)

@@ -210,42 +210,66 @@ def capabilities(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutO
     emit(data, as_json, lambda: output.render_capabilities(data))
 
 
+def read_prompt(prompt: str | None) -> str:
+    """The prompt argument; stdin when it is `-`, or when there is none and stdin is not a terminal."""
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    elif prompt is None:
+        raise SkillError("give a prompt (or `-` to read it from stdin)")
+    else:
+        text = prompt
+    if not text.strip():
+        raise SkillError("the prompt is empty")
+    return text
+
+
 @handled
 def query(
-    prompt: Annotated[str, typer.Argument(help="the question or task")],
+    prompt: Annotated[Optional[str], typer.Argument(help="the question or task; `-` reads it from stdin (so does "
+                                                         "no argument with piped input)")] = None,
     mode: Annotated[str, typer.Option("--mode", help="|".join(MODES))] = "single",
     specialist: Annotated[Optional[str], typer.Option("--specialist", help="one specialist, e.g. coder")] = None,
     specialists: Annotated[Optional[str], typer.Option("--specialists", help="comma-separated, e.g. a,b")] = None,
     session: Annotated[Optional[str], typer.Option("--session", help="continue this conversation")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="cap the answer length")] = None,
-    stream: Annotated[bool, typer.Option("--stream", help="print the answer as it is generated "
-                                                          "(single and specialist modes)")] = False,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0, max=2,
+                                                         help="sampling temperature (0: greedy)")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="print the answer as it is generated "
+                                         "(default), or wait for all of it")] = True,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
     timeout: TimeoutOpt = None,
 ) -> None:
     """Ask the network: single, vote, chain, fuse, compare or specialist mode.
 
-    The answer goes to stdout; votes, steps, sources and the status line go to stderr, so the answer alone
-    can be piped. With --stream, --json prints the final `end` event."""
+    The answer goes to stdout as it is generated; the load line, each specialist's progress, votes, steps,
+    sources and the status line go to stderr, so the answer alone can be piped. --json waits and prints
+    one JSON document (with finish_reason: "length" when --max-tokens cut the answer)."""
     choice(mode, MODES, "mode")
+    text = read_prompt(prompt)
     names = [specialist] if specialist else []
     for name in (specialists or "").split(","):
         if name.strip() and name.strip() not in names:
             names.append(name.strip())
-    body = {"prompt": prompt, "mode": mode, "specialists": names, "specialist": specialist,
-            "session_id": session, "max_tokens": max_tokens}
+    body = {"prompt": text, "mode": mode, "specialists": names, "specialist": specialist,
+            "session_id": session, "max_tokens": max_tokens, "temperature": temperature}
     wait = timeout if timeout is not None else QUERY_TIMEOUT
-    if stream:
-        data = stream_query(url, wait, body, as_json)
+    if stream and not as_json:
+        conn = connect(url, wait)
+        with conn.client:
+            data = stream_over(conn, body, wait)
     else:
         data, _ = call(url, wait, "POST", "/api/query", json_body=body)
         if as_json:
             emit(data, True, "")
             return
-        for text, to_stderr in output.render_query(data if isinstance(data, dict) else {}):
-            typer.echo(text, err=to_stderr)
-    if not as_json and isinstance(data, dict) and data.get("session_id") and not session:
+        data = data if isinstance(data, dict) else {}
+        for chunk, to_stderr in output.render_query(data):
+            typer.echo(chunk, err=to_stderr)
+        cut = output.cut_marker(data)
+        if cut:
+            typer.echo(cut, err=True)
+    if isinstance(data, dict) and data.get("session_id") and not session:
         # On stderr, so the answer alone can be piped; the id is what --session needs next time.
         typer.echo(f"(session {data['session_id']}: continue with --session {data['session_id']})", err=True)
 
@@ -273,54 +297,114 @@ def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
         yield event, parsed()
 
 
-def stream_query(url: str | None, timeout: float, body: dict, as_json: bool) -> dict:
-    """POST /api/query with stream=true: pieces to stdout as they come, the status line at the end.
-    Returns the `end` event."""
-    conn = connect(url, timeout)
+class StatusLine:
+    """One line on stderr that the next update replaces (on a terminal), e.g. while a model loads; off a
+    terminal, only its first text is written, as a whole line."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+        self.written = False
+
+    def show(self, text: str) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text)
+            self.shown = True
+        elif not self.written:
+            sys.stderr.write(text + "\n")
+        self.written = True
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def stream_over(conn: Connection, body: dict, timeout: float, *, describe: bool = True) -> dict:
+    """POST /api/query with stream=true on an open connection: the load line while a model loads, the
+    answer's pieces on stdout as they come (or, in multi-specialist modes, each specialist's progress as it
+    finishes and then the result), the cut marker and the status line. Returns the `end` event.
+    `describe=False` leaves out the status line (the chat prints its own)."""
     payload = json.dumps({**body, "stream": True}).encode()  # serialised once: the bytes signed are the bytes sent
     start: dict = {}
     printed = False
-    with conn.client:
-        try:
-            with conn.client.stream_lines("POST", "/api/query", payload) as lines:
-                for event, data in sse_events(lines):
-                    if event == "start":
-                        start = data if isinstance(data, dict) else {}
-                    elif event == "token" and not as_json:
-                        piece = str((data or {}).get("text", ""))
-                        if not printed:  # the final answer is stripped; so is what is shown of it
-                            piece = piece.lstrip()
-                        if piece:
-                            typer.echo(piece, nl=False)  # echo flushes: each piece shows as it comes
-                            printed = True
-                    elif event == "error":
-                        if printed:
-                            typer.echo("")
-                        raise SkillError(f"the answer stopped: {(data or {}).get('detail') or 'unknown error'}")
-                    elif event == "end":
-                        end = data if isinstance(data, dict) else {}
-                        if as_json:
-                            emit(end, True, "")
-                        else:
-                            typer.echo("" if printed else output.answer_text(end))
-                            score = (start.get("routing") or {}).get("score")
-                            typer.echo(output.status_line(end, score=score), err=True)
-                        return end
-        except httpx.TimeoutException:
-            raise SkillError(f"the node at {conn.url} stopped sending the answer for {timeout:g}s "
-                             "(raise it with --timeout)") from None
-        except httpx.ConnectError as exc:
-            raise SkillError(f"cannot reach the node at {conn.url}: {exc or 'cannot connect'}") from None
-        except httpx.HTTPError as exc:
-            raise SkillError(f"streaming from {conn.url} failed: {exc or type(exc).__name__}") from None
-        except KeyboardInterrupt:
-            # Closing the response tells the node to stop generating; no traceback for a Ctrl-C.
-            if printed:
-                typer.echo("", err=True)
-            raise typer.Exit(130) from None
+    status = StatusLine()
+    try:
+        # Signed, proven by the node (and off loopback sealed); an error answer raises its one line first.
+        with conn.client.stream_lines("POST", "/api/query", payload, timeout) as lines:
+            for event, data in sse_events(lines):
+                data = data if isinstance(data, dict) else {}
+                if event == "start":
+                    start = data
+                elif event == "loading":
+                    status.show(output.loading_line(data))
+                elif event == "answer":
+                    status.clear()
+                    typer.echo(output.answer_progress(data), err=True)
+                elif event == "token":
+                    piece = str(data.get("text", ""))
+                    if not printed:  # the final answer is stripped; so is what is shown of it
+                        piece = piece.lstrip()
+                    if piece:
+                        status.clear()
+                        typer.echo(piece, nl=False)  # echo flushes: each piece shows as it comes
+                        printed = True
+                elif event == "error":
+                    status.clear()
+                    if printed:
+                        typer.echo("")
+                    raise SkillError(f"the answer stopped: {data.get('detail') or 'unknown error'}")
+                elif event == "end":
+                    status.clear()
+                    if "mode" in data and "answers" in data:  # a multi-specialist result, whole
+                        for chunk, to_stderr in output.render_query(data):
+                            typer.echo(chunk, err=to_stderr)
+                    else:
+                        typer.echo("" if printed else output.answer_text(data))
+                    cut = output.cut_marker(data)
+                    if cut:
+                        typer.echo(cut, err=True)
+                    if describe and "answers" not in data:
+                        score = (start.get("routing") or {}).get("score")
+                        typer.echo(output.status_line(data, score=score), err=True)
+                    return data
+    except httpx.TimeoutException:
+        raise SkillError(f"the node at {conn.url} stopped sending the answer for {timeout:g}s "
+                         "(raise it with --timeout)") from None
+    except httpx.ConnectError as exc:
+        raise SkillError(f"cannot reach the node at {conn.url}: {exc or 'cannot connect'}") from None
+    except httpx.HTTPError as exc:
+        raise SkillError(f"streaming from {conn.url} failed: {exc or type(exc).__name__}") from None
+    except KeyboardInterrupt:
+        # Closing the response tells the node to stop generating; no traceback for a Ctrl-C.
+        status.clear()
+        if printed:
+            typer.echo("", err=True)
+        raise typer.Exit(130) from None
+    status.clear()
     if printed:
         typer.echo("")
     raise SkillError("the node closed the stream before the end of the answer")
+
+
+def stream_query(url: str | None, timeout: float, body: dict, as_json: bool = False) -> dict:
+    """Connect, stream one query (see stream_over) and return its `end` event; with `as_json`, print it."""
+    conn = connect(url, timeout)
+    with conn.client:
+        if as_json:
+            data = conn.client.request("POST", "/api/query", json_body={**body, "stream": False})
+            emit(data, True, "")
+            return data
+        return stream_over(conn, body, timeout)
+
+
+@handled
+def specialists_cmd(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
+    """The specialist profiles: what each is for, the hints that route to it, the models it prefers."""
+    data, _ = call(url, timeout, "GET", "/api/specialists")
+    emit(data, as_json, lambda: output.render_specialists(data or {}))
 
 
 @handled
@@ -521,7 +605,7 @@ def memory_list(
 
 
 # -- models -----------------------------------------------------------------------------------------
-models_app = typer.Typer(help="Models in the shared folder: list, share, unshare.", no_args_is_help=True)
+models_app = typer.Typer(help="Models in the shared folder: list, ps, share, unshare.", no_args_is_help=True)
 NameArg = Annotated[str, typer.Argument(help="model name (file name without .gguf)")]
 
 
@@ -531,6 +615,14 @@ def models_list(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOp
     """Models this node has, and which are shared."""
     data, _ = call(url, timeout, "GET", "/api/models")
     emit(data, as_json, lambda: output.render_models(data or {}))
+
+
+@models_app.command("ps")
+@handled
+def models_ps(as_json: JsonOpt = False, url: UrlOpt = None, timeout: TimeoutOpt = None) -> None:
+    """Loaded models: where they live (CPU/GPU), RAM and VRAM, idle time, when keep-alive unloads them."""
+    data, _ = call(url, timeout, "GET", "/api/models/ps")
+    emit(data, as_json, lambda: output.render_models_ps(data or {}))
 
 
 @models_app.command("share")
@@ -865,8 +957,12 @@ def openai_key(
 
 def register(app: typer.Typer) -> None:
     for name, fn in (("status", status), ("ping", ping), ("query", query), ("peers", peers),
-                     ("discover", discover), ("score", score), ("capabilities", capabilities)):
+                     ("discover", discover), ("score", score), ("capabilities", capabilities),
+                     ("specialists", specialists_cmd)):
         app.command(name)(fn)
+    from pinkybrain.skill.chat import chat  # its own module: it imports this one
+
+    app.command("chat")(chat)
     app.add_typer(mesh_app, name="mesh")
     app.add_typer(trust_app, name="trust")
     app.command("credits")(credits)

@@ -398,3 +398,72 @@ def render_query(d: dict) -> Chunks:
         also = [(f"also answered: {', '.join(others)} (--json shows every answer)", True)] if others else []
         return [(answer_text(d), False), *_errors(d), *also, (status_line(d, score=score), True)]
     return [(answer_text(d), False)]
+
+
+# -- streaming, chat, specialists, loaded models -----------------------------------------------------------
+
+def loading_line(d: dict) -> str:
+    """`loading gemma3-270m-q4-k-m (241.4 MiB)… 3s` while a cold model loads."""
+    secs = d.get("elapsed_secs")
+    took = f" {secs:.0f}s" if isinstance(secs, (int, float)) and not isinstance(secs, bool) else ""
+    return f"loading {d.get('model') or 'model'} ({size(d.get('size_bytes'))})…{took}"
+
+
+def cut_marker(d: dict) -> str | None:
+    """`[cut at N tokens: --max-tokens]` for an answer max_tokens stopped; None for a complete one."""
+    if d.get("finish_reason") != "length":
+        return None
+    answers = [a for a in d.get("answers") or [] if isinstance(a, dict) and a.get("specialist") == d.get("specialist")]
+    tokens = d.get("completion_tokens") or d.get("max_tokens") or next((a.get("tokens") for a in answers), None)
+    return f"[cut at {tokens if tokens is not None else '?'} tokens: --max-tokens]"
+
+
+def answer_progress(a: dict) -> str:
+    """One specialist's answer as it finishes, in a multi-specialist query."""
+    if a.get("error"):
+        return f"✗ {a.get('specialist', '?')} failed: {a['error']}"
+    tokens = f" · {a['tokens']} tokens" if isinstance(a.get("tokens"), int) else ""
+    cut = " (cut)" if a.get("finish_reason") == "length" else ""
+    return f"✓ {a.get('specialist', '?')} · {a.get('model') or '?'} · {_ms(a.get('elapsed_ms'))}{tokens}{cut}"
+
+
+def context_note(d: dict) -> str | None:
+    """What of the conversation the model was sent: `2 earlier turns, 118 prompt tokens`."""
+    hist = d.get("history") if isinstance(d.get("history"), dict) else {}
+    parts = []
+    if hist:
+        turns = hist.get("turns", 0)
+        parts.append(f"{turns} earlier turn{'' if turns == 1 else 's'}"
+                     + (f" ({hist['dropped']} older left out)" if hist.get("dropped") else ""))
+    if isinstance(d.get("prompt_tokens"), int):
+        parts.append(f"{d['prompt_tokens']} prompt tokens")
+    return ", ".join(parts) or None
+
+
+def render_specialists(d: dict) -> str:
+    rows = []
+    for s in d.get("specialists") or []:
+        if not isinstance(s, dict):
+            continue
+        hints = [str(h) for h in s.get("hints") or []]
+        shown = ", ".join(hints[:4]) + (f" (+{len(hints) - 4})" if len(hints) > 4 else "")
+        rows.append([s.get("name", "?"), first_line(s.get("description"), 48), shown,
+                     ", ".join(s.get("preferred_models") or []) or "any"])
+    return table(["NAME", "DESCRIPTION", "HINTS", "MODELS"], rows) if rows else "no specialists"
+
+
+def render_models_ps(d: dict) -> str:
+    rows = []
+    for m in d.get("models") or []:
+        if not isinstance(m, dict):
+            continue
+        where = m.get("device") or "?"
+        if where != "cpu" and m.get("layers"):
+            where += f" ({m.get('gpu_layers', '?')}/{m['layers']} layers)"
+        until = m.get("unloads_in_secs")
+        rows.append([m.get("model", "?"), where, size(m.get("ram_bytes")), size(m.get("vram_bytes")),
+                     m.get("n_ctx", "?"), "busy" if m.get("busy") else duration(m.get("idle_secs")),
+                     "never" if until is None else duration(until)])
+    if not rows:
+        return "no model loaded (models load on first use)"
+    return table(["MODEL", "WHERE", "RAM", "VRAM", "CONTEXT", "IDLE", "UNLOADS IN"], rows)

@@ -36,14 +36,17 @@ def test_stream_prints_the_answer_then_a_status_line(brain_node):
 
     end = ask(brain_node, "--stream", "--json")
     assert end.returncode == 0, end.stderr
-    event = json.loads(end.stdout)  # the final `end` event, and nothing else on stdout
+    event = json.loads(end.stdout)  # --json stays one JSON document, and nothing else on stdout
     assert event["answer"].strip() and event["model"] == DEFAULT_NAME and event["session_id"]
+    assert event["finish_reason"] in ("stop", "length")
 
 
-def test_stream_refused_for_multi_answer_modes_in_one_line(brain_node):
-    out = ask(brain_node, "--stream", "--mode", "vote")
-    assert out.returncode == 1
-    assert out.stderr.startswith("pinkybrain: ") and out.stderr.count("\n") == 1
+def test_multi_answer_modes_stream_each_specialists_progress(brain_node):
+    out = ask(brain_node, "--mode", "compare", "--specialists", "coder,writer")
+    assert out.returncode == 0, out.stderr
+    progress = [line for line in out.stderr.splitlines() if line.startswith(("✓ ", "✗ "))]
+    assert sorted(line.split()[1] for line in progress) == ["coder", "writer"]  # one line as each finishes
+    assert "── coder" in out.stdout and "── writer" in out.stdout  # then the result, as without streaming
 
 
 def test_single_answer_then_status_line(brain_node):

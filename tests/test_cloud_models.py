@@ -101,3 +101,20 @@ async def test_config_allows_but_force_is_still_required(api):
     assert "COST WARNING" in shared.json()["cost_warning"] and "anthropic" in shared.json()["cost_warning"]
     listed = {m["name"]: m for m in (await api.get("/api/models")).json()["models"]}
     assert listed["claude"]["shared"] is True and listed["gpt"]["shared"] is False
+
+
+async def test_a_session_sends_a_cloud_model_the_earlier_turns(api, respx_mock):
+    route = respx_mock.post(OPENAI).mock(side_effect=[openai_reply("Nice to meet you, Ada."), openai_reply("Ada.")])
+    first = await api.post("/api/query", json={"prompt": "My name is Ada.", "model": "gpt",
+                                               "specialist": "conversationalist"})
+    assert first.status_code == 200, first.text
+    second = await api.post("/api/query", json={"prompt": "What is my name?", "model": "gpt",
+                                                "specialist": "conversationalist",
+                                                "session_id": first.json()["session_id"]})
+    assert second.status_code == 200, second.text
+    assert second.json()["history"] == {"turns": 1, "dropped": 0}
+    sent = json.loads(route.calls[1].request.content)["messages"]
+    assert [(m["role"], m["content"]) for m in sent[1:]] == [
+        ("user", "My name is Ada."), ("assistant", "Nice to meet you, Ada."), ("user", "What is my name?")]
+    assert sent[0]["role"] == "system"
+    assert len(json.loads(route.calls[0].request.content)["messages"]) == 2  # the first turn had no history

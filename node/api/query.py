@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from pinkybrain.node.core.credits import InsufficientCredit
 from pinkybrain.node.core.principals import Principal, visible_privacy
 from pinkybrain.node.core.router import NoAnswer, RouterError
 from pinkybrain.node.services.brain import ModelRefused, NoModel
+from pinkybrain.node.services.inference import ContextLengthExceeded, InferenceError, gpu_offload_supported
 from pinkybrain.node.services.runtime import NodeRuntime
 
 MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
@@ -58,14 +60,25 @@ class QueryRequest(BaseModel):
     mode: str = "single"
     specialists: list[str] = Field(default_factory=list)
     specialist: str | None = None
-    session_id: str | None = None
+    session_id: str | None = Field(default=None, description="continue this conversation: the model is sent its "
+                                   "earlier turns, newest first within the model's context")
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float | None = Field(default=None, ge=0, le=2)
     model: str | None = Field(default=None, description="force one model (local or cloud) for every step")
-    stream: bool = Field(default=False, description="server-sent events of text pieces (single/specialist modes)")
+    stream: bool = Field(default=False, description="server-sent events: `loading` while a model loads, then "
+                         "`token` pieces (single and specialist modes with one specialist) or one `answer` per "
+                         "specialist as it finishes (the other modes), then `end`")
+
+
+LOAD_TICK_SECS = 1.0  # how often a `loading` event reports the time a cold model has been loading
 
 
 def _error(status: int, code: str, detail: str, **extra) -> HTTPException:
     return HTTPException(status_code=status, detail={"error": code, "detail": detail, **extra})
+
+
+def _context_error(exc: ContextLengthExceeded) -> HTTPException:
+    return _error(400, exc.code, str(exc), limit=exc.limit, prompt_tokens=exc.prompt_tokens, model=exc.model)
 
 
 def _requested(body: QueryRequest) -> list[str]:
@@ -102,50 +115,75 @@ async def query(runtime: RuntimeDep, principal: PrincipalDep, body: QueryRequest
         raise _error(400, "unknown_specialist",
                      f"unknown specialist {unknown[0]!r}; valid specialists: {', '.join(sorted(brain.specialists))}",
                      valid=sorted(brain.specialists))
-    if body.stream:
-        return await _stream_query(runtime, body, requested, owner)
     try:
+        if body.stream and body.mode in ("single", "specialist") and len(requested) <= 1:
+            return await _stream_tokens(runtime, body, requested, owner)
+        await brain.precheck(body.prompt, body.mode, requested, model=body.model, max_tokens=body.max_tokens,
+                             owner=owner)
+        if body.stream:
+            return _stream_answers(runtime, body, requested, owner)
         return await brain.query(body.prompt, body.mode, requested, max_tokens=body.max_tokens, model=body.model,
-                                 session_id=body.session_id, owner=owner)
+                                 session_id=body.session_id, temperature=body.temperature, owner=owner)
     except ModelRefused as exc:
         raise _error(403, "forbidden", str(exc)) from None
     except NoModel as exc:
         raise _error(503, "no_model", str(exc)) from None
+    except ContextLengthExceeded as exc:
+        raise _context_error(exc) from None
     except InsufficientCredit as exc:  # a public peer would have answered, but this node cannot pay
         raise _error(402, "insufficient_credit", str(exc)) from None
     except NoAnswer as exc:
         raise _error(502, "no_answer", str(exc), errors=exc.errors) from None
     except RouterError as exc:
         raise _error(400, "invalid_query", str(exc)) from None
+    except InferenceError as exc:  # e.g. the tokenizer of a broken GGUF while checking the context
+        raise _error(503, "model_error", str(exc)) from None
     except ValueError as exc:
         raise _error(400, "invalid_request", str(exc)) from None
 
 
-async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: list[str], owner: bool):
+def _loading(brain, cold: dict) -> dict:
+    secs = brain.loading_secs(cold["model"])
+    return {**cold, "elapsed_secs": round(secs or 0.0, 1)}
+
+
+async def _stream_tokens(runtime: NodeRuntime, body: QueryRequest, requested: list[str], owner: bool):
+    """One answer, token by token. Everything that can refuse the query (no model, a prompt over the
+    context) is checked before the 200 and its first byte."""
     brain = runtime.brain
-    if body.mode not in ("single", "specialist") or len(requested) > 1:
-        raise _error(400, "stream_unsupported",
-                     "streaming is available for single mode and for one named specialist; "
-                     "use stream=false for multi-specialist modes")
-    try:
-        plan = brain.plan_single(body.prompt, requested, model=body.model, max_tokens=body.max_tokens, owner=owner)
-    except ModelRefused as exc:
-        raise _error(403, "forbidden", str(exc)) from None
-    except NoModel as exc:
-        raise _error(503, "no_model", str(exc)) from None
+    plan = await brain.plan_stream(body.prompt, requested, model=body.model, max_tokens=body.max_tokens,
+                                   temperature=body.temperature, session_id=body.session_id, owner=owner)
+    cold = brain.cold_model(plan["model"])
 
     async def events():
         yield _sse("start", {k: v for k, v in plan.items() if k != "messages"})
         pieces: list[str] = []
         start = time.perf_counter()
-        served: dict = {}  # filled by the brain: which node (this one or a peer) produced the answer
+        served: dict = {}  # filled by the brain: which node produced the answer, finish_reason, tokens
+        stream = brain.stream(plan["model"], plan["messages"], meta=served, **plan["settings"])
+        first = None
         try:
-            async for piece in brain.stream(plan["model"], plan["messages"], meta=served, **plan["settings"]):
+            if cold is not None:
+                # A cold model: report the load (name, size, time so far) until its first piece comes.
+                yield _sse("loading", _loading(brain, cold))
+                first = asyncio.ensure_future(anext(stream, None))
+                while not (await asyncio.wait({first}, timeout=LOAD_TICK_SECS))[0]:
+                    yield _sse("loading", _loading(brain, cold))
+                piece = first.result()
+                if piece is not None:
+                    pieces.append(piece)
+                    yield _sse("token", {"text": piece})
+            async for piece in stream:
                 pieces.append(piece)
                 yield _sse("token", {"text": piece})
         except Exception as exc:  # noqa: BLE001 - reported to the client as an event, never a crash
             yield _sse("error", {"detail": str(exc)})
             return
+        finally:
+            if first is not None and not first.done():
+                first.cancel()  # the client left while the model loaded: stop waiting, then close
+                await asyncio.wait({first})
+            await stream.aclose()
         answer = "".join(pieces).strip()
         # Zero query logging: an answer from the public mesh is not stored.
         record = {"session_id": None} if served.get("public") else await brain.record(
@@ -153,6 +191,64 @@ async def _stream_query(runtime: NodeRuntime, body: QueryRequest, requested: lis
         yield _sse("end", {"answer": answer, "session_id": record["session_id"],
                            "model": served.get("model", plan["model"]), "specialist": plan["specialist"],
                            "node": served.get("node", runtime.identity.node_id),
+                           "finish_reason": served.get("finish_reason"),
+                           "completion_tokens": served.get("completion_tokens"),
+                           "prompt_tokens": (plan.get("context") or {}).get("prompt_tokens"),
+                           "max_tokens": plan["settings"]["max_tokens"], "history": plan.get("history"),
                            "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+def _stream_answers(runtime: NodeRuntime, body: QueryRequest, requested: list[str], owner: bool):
+    """Multi-specialist modes: an `answer` event as each specialist finishes, `loading` while a model
+    loads, then `end` with the whole result (as the non-streaming answer)."""
+    brain = runtime.brain
+
+    async def events():
+        yield _sse("start", {"mode": body.mode, "specialists": requested})
+        finished: asyncio.Queue = asyncio.Queue()
+
+        async def on_answer(answer) -> None:
+            finished.put_nowait(answer.to_dict())
+
+        task = asyncio.ensure_future(brain.query(
+            body.prompt, body.mode, requested, max_tokens=body.max_tokens, model=body.model,
+            session_id=body.session_id, temperature=body.temperature, on_answer=on_answer, owner=owner))
+        try:
+            while not task.done() or not finished.empty():
+                while not finished.empty():
+                    yield _sse("answer", finished.get_nowait())
+                if task.done():
+                    break
+                await asyncio.wait({task}, timeout=LOAD_TICK_SECS / 4)
+                for state in brain.engine.loading_now():
+                    yield _sse("loading", state)
+            result = task.result()
+        except (NoAnswer, RouterError, NoModel, InsufficientCredit, InferenceError, ValueError) as exc:
+            yield _sse("error", {"detail": str(exc), **({"errors": exc.errors} if isinstance(exc, NoAnswer) else {})})
+            return
+        finally:
+            if not task.done():
+                task.cancel()
+        yield _sse("end", result)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+@router.get("/api/specialists", summary="The specialist profiles")
+async def specialists(runtime: RuntimeDep):
+    """Each profile: what it is for, the routing hints that pick it, the models it prefers."""
+    return {"specialists": [
+        {"name": s.name, "description": s.description,
+         "hints": [k for k, _ in s.keywords] + [f"/{pattern}/" for pattern, _ in s.patterns],
+         "preferred_models": list(s.preferred_models), "roles": list(s.roles), "temperature": s.temperature,
+         "max_tokens": s.max_tokens}
+        for s in sorted(runtime.brain.specialists.values(), key=lambda s: s.name)]}
+
+
+@router.get("/api/models/ps", summary="Loaded models: memory, device, idle time")
+async def models_ps(runtime: RuntimeDep):
+    engine = runtime.brain.engine
+    on_gpu = await asyncio.to_thread(gpu_offload_supported)  # the first call probes llama.cpp: not on the loop
+    return {"models": engine.loaded(on_gpu), "keep_alive_secs": engine.keep_alive_secs, "gpu_offload": on_gpu}

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Key:
     path: str
-    type: str  # str | int | float | bool | list | path | choice
+    type: str  # str | int | float | bool | list | floats | path | choice
     default: Any
     help: str
     choices: tuple[str, ...] = ()
@@ -183,7 +183,15 @@ SCHEMA: tuple[Key, ...] = (
         minimum=1,
     ),
     # ours: the brain (inference, specialists, cloud models)
-    Key("inference.n_ctx", "int", 4096, "context window for local models (ours)", minimum=256, maximum=262144),
+    Key("inference.n_ctx", "int", 0, "context window for local models; 0 = the model's trained context, bounded "
+        "by free memory (ours)", minimum=0, maximum=1048576),
+    Key("inference.n_gpu_layers", "int", None, "layers offloaded to the GPU; default: all when llama.cpp has a GPU "
+        "backend, else 0; -1 = all (ours)", minimum=-1),
+    Key("inference.main_gpu", "int", 0, "the GPU that holds the model (or its small tensors when split) (ours)",
+        minimum=0),
+    Key("inference.tensor_split", "floats", [], "share of the model per GPU, e.g. [3, 1] (ours)"),
+    Key("inference.keep_alive_secs", "float", 300.0, "unload a local model idle this long; 0 keeps it loaded (ours)",
+        minimum=0),
     Key("inference.n_threads", "int", 0, "CPU threads for local inference, 0 = all cores (ours)", minimum=0),
     Key("inference.max_loaded_models", "int", 2, "models kept warm at once (ours)", minimum=1),
     Key("inference.default_model", "str", None, "model used when a specialist has no preference (ours)"),
@@ -280,6 +288,17 @@ def coerce(key: Key, value: Any) -> Any:
     elif key.type == "mappings":
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise bad("a list of mappings")
+    elif key.type == "floats":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            try:
+                value = [float(v) for v in value]
+            except ValueError:
+                raise bad("a list of numbers") from None
+        if not isinstance(value, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise bad("a list of numbers, none negative")
+        value = [float(v) for v in value]
     elif key.type == "list":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

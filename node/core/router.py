@@ -10,7 +10,7 @@ pile of topical words in pasted text cannot outvote an explicit request. The tot
 as t / (t + 3), in [0, 1). Ties go to the lower `priority`, then the name. The `fallback` profile
 (conversationalist) never scores below FALLBACK_SCORE, so it wins when nothing matches.
 
-Modes (all return "mode", "answer", "specialist", "answers", "errors", "elapsed_ms"):
+Modes (all return "mode", "answer", "specialist", "finish_reason", "answers", "errors", "elapsed_ms"):
   single      the best-routed specialist (among `requested` when given) answers.
   vote        2+ specialists (requested, else the top 3 routed) answer; majority by VOTE_RULE.
   chain       specialists run in turn, each seeing the earlier steps; the last step is the answer. With 0 or
@@ -110,6 +110,8 @@ class Answer:
     elapsed_ms: float
     tokens: int | None
     error: str | None = None
+    finish_reason: str | None = None  # stop, or length when max_tokens cut the answer (None: not known)
+    prompt_tokens: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -273,10 +275,11 @@ async def _gather(answer: Answerer, specs: list[Specialist], user: str) -> list[
 
 
 async def run_query(prompt: str, mode: str, *, specialists: Mapping[str, Specialist], requested: list[str] | None,
-                    answer: Answerer, max_tokens: int | None = None) -> dict[str, Any]:
+                    answer: Answerer, max_tokens: int | None = None,
+                    temperature: float | None = None) -> dict[str, Any]:
     """Run `prompt` in `mode`; see the module docstring for what each mode returns.
 
-    The answerer receives a Specialist whose max_tokens already carries the `max_tokens` override (use
+    The answerer receives a Specialist whose max_tokens and temperature already carry the overrides (use
     `generation_settings(specialist)`); its system prompt is already the first message.
     """
     if mode not in MODES:
@@ -287,6 +290,10 @@ async def run_query(prompt: str, mode: str, *, specialists: Mapping[str, Special
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT
     ):
         raise RouterError(f"max_tokens must be a whole number between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens!r}")
+    if temperature is not None and (
+        isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2
+    ):
+        raise RouterError(f"temperature must be a number between 0 and 2, got {temperature!r}")
     if not specialists:
         raise RouterError("no specialists are configured")
     requested = list(dict.fromkeys(requested or []))  # a name asked twice counts once
@@ -295,6 +302,8 @@ async def run_query(prompt: str, mode: str, *, specialists: Mapping[str, Special
             raise _unknown(name, specialists)
     if max_tokens is not None:
         specialists = {n: replace(s, max_tokens=max_tokens) for n, s in specialists.items()}
+    if temperature is not None:
+        specialists = {n: replace(s, temperature=float(temperature)) for n, s in specialists.items()}
 
     start = time.perf_counter()
     routes = route(prompt, specialists)
@@ -309,6 +318,7 @@ def _response(mode: str, final: Answer, answers: list[Answer], **extra) -> dict[
         "mode": mode,
         "answer": final.text,
         "specialist": final.specialist,
+        "finish_reason": final.finish_reason,
         **extra,
         "answers": [a.to_dict() for a in answers],
         "errors": _errors(answers),

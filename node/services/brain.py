@@ -11,6 +11,10 @@ Web of Trust finds valid (services/public_mesh.py), paid in credits: local, then
 the public mesh. An exchange with any answer from the public mesh is not recorded in the conversation
 store (zero query logging for the public mesh; the serving node keeps nothing either), so it has no
 session to continue.
+
+A query with a session sends the model the session's earlier turns, newest kept first within the model's
+context (the rule is in core/history.py), for local, peer and cloud models alike. A prompt that does not
+fit the local model's context is refused before anything is generated (`check_context`).
 """
 
 from __future__ import annotations
@@ -19,22 +23,34 @@ import asyncio
 import fnmatch
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from pinkybrain.node.core import history
 from pinkybrain.node.core.credits import InsufficientCredit
 from pinkybrain.node.core.principals import Principal, may_use_cloud_model
 from pinkybrain.node.core.router import Answer, NoAnswer, route, run_query
 from pinkybrain.node.core.specialists import Specialist, generation_settings, load_specialists
 from pinkybrain.node.services.cloud import CloudClient, CloudError, CloudModel, parse_cloud_models
 from pinkybrain.node.services.gguf_facts import GgufFactsCache
-from pinkybrain.node.services.inference import EmbeddingEngine, InferenceError, LocalEngine
+from pinkybrain.node.services.inference import (
+    ContextLengthExceeded,
+    EmbeddingEngine,
+    GpuSettings,
+    InferenceError,
+    LocalEngine,
+)
 from pinkybrain.node.services.models import ModelNotFound, ModelPathError, resolve_shared
 from pinkybrain.node.services.remote import RemoteFailed
 
 log = logging.getLogger("pinkybrain.brain")
 EMBEDDED_DEFAULT = "gemma3-270m-q4-k-m"
+# Contexts assumed for history fitting where this node cannot read the model: a peer does not advertise
+# its context (4096 was every node's old default), a cloud model has at least this much.
+REMOTE_CONTEXT = 4096
+CLOUD_CONTEXT = 32768
+HISTORY_TURNS = 100  # the most earlier exchanges read from a session (older ones rarely fit anyway)
 
 
 class NoModel(RuntimeError):
@@ -53,8 +69,11 @@ class Brain:
         self.specialists: dict[str, Specialist] = load_specialists(cfg["specialists.profiles"])
         self.cloud_models: dict[str, CloudModel] = parse_cloud_models(cfg["cloud.models"])
         self.facts = GgufFactsCache(runtime.data_dir / "gguf-facts.json")
+        gpu = GpuSettings(n_gpu_layers=cfg["inference.n_gpu_layers"], main_gpu=cfg["inference.main_gpu"],
+                          tensor_split=tuple(cfg["inference.tensor_split"] or ()) or None)
         self.engine = LocalEngine(n_ctx=cfg["inference.n_ctx"], n_threads=cfg["inference.n_threads"],
-                                  max_loaded=cfg["inference.max_loaded_models"])
+                                  max_loaded=cfg["inference.max_loaded_models"], gpu=gpu,
+                                  keep_alive_secs=cfg["inference.keep_alive_secs"])
         # /v1/embeddings: a separate embedding-mode instance, loaded on first use.
         self.embeddings = EmbeddingEngine(n_ctx=cfg["inference.n_ctx"], n_threads=cfg["inference.n_threads"])
         self.cloud = CloudClient()
@@ -171,10 +190,11 @@ class Brain:
                 meta.update(node=result.node, model=result.model, remote=True, attempts=result.attempts,
                             public=remote is self._public_remote())
                 return result.text, result.usage, result.elapsed_ms
-        facts = await asyncio.to_thread(self.facts.get, path)
+        facts = await self._facts(path)
         result = await self.engine.chat(model, path, facts, messages, max_tokens=max_tokens,
                                         temperature=temperature, top_p=top_p)
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+        meta["finish_reason"] = result.finish_reason
         return result.text, usage, result.elapsed_ms
 
     async def stream(self, model: str, messages: list[dict], *, max_tokens: int, temperature: float,
@@ -203,20 +223,106 @@ class Brain:
                         raise
                     continue
                 return
-        facts = await asyncio.to_thread(self.facts.get, path)
+        facts = await self._facts(path)
         async for piece in self.engine.stream_chat(model, path, facts, messages, max_tokens=max_tokens,
-                                                   temperature=temperature, top_p=top_p):
+                                                   temperature=temperature, top_p=top_p, meta=meta):
             yield piece
 
+    # -- context: the model's limit, and the earlier turns of a session ----------------------------------
+    async def _facts(self, path: Path) -> dict:
+        # Cached facts on the event loop (a stat); a GGUF not parsed yet is parsed in a worker thread.
+        cached = self.facts.peek(path)
+        return cached if cached is not None else await asyncio.to_thread(self.facts.get, path)
+
+    def _local_path(self, model: str) -> Path | None:
+        return None if model in self.cloud_models else self.local_models().get(model)
+
+    def cold_model(self, model: str) -> dict | None:
+        """{"model", "size_bytes"} when `model` is local and not loaded yet (its first answer loads it)."""
+        path = self._local_path(model)
+        if path is None or self.engine.is_loaded(model):
+            return None
+        return {"model": model, "size_bytes": path.stat().st_size}
+
+    def loading_secs(self, model: str) -> float | None:
+        return self.engine.loading_secs(model)
+
+    async def check_context(self, model: str, messages: list[dict]) -> dict | None:
+        """Raise ContextLengthExceeded (answer 400 `context_length_exceeded`) when `messages` do not fit the
+        local model's context, before anything is generated or streamed. Returns {"prompt_tokens", "n_ctx"}
+        for a local model; None for a peer's or a cloud model (their server checks)."""
+        path = self._local_path(model)
+        if path is None:
+            return None
+        facts = await self._facts(path)
+        try:
+            return await self.engine.check_context(model, path, facts, messages)
+        except ContextLengthExceeded:
+            raise
+        except InferenceError as exc:
+            # No readable tokenizer (a broken or tokenizer-less GGUF): nothing to refuse here; loading the
+            # model reports what is wrong with it, as it would without this check.
+            log.info("context check skipped for %s: %s", model, exc)
+            return None
+
+    async def _token_counter(self, model: str) -> tuple[Callable[[list[dict]], Awaitable[int]], int]:
+        path = self._local_path(model)
+        if path is None:
+            async def estimate(messages: list[dict]) -> int:
+                return history.estimate_tokens(messages)
+
+            return estimate, CLOUD_CONTEXT if model in self.cloud_models else REMOTE_CONTEXT
+        facts = await self._facts(path)
+
+        async def count(messages: list[dict]) -> int:
+            return await self.engine.count_tokens(model, path, facts, messages)
+
+        return count, self.engine.planned_context(model, path, facts)
+
+    async def session_turns(self, session_id: str | None) -> list[tuple[str, str]]:
+        if not session_id:
+            return []
+        return await asyncio.to_thread(self.runtime.conversations.recent_turns, session_id, HISTORY_TURNS)
+
+    async def fit_history(self, model: str, messages: list[dict], turns: list[tuple[str, str]],
+                          max_tokens: int) -> tuple[list[dict], dict]:
+        """`messages` with as many of the session's newest turns as the model's context holds (see
+        core/history.py), and {"turns": sent, "dropped": left out}."""
+        if not turns:
+            return messages, {"turns": 0, "dropped": 0}
+        count, n_ctx = await self._token_counter(model)
+        budget = n_ctx - history.answer_reserve(n_ctx, max_tokens)
+        sizes = [await count(history.turn_messages(t)) for t in turns]
+        kept = history.keep_newest(sizes, await count(messages), budget)
+        out = history.with_history(messages, turns[len(turns) - kept:])
+        while kept and await count(out) > budget:  # turns counted alone can miss how the template joins them
+            kept -= 1
+            out = history.with_history(messages, turns[len(turns) - kept:])
+        return out, {"turns": kept, "dropped": len(turns) - kept}
+
     # -- plans for streaming and the OpenAI-compatible API ---------------------------------------------
+    async def plan_stream(self, prompt: str, requested: list[str], *, model: str | None, max_tokens: int | None,
+                          temperature: float | None = None, session_id: str | None = None,
+                          owner: bool = True) -> dict:
+        """plan_single with the session's earlier turns fitted in and the context checked (raises
+        ContextLengthExceeded), so a refusal comes before the stream starts."""
+        plan = self.plan_single(prompt, requested, model=model, max_tokens=max_tokens, owner=owner)
+        if temperature is not None:
+            plan["settings"]["temperature"] = temperature
+        turns = await self.session_turns(session_id)
+        plan["messages"], plan["history"] = await self.fit_history(plan["model"], plan["messages"], turns,
+                                                                   plan["settings"]["max_tokens"])
+        plan["context"] = await self.check_context(plan["model"], plan["messages"])
+        return plan
+
     def plan_single(self, prompt: str, requested: list[str], *, model: str | None, max_tokens: int | None,
                     owner: bool = True) -> dict:
+        routes = route(prompt, self.specialists)
+        best = next(r for r in routes if r.name == requested[0]) if requested else routes[0]
+        spec = self.specialists[best.name]
+        routing = {"chosen": best.name, "score": best.score, "reasons": list(best.reasons)}
         if requested:
-            spec, routing = self.specialists[requested[0]], {"chosen": requested[0], "requested": True}
-        else:
-            best = route(prompt, self.specialists)[0]
-            spec = self.specialists[best.name]
-            routing = {"chosen": best.name, "score": best.score, "reasons": list(best.reasons)}
+            routing["requested"] = True
         messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": prompt}]
         chosen = self.choose_model(spec, model, owner=owner)
         return {"specialist": spec.name, "model": chosen, "remote": self.is_remote(chosen), "messages": messages,
@@ -256,37 +362,62 @@ class Brain:
                                        specialists=specialists, model=model, node_id=self.runtime.identity.node_id)
 
     # -- queries -----------------------------------------------------------------------------------
-    def _answerer(self, model_override: str | None, state: dict | None = None, owner: bool = True):
-        """`state`, when given, learns whether an answer crossed the public mesh ("public") and which
-        calls were refused for want of credit ("unpaid")."""
+    def _answerer(self, model_override: str | None, state: dict | None = None, *,
+                  turns: list[tuple[str, str]] | None = None,
+                  on_answer: Callable[[Answer], Awaitable[None]] | None = None, owner: bool = True):
+        """`state`, when given, learns whether an answer crossed the public mesh ("public"), which calls
+        were refused for want of credit ("unpaid") and how much of the session each model was sent
+        ("history"). `turns`: the session's earlier exchanges; `on_answer` hears of each answer as it ends;
+        `owner`: whether the caller may use what this node does not share."""
         state = {"public": False, "unpaid": []} if state is None else state
 
         async def answer(specialist: Specialist, messages: list[dict]) -> Answer:
-            settings = generation_settings(specialist)  # run_query already applied any max_tokens override
+            settings = generation_settings(specialist)  # run_query already applied any overrides
             start = time.perf_counter()
             meta: dict = {}
             model = model_override or ""
             try:
                 model = self.choose_model(specialist, model_override, owner=owner)
+                if turns:
+                    messages, sent = await self.fit_history(model, messages, turns, settings["max_tokens"])
+                    state.setdefault("history", sent)
                 text, usage, _ = await self.complete(model, messages, meta=meta, **settings)
             except (InferenceError, CloudError, NoModel, RemoteFailed, InsufficientCredit) as exc:
                 # The answer of a failed call is an error the modes report and work around.
                 if isinstance(exc, InsufficientCredit):
                     state["unpaid"].append(exc)
-                return Answer(specialist=specialist.name, text="", model=model,
-                              node=self.runtime.identity.node_id,
-                              elapsed_ms=round((time.perf_counter() - start) * 1000, 1), tokens=None, error=str(exc))
-            if meta.get("public"):
-                state["public"] = True
-            return Answer(specialist=specialist.name, text=text, model=meta.get("model", model),
-                          node=meta.get("node", self.runtime.identity.node_id),
-                          elapsed_ms=round((time.perf_counter() - start) * 1000, 1),
-                          tokens=usage.get("completion_tokens"))
+                result = Answer(specialist=specialist.name, text="", model=model,
+                                node=self.runtime.identity.node_id,
+                                elapsed_ms=round((time.perf_counter() - start) * 1000, 1), tokens=None,
+                                error=str(exc))
+            else:
+                if meta.get("public"):
+                    state["public"] = True
+                result = Answer(specialist=specialist.name, text=text, model=meta.get("model", model),
+                                node=meta.get("node", self.runtime.identity.node_id),
+                                elapsed_ms=round((time.perf_counter() - start) * 1000, 1),
+                                tokens=usage.get("completion_tokens"), finish_reason=meta.get("finish_reason"),
+                                prompt_tokens=usage.get("prompt_tokens"))
+            if on_answer is not None:
+                await on_answer(result)
+            return result
 
         return answer
 
+    async def precheck(self, prompt: str, mode: str, requested: list[str], *, model: str | None,
+                       max_tokens: int | None, owner: bool = True) -> None:
+        """Refuse (ContextLengthExceeded) a query whose prompt cannot fit the first model asked,
+        before any answer starts; later steps of a chain, which grow, report their own failures."""
+        del mode  # every mode asks the prompt first of the specialist plan_single picks or one like it
+        try:
+            plan = self.plan_single(prompt, requested[:1], model=model, max_tokens=max_tokens, owner=owner)
+        except NoModel:
+            return  # each answer reports it (and the query ends 502 no_answer, as it always has)
+        await self.check_context(plan["model"], plan["messages"])
+
     async def query(self, prompt: str, mode: str, requested: list[str], *, max_tokens: int | None = None,
-                    model: str | None = None, session_id: str | None = None, owner: bool = True) -> dict:
+                    model: str | None = None, session_id: str | None = None, temperature: float | None = None,
+                    on_answer: Callable[[Answer], Awaitable[None]] | None = None, owner: bool = True) -> dict:
         state: dict = {"public": False, "unpaid": []}
         if model:
             try:
@@ -295,14 +426,20 @@ class Brain:
                 raise  # refused for the whole query (403), before any step runs
             except NoModel:
                 pass  # each step reports it, as before
+        turns = await self.session_turns(session_id)
         try:
             result = await run_query(prompt, mode, specialists=self.specialists, requested=requested,
-                                     answer=self._answerer(model, state, owner), max_tokens=max_tokens)
+                                     answer=self._answerer(model, state, turns=turns, on_answer=on_answer,
+                                                           owner=owner),
+                                     max_tokens=max_tokens, temperature=temperature)
         except NoAnswer as exc:
             if state["unpaid"] and len(state["unpaid"]) >= len(exc.errors):
                 raise state["unpaid"][0] from None  # refused only for want of credit: say so plainly (402)
             raise
         result = _jsonable(result)
+        result["history"] = state.get("history", {"turns": 0, "dropped": len(turns)})
+        result["model"] = next((a["model"] for a in result.get("answers", [])
+                                if a["specialist"] == result.get("specialist") and not a.get("error")), None)
         if state["public"]:
             # Zero query logging: nothing of an exchange that crossed the public mesh is stored.
             result.update(session_id=None, recorded=False, node=self.runtime.identity.node_id)

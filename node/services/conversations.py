@@ -603,6 +603,28 @@ class ConversationStore:
                 "message_count": head[3], "title": self._decrypt_title(sid, head[4]), "messages": messages}
 
     @_sql_database_errors
+    def recent_turns(self, session_id: str, limit: int = 100) -> list[tuple[str, str]]:
+        """The session's last `limit` exchanges as (prompt, answer) pairs, oldest first; [] for a session
+        that does not exist (yet). What the model is sent of them is the brain's choice (core/history.py)."""
+        sid = _check_session_id(session_id)
+        _check_count("limit", limit, 1)
+        with self._lock:
+            rows = self._require().execute(
+                "SELECT id, role, body FROM messages WHERE session_id = ? ORDER BY id DESC LIMIT ?",
+                (sid, 2 * limit),
+            ).fetchall()
+        turns: list[tuple[str, str]] = []
+        answer: str | None = None
+        for mid, role, body in rows:  # newest first: an answer, then the prompt it answered
+            text = str(self._decrypt_message(sid, mid, role, body).get("text") or "")
+            if role == "assistant":
+                answer = text
+            elif answer is not None:
+                turns.append((text, answer))
+                answer = None
+        return turns[::-1]
+
+    @_sql_database_errors
     def search(self, query: str, limit: int = 20, *, privacy: str | Iterable[str] | None = None) -> list[dict]:
         """Messages holding every word of `query` (case-insensitive, literal: no operators), best first."""
         if not isinstance(query, str):
