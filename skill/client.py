@@ -248,7 +248,7 @@ class NodeClient:
 
     def _answer(self, method: str, path: str, response: httpx.Response, raw: bool, content: bytes | None = None
                 ) -> Any:
-        if content is not None and SEALED_HEADER in response.headers:  # opened from sealed frames
+        if content is not None:  # read from a stream (opened from sealed frames when it was sealed)
             response = httpx.Response(response.status_code, headers=response.headers, content=content,
                                       request=response.request)
         if response.status_code == 401:

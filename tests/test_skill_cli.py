@@ -59,7 +59,8 @@ def cli(node, tmp_path, monkeypatch):
             assert result.stdout.strip(), f"{args} printed nothing"
         else:
             assert result.exit_code != 0, f"{args} should have failed: {result.stdout}"
-            lines = result.stderr.strip().splitlines()
+            # A streamed query may have shown its progress line ("loading MODEL (size)… Ns") first.
+            lines = [ln for ln in result.stderr.strip().splitlines() if not ln.startswith("loading ")]
             assert len(lines) == 1 and lines[0].startswith("pinkybrain: "), result.stderr
         return result
 

@@ -141,6 +141,8 @@ async def v1_chat(request: Request):
     try:
         plan = brain.plan_messages(body.model, conv.messages, max_tokens=requested_max_tokens(body),
                                    temperature=body.temperature, top_p=body.top_p, owner=owner)
+    except ModelRefused:
+        raise  # 403: a model only the owner may use (openai_errors)
     except NoModel as exc:
         raise OpenAIError(404, f"The model {body.model!r} does not exist: {exc}", param="model",
                           code="model_not_found") from None
