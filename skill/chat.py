@@ -9,6 +9,7 @@ Python has it; piped input works too, a line per turn. Commands: /exit, /reset (
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from pinkybrain.skill import output
-from pinkybrain.skill.cli import QUERY_TIMEOUT, TimeoutOpt, UrlOpt, connect, handled, stream_over
+from pinkybrain.skill.cli import QUERY_TIMEOUT, JsonOpt, TimeoutOpt, UrlOpt, connect, handled, stream_over
 from pinkybrain.skill.client import SkillError
 
 HELP = ("/exit ends the chat · /reset starts a new conversation · /model [NAME] sets or shows the model "
@@ -93,10 +94,12 @@ def chat(
     session: Annotated[Optional[str], typer.Option("--session", help="continue this conversation")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="cap each answer")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0, max=2)] = None,
+    as_json: JsonOpt = False,
     url: UrlOpt = None,
     timeout: TimeoutOpt = None,
 ) -> None:
-    """Talk with the node: each answer streams, and the model sees the conversation so far."""
+    """Talk with the node: each answer streams, and the model sees the conversation so far. With --json (for
+    agents: one line in, one JSON answer out per line), nothing streams and each answer is one JSON line."""
     state = ChatState(session, specialist, model)
     wait = timeout if timeout is not None else QUERY_TIMEOUT
     conn = connect(url, wait)
@@ -122,11 +125,20 @@ def chat(
                         break
                     continue
                 try:
-                    end = stream_over(conn, state.body(line, max_tokens, temperature), wait, describe=False)
+                    if as_json:
+                        end = conn.client.request("POST", "/api/query", timeout=wait,
+                                                  json_body={**state.body(line, max_tokens, temperature),
+                                                             "stream": False})
+                        typer.echo(json.dumps(end, ensure_ascii=False))
+                    else:
+                        end = stream_over(conn, state.body(line, max_tokens, temperature), wait, describe=False)
                 except SkillError as exc:  # one failed turn does not end the conversation
-                    typer.echo(f"pinkybrain: {exc.message}", err=True)
+                    typer.echo(json.dumps({"error": exc.message}) if as_json else f"pinkybrain: {exc.message}",
+                               err=True)
                     continue
                 state.session = end.get("session_id") or state.session
+                if as_json:
+                    continue
                 note = output.context_note(end)
                 typer.echo(f"({end.get('model') or '?'}" + (f" · {note}" if note else "") + ")", err=True)
     finally:

@@ -304,6 +304,8 @@ def model_call(fn, name):
         raise error(400, "refused_path", str(exc)) from None
     except ModelNotFound as exc:
         raise error(404, "not_found", str(exc)) from None
+    except CloudShareRefused:
+        raise  # an OSError too (PermissionError): the share route answers it with 403 and the cost warning
     except OSError as exc:  # a name the filesystem cannot hold (too long, NUL): the caller's input
         raise error(400, "bad_name", f"cannot use model name {name[:80]!r}: {exc.strerror or exc}") from None
 
