@@ -37,7 +37,7 @@ def test_v1_over_https_with_a_certificate_bound_to_the_node_id(node_factory):
     node_id = node.get("/api/ping").json()["node_id"]
     assert certificate_node_id(cert.read_bytes()) == node_id  # its key is the node's identity
 
-    key = json.loads(run_cli("openai-key", "--json", "--config", str(node.config_path), env=node.env).stdout)
+    key = json.loads(run_cli("openai-key", "--json", "--url", node.url, env=node.env).stdout)  # as the owner
     bearer = {"authorization": f"Bearer {key['api_key']}"}
     models = wait_for_https(f"https://127.0.0.1:{port}/v1/models", verify=pinned(cert), headers=bearer)
     assert models.status_code == 200 and models.json()["object"] == "list"

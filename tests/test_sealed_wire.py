@@ -24,7 +24,7 @@ from test_netns_mdns import (
 )
 
 from model import place_default_model
-from nodes import node_env, run_cli, strong_secret, write_node_config
+from nodes import node_env, strong_secret, write_node_config
 
 PROMPT = "Explain briefly why the zebra-unicorn-4711 crossed the river."
 MEMORY_VALUE = "the vault code is quokka-9265-orchid"
@@ -130,7 +130,12 @@ def test_query_answer_and_memory_value_are_sealed_on_the_wire(namespaces, tmp_pa
         found = json.loads(skill("conversations", "search", "zebra-unicorn-4711", "--json").stdout)
         assert found["count"] >= 1  # the prompt was stored, and found by a search text that travelled sealed
 
-        key = json.loads(run_cli("openai-key", "--json", "--config", str(config), env=node_env(home)).stdout)
+        # The owner issues the /v1 key (its owner key is in the node's home); asked over the same wire, sealed.
+        owner = subprocess.run(["ip", "netns", "exec", skill_ns, exe, "openai-key", "--json", "--url", url],
+                               env=node_env(home, {"P2P_SECRET": secret}), capture_output=True, text=True,
+                               timeout=600, cwd=str(tmp_path))
+        assert owner.returncode == 0, owner.stderr
+        key = json.loads(owner.stdout)
         v1 = subprocess.run(["ip", "netns", "exec", skill_ns, sys.executable, "-c", V1_CLIENT,
                              f"https://{node_address}:{TLS_PORT}", key["api_key"], str(home / "tls" / "cert.pem"),
                              V1_PROMPT], capture_output=True, text=True, timeout=600)
