@@ -45,7 +45,9 @@ class SignedRequests(requests.auth.AuthBase):
         url = requests.utils.urlparse(r.url)
         ts, nonce = f"{time.time():.3f}", secrets.token_hex(16)
         canonical = "\n".join(
-            ("PB1-HMAC-SHA256", r.method.upper(), url.path, url.query, ts, nonce, hashlib.sha256(body).hexdigest())
+            # The path as the node sees it (percent-decoded), as the skill's httpx signs it.
+            ("PB1-HMAC-SHA256", r.method.upper(), requests.utils.unquote(url.path), url.query, ts, nonce,
+             hashlib.sha256(body).hexdigest())
         ).encode()
         r.headers["X-PinkyBrain-Sig"] = hmac.new(self.secret.encode(), canonical, hashlib.sha256).hexdigest()
         r.headers["X-PinkyBrain-Timestamp"] = ts

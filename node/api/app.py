@@ -29,6 +29,7 @@ from pinkybrain.node.core.skill_link import SkillLink
 from pinkybrain.node.dashboard.events import recent_events
 from pinkybrain.node.dashboard.routes import api_router as dashboard_api_router
 from pinkybrain.node.dashboard.routes import router as dashboard_router
+from pinkybrain.node.openai.errors import OPENAI_ERRORS
 from pinkybrain.node.openai.routes import router as openai_router
 from pinkybrain.node.services import updater
 from pinkybrain.node.services.memory_writes import committer_for
@@ -460,7 +461,7 @@ def _new_app(lifespan=None) -> FastAPI:
     app.include_router(keys_router, responses=COMMON_ERRORS)
     app.include_router(dashboard_api_router, responses=COMMON_ERRORS)
     app.include_router(dashboard_router)
-    app.include_router(openai_router)  # last: its /v1 catch-all answers unknown /v1 paths
+    app.include_router(openai_router, responses=OPENAI_ERRORS)  # last: its /v1 catch-all answers unknown paths
 
     # Starlette's class: FastAPI's own 400s (unparseable body), 404s and 405s get the same error shape.
     @app.exception_handler(StarletteHTTPException)

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from pinkybrain.node.api.errors import errors
 from pinkybrain.node.services.credentials import CredentialError
 from pinkybrain.node.services.runtime import NodeRuntime
 
@@ -40,7 +41,8 @@ async def keys_list(runtime: RuntimeDep):
     return {"keys": items, "count": len(items)}
 
 
-@router.post("/api/keys", summary="Create a /v1 API key (shown in this answer only)", status_code=201)
+@router.post("/api/keys", summary="Create a /v1 API key (shown in this answer only)", status_code=201,
+             responses=errors(409))
 async def keys_create(runtime: RuntimeDep, body: KeyRequest):
     try:
         key = await asyncio.to_thread(runtime.api_keys.create, body.name, body.scope, replace=body.replace)
@@ -52,7 +54,7 @@ async def keys_create(runtime: RuntimeDep, body: KeyRequest):
             "detail": "this is the only time the key is shown: only its hash is kept"}
 
 
-@router.delete("/api/keys/{name}", summary="Revoke a /v1 API key")
+@router.delete("/api/keys/{name}", summary="Revoke a /v1 API key", responses=errors(404))
 async def keys_revoke(runtime: RuntimeDep, name: str):
     try:
         return {**await asyncio.to_thread(runtime.api_keys.revoke, name), "revoked": True}

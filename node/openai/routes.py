@@ -22,7 +22,7 @@ from pinkybrain.node.api.query import guest_refusal
 from pinkybrain.node.core.credits import InsufficientCredit
 from pinkybrain.node.core.principals import Principal
 from pinkybrain.node.openai import llama
-from pinkybrain.node.openai.errors import ContextLengthExceeded, OpenAIError
+from pinkybrain.node.openai.errors import STREAMED_200, ContextLengthExceeded, OpenAIError
 from pinkybrain.node.openai.schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from pinkybrain.node.openai.translate import (
     ResponseHead,
@@ -129,7 +129,7 @@ async def v1_model(request: Request, model_id: str):
 
 
 # -- chat ------------------------------------------------------------------------------------------
-@router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion",
+@router.post("/v1/chat/completions", responses=STREAMED_200, summary="OpenAI-compatible chat completion",
              openapi_extra=_schema(ChatCompletionRequest))
 @openai_errors
 async def v1_chat(request: Request):
@@ -286,7 +286,7 @@ def _local_model(brain, name: str, what: str, owner: bool) -> tuple[str, object]
     return model, path
 
 
-@router.post("/v1/completions", summary="OpenAI-compatible text completion",
+@router.post("/v1/completions", responses=STREAMED_200, summary="OpenAI-compatible text completion",
              openapi_extra=_schema(CompletionRequest))
 @openai_errors
 async def v1_completions(request: Request):
