@@ -304,8 +304,12 @@ def test_url_to_a_fake_responder_is_refused_before_anything_is_sent(nodes, fake,
                  ["query", "a prompt for nobody"]):
         result = run_cli(*args, "--url", fake.url, env=env, cwd=tmp_path)
         assert result.returncode == 1, (args, result.stdout)
-        assert result.stderr == (f"pinkybrain: the responder at {fake.url} is not a proven node of your network "
-                                 f"(its node proof does not match our secret); its answer is refused\n")
+        message = (f"the responder at {fake.url} is not a proven node of your network "
+                   f"(its node proof does not match our secret); its answer is refused")
+        if "--json" in args:  # --json: the error is one JSON object on stderr
+            assert json.loads(result.stderr) == {"error": message, "exit_code": 1}
+        else:
+            assert result.stderr == f"pinkybrain: {message}\n"
         assert result.stdout == ""
     # Only pings reached it: no memory value, no prompt.
     assert {r[:2] for r in fake.requests} == {("GET", "/api/ping")}
