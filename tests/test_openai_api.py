@@ -23,15 +23,6 @@ TIME = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-
-def owner_api_key(node) -> str:
-    """An owner-scope /v1 key the node's owner issued (as `pinkybrain keys create` does), made once per node."""
-    if "api_key" not in node.extra:
-        created = node.post("/api/keys", json={"name": f"test-{len(node.extra)}", "scope": "owner"})
-        assert created.status_code == 201, created.text
-        node.extra["api_key"] = created.json()["api_key"]
-    return node.extra["api_key"]
-
 def node(tmp_path_factory):
     home = tmp_path_factory.mktemp("openai")
     place_default_model(home / "shared_models")
@@ -300,3 +291,11 @@ def test_embeddings_have_the_models_width_and_rank_similar_sentences_closer(node
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model=DEFAULT_NAME, input="hi", dimensions=256)
     assert_openai_error(err.value, 400, "dimensions")
+
+def owner_api_key(node) -> str:
+    """An owner-scope /v1 key the node's owner issued (as `pinkybrain keys create` does), made once per node."""
+    if "api_key" not in node.extra:
+        created = node.post("/api/keys", json={"name": f"test-{len(node.extra)}", "scope": "owner"})
+        assert created.status_code == 201, created.text
+        node.extra["api_key"] = created.json()["api_key"]
+    return node.extra["api_key"]
