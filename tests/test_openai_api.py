@@ -156,7 +156,10 @@ def test_tools_give_tool_calls_with_arguments_matching_the_tool(client):
     assert call.type == "function" and call.function.name == "get_weather" and call.id
     assert isinstance(json.loads(call.function.arguments)["city"], str)
 
-    required = ask(client, "What time is it in Tokyo?", tools=[WEATHER, TIME], tool_choice="required", max_tokens=120)
+    # Seeded, with room for the whole call: a sampled argument string may run long.
+    required = ask(client, "What time is it in Tokyo?", tools=[WEATHER, TIME], tool_choice="required",
+                   max_tokens=240, seed=11)
+    assert required.choices[0].message.tool_calls, required.model_dump()
     call = required.choices[0].message.tool_calls[0]
     assert required.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "get_time")
     wanted = {"get_weather": "city", "get_time": "tz"}[call.function.name]
