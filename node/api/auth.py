@@ -122,7 +122,7 @@ class SignedRequestMiddleware:
                                             "detail": detail}, challenge=False)
             return
         try:
-            body = await _read_body(receive, rule.body_limit)
+            body = await read_body(receive, rule.body_limit)
         except BodyTooLarge:
             await _send_json(send, 413, {"error": "body_too_large",
                                          "detail": f"request body over {rule.body_limit} bytes for "
@@ -138,7 +138,7 @@ class SignedRequestMiddleware:
                 await self._refuse(scope, send, exc)
                 return
         scope[AUTH_SCOPE_KEY] = context
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_body(body, receive), send)
 
     @staticmethod
     async def _refuse(scope, send, exc: AuthError) -> None:
@@ -149,8 +149,9 @@ class SignedRequestMiddleware:
         await _send_json(send, status, {"error": exc.code, "detail": exc.message})
 
 
-async def _read_body(receive, limit: int) -> bytes | None:
-    """The whole body, refused as soon as it passes `limit` (a chunked body declares no length)."""
+async def read_body(receive, limit: int | None = None) -> bytes | None:
+    """The whole body (None if the client went away), refused as soon as it passes `limit` (a chunked
+    body declares no length)."""
     chunks, size, more = [], 0, True
     while more:
         message = await receive()
@@ -158,14 +159,14 @@ async def _read_body(receive, limit: int) -> bytes | None:
             return None
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
+        if limit is not None and size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
         more = message.get("more_body", False)
     return b"".join(chunks)
 
 
-def _replay(body: bytes, receive):
+def replay_body(body: bytes, receive):
     """A receive() that hands the app the body we already read, then defers to the real one."""
     replayed = False
 

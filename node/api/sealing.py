@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
+from pinkybrain.node.api.auth import read_body, replay_body
 from pinkybrain.node.core.principals import AUTH_SCOPE_KEY
 from pinkybrain.node.core.skill_link import SEAL_HEADER, SEALED_HEADER, SealFault, SkillLink
 
@@ -32,7 +33,7 @@ class SkillLinkMiddleware:
         if seal_header is None:
             await self.app(scope, receive, _with_headers(send, proof))
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)  # already bounded by the auth middleware
         if body is None:
             return
         try:
@@ -45,7 +46,7 @@ class SkillLinkMiddleware:
             await send({"type": "http.response.body", "body": payload})
             return
         scope = {**scope, "query_string": query}
-        await self.app(scope, _replay(body, receive), _sealing(send, proof, sealer))
+        await self.app(scope, replay_body(body, receive), _sealing(send, proof, sealer))
 
 
 def _with_headers(send, extra: list[tuple[bytes, bytes]]):
@@ -71,27 +72,3 @@ def _sealing(send, extra: list[tuple[bytes, bytes]], sealer):
         await send(message)
 
     return wrapped
-
-
-async def _read_body(receive) -> bytes | None:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    replayed = False
-
-    async def replay_receive():
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay_receive
