@@ -23,7 +23,7 @@ from test_netns_mdns import (
     probe,
 )
 
-from model import place_default_model
+from model import DEFAULT_NAME, place_default_model
 from nodes import node_env, strong_secret, write_node_config
 
 PROMPT = "Explain briefly why the zebra-unicorn-4711 crossed the river."
@@ -123,11 +123,21 @@ def test_query_answer_and_memory_value_are_sealed_on_the_wire(namespaces, tmp_pa
             assert result.returncode == 0, f"{args}: {result.stderr}"
             return result
 
+        # A mesh member may use only what the node shares: its owner shares the model first (over the wire).
+        shared = subprocess.run(["ip", "netns", "exec", skill_ns, exe, "models", "share", DEFAULT_NAME, "--url", url],
+                                env=node_env(home, {"P2P_SECRET": secret}), capture_output=True, text=True,
+                                timeout=900, cwd=str(tmp_path))
+        assert shared.returncode == 0, shared.stderr
         answer = skill("query", PROMPT, "--stream", "--max-tokens", "24").stdout.strip()
         assert answer, "the skill got no answer"
         skill("memory", "set", "wire/secret", MEMORY_VALUE)
         assert skill("memory", "get", "wire/secret").stdout.strip() == MEMORY_VALUE
-        found = json.loads(skill("conversations", "search", "zebra-unicorn-4711", "--json").stdout)
+        # New conversations are private: the owner searches them (the search text travels sealed all the same).
+        searched = subprocess.run(["ip", "netns", "exec", skill_ns, exe, "conversations", "search", "zebra-unicorn-4711",
+                                   "--json", "--url", url], env=node_env(home, {"P2P_SECRET": secret}),
+                                  capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+        assert searched.returncode == 0, searched.stderr
+        found = json.loads(searched.stdout)
         assert found["count"] >= 1  # the prompt was stored, and found by a search text that travelled sealed
 
         # The owner issues the /v1 key (its owner key is in the node's home); asked over the same wire, sealed.

@@ -35,9 +35,8 @@ import pytest
 from test_service_units import UNIT, last, parse_unit, values
 from test_update import TEST_PUB, ReleaseServer, publish_wheel
 
-from nodes import free_port, strong_secret, write_node_config
+from nodes import free_port, owner_auth, strong_secret, write_node_config
 from pinkybrain.node.core import release
-from pinkybrain.skill.signing import HmacAuth
 
 ROOT = Path(__file__).parents[1]
 USER = "pinkybrain-test"
@@ -253,7 +252,8 @@ def test_update_and_rollback_under_the_shipped_unit(tree, service_user):
         text = text.replace(real, str(moved))
     assert "User=pinkybrain\n" in text
     unit = Unit(text, service_user, tree["top"] / "unit.log")
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=HmacAuth(secret), timeout=30)
+    # The owner asks (status of the daemon is the owner's): its key is in the unit's state directory.
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=owner_auth(state), timeout=30)
 
     def answer(path: str, timeout: float = 240, until=lambda r: True) -> dict:
         deadline = time.monotonic() + timeout
