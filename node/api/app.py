@@ -274,18 +274,13 @@ async def memory_get(runtime: RuntimeDep, key: str, network: Network = "private"
 
 @router.post("/api/memory/set", summary="Write a CRDT memory value", responses=errors(400, 409))
 async def memory_set(runtime: RuntimeDep, body: MemorySetRequest):
-    store = memory_store(runtime, body.network)
-    await memory_write(committer_for(store).set(body.key, body.value) if hasattr(store, "write_batch")
-                       else asyncio.to_thread(store.set, body.key, body.value), body.key)
+    await memory_write(committer_for(memory_store(runtime, body.network)).set(body.key, body.value), body.key)
     return {"key": body.key, "stored": True, "network": body.network}
 
 
 @router.delete("/api/memory/{key:path}", summary="Delete a CRDT memory key", responses=errors(400, 404, 409))
 async def memory_delete(runtime: RuntimeDep, key: str, network: Network = "private"):
-    store = memory_store(runtime, network)
-    # The private store group-commits; the public one signs each entry (public_memory.SignedPublicMemory).
-    await memory_write(committer_for(store).delete(key) if hasattr(store, "write_batch")
-                       else asyncio.to_thread(store.delete, key), key)
+    await memory_write(committer_for(memory_store(runtime, network)).delete(key), key)
     return {"key": key, "deleted": True, "network": network}
 
 

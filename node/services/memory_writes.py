@@ -55,7 +55,8 @@ class GroupCommitter:
 
 
 def committer_for(store: MemoryStore) -> GroupCommitter:
-    """The store's one committer (created on first use), so all API writes to it are grouped together."""
+    """The store's one committer (created on first use), so all API writes to it are grouped together.
+    Any store with write_batch will do: the public memory's signing wrapper signs each entry in it."""
     committer = getattr(store, "_group_committer", None)
     if committer is None:
         committer = store._group_committer = GroupCommitter(store)

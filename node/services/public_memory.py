@@ -37,6 +37,12 @@ class SignedPublicMemory:
     def delete(self, key: str) -> bytes:
         return self.store.delete(key)
 
+    def write_batch(self, ops: list[tuple[str, str, Any]]) -> list:
+        """Group-committed writes (services.memory_writes), each set signed like set()'s."""
+        now = self.clock()
+        return self.store.write_batch([(kind, key, sign_entry(self.identity, key, value, now=now) if kind == "set"
+                                        else value) for kind, key, value in ops])
+
     def get(self, key: str) -> Any:
         value = self._readable(key, self.store.get(key))  # KeyError when absent
         if value is _DROPPED:
