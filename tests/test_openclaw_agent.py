@@ -59,6 +59,10 @@ def openclaw_config(base_url: str, api_key: str) -> dict:
 
 
 @pytest.mark.timeout(3600)
+@pytest.mark.skipif(os.environ.get("PINKYBRAIN_OPENCLAW_AGENT") != "1",
+                    reason="a real OpenClaw agent turn on the CPU model takes 15-30 minutes on 2 cores: "
+                           "run it with PINKYBRAIN_OPENCLAW_AGENT=1 (its recorded requests drive "
+                           "test_openai_translate.py in every run)")
 def test_an_openclaw_agent_turn_completes_with_the_node_as_its_provider(tmp_path):
     openclaw = openclaw_command()
     place_default_model(tmp_path / "node" / "shared_models")
