@@ -69,14 +69,19 @@ def test_models_are_listed_and_each_can_be_looked_up(client):
 
 # -- chat: messages --------------------------------------------------------------------------------
 def test_content_parts_and_every_role_including_tool_turns(client):
-    done = ask(client, None, messages=[
+    messages = [
         {"role": "system", "content": "You are a weather assistant."},
         {"role": "developer", "content": [{"type": "text", "text": "Answer in one short sentence."}]},
         {"role": "user", "content": [{"type": "text", "text": "What is the weather"}, {"type": "text", "text": "in Paris?"}]},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 degrees."},
-        {"role": "user", "content": "So, how is it?"}], tools=[WEATHER], tool_choice="none", max_tokens=24)
+        {"role": "user", "content": "So, how is it?"}]
+    # Seeded: a 270M base model sometimes ends at once when sampling freely; two seeds, one must answer.
+    for seed in (7, 8):
+        done = ask(client, None, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=24, seed=seed)
+        if done.choices[0].message.content and done.choices[0].message.content.strip():
+            break
     choice = done.choices[0]
     assert choice.message.role == "assistant" and choice.message.content.strip()
     assert choice.finish_reason in ("stop", "length") and not choice.message.tool_calls
