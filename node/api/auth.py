@@ -97,7 +97,7 @@ class SignedRequestMiddleware:
                     "`pinkybrain keys create NAME`)", "invalid_api_key"))
                 return
             principal = context.principal
-        elif SIG_HEADER not in headers and cookie_principal(scope["app"], headers):
+        elif SIG_HEADER not in headers and cookie_principal(scope.get("app"), headers):
             # The owner's dashboard page: its session cookie plus the session's CSRF token.
             context = AuthContext(principal=Principal.OWNER, credential=b"", nonce=None, key_name="dashboard")
             principal = Principal.OWNER

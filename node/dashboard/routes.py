@@ -82,8 +82,8 @@ def is_dashboard_page(path: str) -> bool:
 def cookie_principal(app, headers: dict[str, str], now: float | None = None) -> bool:
     """For the API's auth middleware: does this unsigned request come from a live dashboard session
     (its cookie) of this node's owner, with the session's CSRF token in the header?"""
-    if not hasattr(app.state, "dashboard_sessions"):
-        return False  # no login was ever issued: nothing to check, no cost
+    if app is None or not hasattr(app.state, "dashboard_sessions"):
+        return False  # no login was ever issued (or no app: a bare ASGI test): nothing to check, no cost
     cookie = _cookie(headers.get("cookie", ""))
     return sessions(app).authorise(cookie, headers.get(CSRF_HEADER), time.time() if now is None else now)
 
