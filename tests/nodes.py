@@ -196,3 +196,15 @@ def run_cli(
         timeout=timeout,
         input=input,
     )
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.05):
+    """Poll `check` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

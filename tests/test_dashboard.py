@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from nodes import RunningNode, free_port, start_node, strong_secret, wait_until_up
+from nodes import RunningNode, free_port, start_node, strong_secret, wait_for, wait_until_up
 from pinkybrain.node.dashboard.sessions import DashboardSessions, LoginRefused
 
 
@@ -136,17 +135,6 @@ def mesh(tmp_path):
     finally:
         for n in nodes:
             n.stop()
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def test_browser_logs_in_sees_the_mesh_streams_an_answer_and_edits_memory(mesh):

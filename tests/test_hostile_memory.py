@@ -12,14 +12,13 @@ import asyncio
 import json
 import random
 import threading
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map
 
-from nodes import RunningNode, free_port, start_node, strong_secret, wait_until_up
+from nodes import RunningNode, free_port, start_node, strong_secret, wait_for, wait_until_up
 from pinkybrain.node.core.identity import Identity
 from pinkybrain.node.core.memory_doc import MemoryDoc, MemoryUpdateError
 from pinkybrain.node.core.memory_values import MemoryValueError, check_value, decode_value, encode_value
@@ -47,17 +46,6 @@ CRAFTED = {
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def node_id(node: RunningNode) -> str:
     return node.get("/api/ping").json()["node_id"]
 

@@ -21,7 +21,16 @@ import pytest
 import websockets
 from pycrdt import Doc, Map
 
-from nodes import RunningNode, free_port, node_env, run_cli, start_node, strong_secret, wait_until_up
+from nodes import (
+    RunningNode,
+    free_port,
+    node_env,
+    run_cli,
+    start_node,
+    strong_secret,
+    wait_for,
+    wait_until_up,
+)
 from pinkybrain.node.core.identity import Identity
 from pinkybrain.node.core.memory_doc import MemoryDoc
 from pinkybrain.node.services.memory_store import MemoryStore
@@ -39,17 +48,6 @@ MARKER = "zebra-memory-marker"  # must never reach a log
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def node_id(node: RunningNode) -> str:
     return node.get("/api/ping").json()["node_id"]
 
