@@ -7,7 +7,8 @@ One run starts, on 127.0.0.1 only:
 then drives both from a separate load-generator process (httpx, HMAC-signed for the node: with the
 network secret as a mesh member, and with the owner key as the owner) at each concurrency level, and
 prints req/s, p50 and p99 with the node's ratio to the baseline. Rows: `node` is `GET /api/status` signed
-as a mesh member, `ping` is `GET /api/ping` signed the same way, `owner` is status signed with the owner key. The ratio is what our auth middleware +
+as a mesh member, `ping` is `GET /api/ping` signed the same way, `owner` is status signed with the owner key,
+and with --compare-dashboard `no-dash` is `node` on a second node whose dashboard is turned off. The ratio is what our auth middleware +
 FastAPI + the status handler cost over bare ASGI on this machine.
 
 A second table (in-process, no sockets) times the auth middleware alone for each credential and each
@@ -425,7 +426,7 @@ def _bench_env(home: Path) -> dict:
     return env
 
 
-def _write_config(home: Path, secret: str, port: int) -> Path:
+def _write_config(home: Path, secret: str, port: int, dashboard: bool = True) -> Path:
     import yaml
 
     config = {
@@ -433,6 +434,7 @@ def _write_config(home: Path, secret: str, port: int) -> Path:
         "p2p": {"secret": secret, "listen": f"127.0.0.1:{port}", "mdns": False},
         "mesh": {"public": False, "stealth": True},
         "logging": {"level": "warning"},
+        "dashboard": {"enabled": dashboard},
     }
     path = home / "pinkybrain.yaml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -475,6 +477,24 @@ def format_row(name: str, r: dict, ratios: dict) -> str:
     )
 
 
+def _start_node(home: Path, secret: str, port: int, dashboard: bool, cpu: int | None
+                ) -> tuple[subprocess.Popen, Path]:
+    home.mkdir(parents=True, exist_ok=True)
+    config = _write_config(home, secret, port, dashboard)
+    env = _bench_env(home)
+    node_cmd = [sys.executable, "-m", "pinkybrain.node"]
+    subprocess.run([*node_cmd, "identity", "init", "--config", str(config)], env=env, cwd=home, check=True,
+                   stdout=subprocess.DEVNULL, timeout=120)
+    log = home / "node.log"
+    with log.open("wb") as log_fh:
+        proc = subprocess.Popen(
+            [*node_cmd, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+            env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_pinned(cpu),
+        )
+    return proc, log
+
+
 def run_bench(args: argparse.Namespace) -> int:
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     if not levels or min(levels) < 1:
@@ -483,64 +503,28 @@ def run_bench(args: argparse.Namespace) -> int:
     server_cpu, client_cpu = (cpus[0], cpus[1]) if args.pin and len(cpus) >= 2 else (None, None)
 
     home = Path(tempfile.mkdtemp(prefix="pinkybrain-bench-"))
-    node = baseline = None
+    node = baseline = nodash = None
     # SIGTERM would otherwise end this process without its `finally`, orphaning both servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         secret = secrets.token_urlsafe(32)
-        node_port, base_port = free_port(), free_port()
-        config = _write_config(home, secret, node_port)
-        env = _bench_env(home)
-        node_cmd = [sys.executable, "-m", "pinkybrain.node"]
-        subprocess.run(
-            [*node_cmd, "identity", "init", "--config", str(config)],
-            env=env,
-            cwd=home,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            timeout=120,
+        node_port, base_port, nodash_port = free_port(), free_port(), free_port()
+        node, node_log = _start_node(home, secret, node_port, True, server_cpu)
+        if args.compare_dashboard:  # the same node with dashboard.enabled: false
+            nodash, nodash_log = _start_node(home / "no-dashboard", secret, nodash_port, False, server_cpu)
+        baseline = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--port", str(base_port)],
+            env=_bench_env(home), cwd=home, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_pinned(server_cpu),
         )
-
-        node_log = home / "node.log"
-        with node_log.open("wb") as log_fh:
-            node = subprocess.Popen(
-                [
-                    *node_cmd,
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(node_port),
-                ],
-                env=env,
-                cwd=home,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_pinned(server_cpu),
-            )
-            baseline = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--baseline-server",
-                    "--port",
-                    str(base_port),
-                ],
-                env=env,
-                cwd=home,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_pinned(server_cpu),
-            )
         node_url = f"http://127.0.0.1:{node_port}{STATUS_PATH}"
         ping_url = f"http://127.0.0.1:{node_port}{PING_PATH}"
+        nodash_url = f"http://127.0.0.1:{nodash_port}{STATUS_PATH}"
         base_url = f"http://127.0.0.1:{base_port}{STATUS_PATH}"
         try:
             _wait_ready(node, node_url, secret, "node", node_log)
+            if nodash is not None:
+                _wait_ready(nodash, nodash_url, secret, "node without dashboard", nodash_log)
             _wait_ready(baseline, base_url, None, "baseline server", None)
         except NotReady as exc:
             print(f"api_load: {exc}", file=sys.stderr)
@@ -554,11 +538,13 @@ def run_bench(args: argparse.Namespace) -> int:
             # Rounds alternate baseline and node so background noise and drift hit both alike; the
             # median round (by req/s) of each is reported. "node" signs as a mesh member (the network
             # secret), "owner" with the owner key, when the node has one.
-            base_rounds, node_rounds, owner_rounds, ping_rounds = [], [], [], []
+            base_rounds, node_rounds, owner_rounds, ping_rounds, nodash_rounds = [], [], [], [], []
             for _ in range(args.rounds):
                 base_rounds.append(measure(base_url, None, level, args, client_cpu, baseline.pid))
                 node_rounds.append(measure(node_url, secret, level, args, client_cpu, node.pid))
                 ping_rounds.append(measure(ping_url, secret, level, args, client_cpu, node.pid))
+                if nodash is not None:
+                    nodash_rounds.append(measure(nodash_url, secret, level, args, client_cpu, nodash.pid))
                 if owner_key:
                     owner_rounds.append(measure(node_url, owner_key, level, args, client_cpu, node.pid, "owner"))
             base, mine = median_round(base_rounds), median_round(node_rounds)
@@ -567,12 +553,15 @@ def run_bench(args: argparse.Namespace) -> int:
             if owner_rounds:
                 entry["owner"] = median_round(owner_rounds)
                 entry["rounds"]["owner"] = owner_rounds
+            if nodash_rounds:
+                entry["no-dash"] = median_round(nodash_rounds)
+                entry["rounds"]["no-dash"] = nodash_rounds
             results.append(entry)
             if not args.json:
                 entry["ratios"] = {name: paired_ratios(entry["rounds"][name], base_rounds)
                                    for name in entry["rounds"]}
                 rows = [format_row(name, entry[name], entry["ratios"][name])
-                        for name in ("baseline", "node", "ping", "owner") if name in entry]
+                        for name in ("baseline", "node", "ping", "owner", "no-dash") if name in entry]
                 print(*rows, sep="\n", flush=True)
         checks = auth_costs(args.auth_iterations) if args.auth_iterations else []
         if args.json:
@@ -607,6 +596,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     finally:
         _stop(node, "node")
+        _stop(nodash, "node without dashboard")
         _stop(baseline, "baseline server")
         shutil.rmtree(home, ignore_errors=True)
 
@@ -629,6 +619,8 @@ def main() -> None:
         help="alternating baseline/node rounds per level; the median round is shown",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--compare-dashboard", action="store_true",
+                        help="also measure status on the same node with dashboard.enabled: false (row no-dash)")
     parser.add_argument("--auth-iterations", type=int, default=3000,
                         help="requests per case for the in-process auth-check table (0: skip it)")
     parser.add_argument(

@@ -387,8 +387,9 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
         lambda inner: SignedRequestMiddleware(inner, authenticator_factory=authenticator_for(runtime)),
         lambda inner: SkillLinkMiddleware(inner, link=SkillLink(runtime.identity)),
         lambda inner: HotRoutes(inner, runtime),
-    ))
+    ), dashboard=runtime.cfg["dashboard.enabled"])
     app.state.runtime = runtime
+    app.state.dashboard_enabled = runtime.cfg["dashboard.enabled"]
     recent_events()  # the events panel's memory of operational lines (a bounded deque)
     from pinkybrain.node.api.p2p import router as p2p_router
 
@@ -434,7 +435,7 @@ class NodeAPI(FastAPI):
         return app
 
 
-def _new_app(lifespan=None, outer_layers=()) -> FastAPI:
+def _new_app(lifespan=None, outer_layers=(), dashboard: bool = True) -> FastAPI:
     app = NodeAPI(
         outer_layers=outer_layers,
         **_NO_TELEMETRY,
@@ -460,7 +461,8 @@ def _new_app(lifespan=None, outer_layers=()) -> FastAPI:
     app.include_router(trust_router, responses=COMMON_ERRORS)
     app.include_router(keys_router, responses=COMMON_ERRORS)
     app.include_router(dashboard_api_router, responses=COMMON_ERRORS)
-    app.include_router(dashboard_router)
+    if dashboard:  # the pages; off, /dashboard/... answers 404
+        app.include_router(dashboard_router)
     app.include_router(openai_router, responses=OPENAI_ERRORS)  # last: its /v1 catch-all answers unknown paths
 
     # Starlette's class: FastAPI's own 400s (unparseable body), 404s and 405s get the same error shape.
