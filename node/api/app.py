@@ -416,7 +416,7 @@ def authenticator_for(runtime: NodeRuntime):
 
 # The node exports no OpenTelemetry data; FastAPI would otherwise ask the tracer and meter providers on
 # every request whether to trace it (a few % of a signed ping). Older FastAPI has no such option.
-_NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False}}
+_NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
                  if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 
 
