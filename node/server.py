@@ -175,11 +175,16 @@ class _QuietServer(uvicorn.Server):
 
 def _tls_server(cfg: Config, identity: Identity, app, host: str) -> uvicorn.Server:
     """`api.tls`: the same app over HTTPS on api.tls_port, for clients that cannot seal (OpenAI's, on /v1)."""
+    from pinkybrain.node.services.http_guard import ConnectionLimits, guarded_protocol
     from pinkybrain.node.services.tls import certificate_names, ensure_certificate, server_context
 
     cert = ensure_certificate(cfg.home, identity, certificate_names(cfg, host))
     config = uvicorn.Config(app, host=host, port=cfg["api.tls_port"], log_level="warning", access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=20)
+                            lifespan="off", timeout_graceful_shutdown=20,
+                            # the same connection guard and limits as the plain port
+                            http=guarded_protocol(ConnectionLimits.from_config(cfg)),
+                            timeout_keep_alive=cfg["http.idle_timeout_secs"],
+                            limit_concurrency=cfg["http.max_connections"])
     config.load()
     config.ssl = server_context(cert, identity)  # uvicorn would read the key from a file it keeps
     log.info("serving HTTPS on %s:%d with %s (its key is this node's identity)", host, cfg["api.tls_port"], cert)
