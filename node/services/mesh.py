@@ -492,7 +492,7 @@ class Mesh:
     async def connect(self, url: str) -> Link:
         """Dial one address now and keep the link (raises DialError, HandshakeError or LinkRefused)."""
         import websockets
-        from websockets.exceptions import InvalidHandshake, InvalidURI
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
         url = normalize_peer_url(url, self.url_path)
         try:
@@ -505,7 +505,8 @@ class Mesh:
                 close_timeout=2,
                 proxy=None,
             )
-        except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
+        except (TimeoutError, OSError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+            # ConnectionClosed: the peer closed while the opening handshake was under way (it restarts)
             raise DialError(f"cannot connect: {_describe(exc)}") from None
         return await self.connect_transport(WebsocketsTransport(ws, self.stats), dialed_url=url)
 
