@@ -61,8 +61,9 @@ class TokenBucket:
         self.tokens = float(burst)
         self.updated = clock()
 
-    def refill(self) -> float:
-        now = self.clock()
+    def refill(self, now: float | None = None) -> float:
+        if now is None:
+            now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
         return self.tokens
@@ -98,7 +99,8 @@ class RateLimiter:
 
     def admit(self, size: int) -> bool:
         """True: accept the frame. False: drop it. Raises RateLimitExceeded when drops keep coming."""
-        if self.frames.refill() >= 1 and self.bytes.refill() >= size:
+        now = self.frames.clock()  # one clock read for both buckets: this runs once per frame
+        if self.frames.refill(now) >= 1 and self.bytes.refill(now) >= size:
             self.frames.tokens -= 1
             self.bytes.tokens -= size
             return True

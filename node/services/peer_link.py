@@ -198,6 +198,7 @@ class StarletteTransport:
 # -- message codec ----------------------------------------------------------------------------------
 # One encoder for every message: json.dumps with options would build a new one per call.
 _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_JSON_DECODER = json.JSONDecoder()
 
 
 def encode_head(msg: dict) -> bytes:
@@ -217,7 +218,10 @@ def decode_message(data) -> tuple[dict, memoryview]:
     (n,) = _LEN.unpack_from(data)
     if n > len(data) - _LEN.size:
         raise ValueError("message header runs past the frame")
-    msg = json.loads(bytes(data[_LEN.size : _LEN.size + n]))
+    try:
+        msg = _JSON_DECODER.decode(str(data[_LEN.size : _LEN.size + n], "utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("message header is not UTF-8") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
         raise ValueError("message header is not an object with a type")
     return msg, memoryview(data)[_LEN.size + n :]
@@ -634,6 +638,13 @@ class Link:
         await self.transport.send(frame)
 
     async def _pace(self, size: int) -> None:
+        frames, nbytes = self._pace_frames, self._pace_bytes
+        amount = min(float(size), nbytes.burst)
+        now = frames.clock()
+        if frames.refill(now) >= 1 and nbytes.refill(now) >= amount:  # under the pace: no wait, one clock read
+            frames.tokens -= 1
+            nbytes.tokens -= amount
+            return
         for bucket, amount in ((self._pace_frames, 1.0), (self._pace_bytes, float(size))):
             while not bucket.take(min(amount, bucket.burst)):
                 await asyncio.sleep(max(0.001, (min(amount, bucket.burst) - bucket.tokens) / bucket.rate))
