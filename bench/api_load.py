@@ -6,7 +6,9 @@ One run starts, on 127.0.0.1 only:
   * a baseline server: the same uvicorn settings serving a trivial, unsigned Starlette endpoint,
 then drives both from a separate load-generator process (httpx, HMAC-signed for the node: with the
 network secret as a mesh member, and with the owner key as the owner) at each concurrency level, and
-prints req/s, p50 and p99 with the node's ratio to the baseline. The ratio is what our auth middleware +
+prints req/s, p50 and p99 with the node's ratio to the baseline. Rows: `node` is `GET /api/status` signed
+as a mesh member, `ping` is `GET /api/ping` signed the same way, `owner` is status signed with the owner key,
+and with --compare-dashboard `no-dash` is `node` on a second node whose dashboard is turned off. The ratio is what our auth middleware +
 FastAPI + the status handler cost over bare ASGI on this machine.
 
 A second table (in-process, no sockets) times the auth middleware alone for each credential and each
@@ -40,6 +42,7 @@ import httpx
 SECRET_ENV = "PB_BENCH_SECRET"  # the secret reaches the load generator by environment, never argv (ps)
 CREDENTIAL_ENV = "PB_BENCH_CREDENTIAL"  # mesh (the secret) or owner (PB_BENCH_SECRET holds the owner key)
 STATUS_PATH = "/api/status"
+PING_PATH = "/api/ping"
 START_TIMEOUT_SECS = 60.0
 
 
@@ -81,7 +84,7 @@ def run_baseline_server(port: int) -> None:
     async def status(_request):
         return JSONResponse({"ok": True})
 
-    app = Starlette(routes=[Route(STATUS_PATH, status)])
+    app = Starlette(routes=[Route(STATUS_PATH, status), Route(PING_PATH, status)])
     uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
@@ -423,7 +426,7 @@ def _bench_env(home: Path) -> dict:
     return env
 
 
-def _write_config(home: Path, secret: str, port: int) -> Path:
+def _write_config(home: Path, secret: str, port: int, dashboard: bool = True) -> Path:
     import yaml
 
     config = {
@@ -431,6 +434,7 @@ def _write_config(home: Path, secret: str, port: int) -> Path:
         "p2p": {"secret": secret, "listen": f"127.0.0.1:{port}", "mdns": False},
         "mesh": {"public": False, "stealth": True},
         "logging": {"level": "warning"},
+        "dashboard": {"enabled": dashboard},
     }
     path = home / "pinkybrain.yaml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -450,15 +454,45 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) else math.nan
 
 
-def format_row(name: str, r: dict, base: dict) -> str:
+def paired_ratios(rounds: list[dict], base_rounds: list[dict]) -> dict:
+    """Median over rounds of each round's ratio to the baseline round measured just before it: drift and
+    other load on a shared machine hit a pair alike, so these are steadier than a ratio of medians."""
+
+    def med(values: list[float]) -> float:
+        values = sorted(v for v in values if not math.isnan(v))
+        return values[(len(values) - 1) // 2] if values else math.nan
+
+    pairs = list(zip(rounds, base_rounds, strict=True))
+    return {"rps": med([_ratio(r["rps"], b["rps"]) for r, b in pairs]),
+            "p50": med([_ratio(r["p50_ms"], b["p50_ms"]) for r, b in pairs]),
+            "cpu": med([_ratio(r["server_cpu_us_per_req"], b["server_cpu_us_per_req"]) for r, b in pairs])}
+
+
+def format_row(name: str, r: dict, ratios: dict) -> str:
     return (
         f"{name:<9} {r['concurrency']:>4} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} "
         f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['server_cpu_us_per_req']:>10.0f} "
-        f"{r['client_cpu_pct']:>9.0f}% {_ratio(r['rps'], base['rps']):>10.2f}x "
-        f"{_ratio(r['p50_ms'], base['p50_ms']):>8.2f}x "
-        f"{_ratio(r['server_cpu_us_per_req'], base['server_cpu_us_per_req']):>8.2f}x"
+        f"{r['client_cpu_pct']:>9.0f}% {ratios['rps']:>10.2f}x {ratios['p50']:>8.2f}x {ratios['cpu']:>8.2f}x"
         + ("  (time cap hit)" if r["truncated"] else "")
     )
+
+
+def _start_node(home: Path, secret: str, port: int, dashboard: bool, cpu: int | None
+                ) -> tuple[subprocess.Popen, Path]:
+    home.mkdir(parents=True, exist_ok=True)
+    config = _write_config(home, secret, port, dashboard)
+    env = _bench_env(home)
+    node_cmd = [sys.executable, "-m", "pinkybrain.node"]
+    subprocess.run([*node_cmd, "identity", "init", "--config", str(config)], env=env, cwd=home, check=True,
+                   stdout=subprocess.DEVNULL, timeout=120)
+    log = home / "node.log"
+    with log.open("wb") as log_fh:
+        proc = subprocess.Popen(
+            [*node_cmd, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+            env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_pinned(cpu),
+        )
+    return proc, log
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -469,63 +503,28 @@ def run_bench(args: argparse.Namespace) -> int:
     server_cpu, client_cpu = (cpus[0], cpus[1]) if args.pin and len(cpus) >= 2 else (None, None)
 
     home = Path(tempfile.mkdtemp(prefix="pinkybrain-bench-"))
-    node = baseline = None
+    node = baseline = nodash = None
     # SIGTERM would otherwise end this process without its `finally`, orphaning both servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         secret = secrets.token_urlsafe(32)
-        node_port, base_port = free_port(), free_port()
-        config = _write_config(home, secret, node_port)
-        env = _bench_env(home)
-        node_cmd = [sys.executable, "-m", "pinkybrain.node"]
-        subprocess.run(
-            [*node_cmd, "identity", "init", "--config", str(config)],
-            env=env,
-            cwd=home,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            timeout=120,
+        node_port, base_port, nodash_port = free_port(), free_port(), free_port()
+        node, node_log = _start_node(home, secret, node_port, True, server_cpu)
+        if args.compare_dashboard:  # the same node with dashboard.enabled: false
+            nodash, nodash_log = _start_node(home / "no-dashboard", secret, nodash_port, False, server_cpu)
+        baseline = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--port", str(base_port)],
+            env=_bench_env(home), cwd=home, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_pinned(server_cpu),
         )
-
-        node_log = home / "node.log"
-        with node_log.open("wb") as log_fh:
-            node = subprocess.Popen(
-                [
-                    *node_cmd,
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(node_port),
-                ],
-                env=env,
-                cwd=home,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_pinned(server_cpu),
-            )
-            baseline = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--baseline-server",
-                    "--port",
-                    str(base_port),
-                ],
-                env=env,
-                cwd=home,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_pinned(server_cpu),
-            )
         node_url = f"http://127.0.0.1:{node_port}{STATUS_PATH}"
+        ping_url = f"http://127.0.0.1:{node_port}{PING_PATH}"
+        nodash_url = f"http://127.0.0.1:{nodash_port}{STATUS_PATH}"
         base_url = f"http://127.0.0.1:{base_port}{STATUS_PATH}"
         try:
             _wait_ready(node, node_url, secret, "node", node_log)
+            if nodash is not None:
+                _wait_ready(nodash, nodash_url, secret, "node without dashboard", nodash_log)
             _wait_ready(baseline, base_url, None, "baseline server", None)
         except NotReady as exc:
             print(f"api_load: {exc}", file=sys.stderr)
@@ -539,23 +538,30 @@ def run_bench(args: argparse.Namespace) -> int:
             # Rounds alternate baseline and node so background noise and drift hit both alike; the
             # median round (by req/s) of each is reported. "node" signs as a mesh member (the network
             # secret), "owner" with the owner key, when the node has one.
-            base_rounds, node_rounds, owner_rounds = [], [], []
+            base_rounds, node_rounds, owner_rounds, ping_rounds, nodash_rounds = [], [], [], [], []
             for _ in range(args.rounds):
                 base_rounds.append(measure(base_url, None, level, args, client_cpu, baseline.pid))
                 node_rounds.append(measure(node_url, secret, level, args, client_cpu, node.pid))
+                ping_rounds.append(measure(ping_url, secret, level, args, client_cpu, node.pid))
+                if nodash is not None:
+                    nodash_rounds.append(measure(nodash_url, secret, level, args, client_cpu, nodash.pid))
                 if owner_key:
                     owner_rounds.append(measure(node_url, owner_key, level, args, client_cpu, node.pid, "owner"))
             base, mine = median_round(base_rounds), median_round(node_rounds)
-            entry = {"concurrency": level, "baseline": base, "node": mine,
-                     "rounds": {"baseline": base_rounds, "node": node_rounds}}
+            entry = {"concurrency": level, "baseline": base, "node": mine, "ping": median_round(ping_rounds),
+                     "rounds": {"baseline": base_rounds, "node": node_rounds, "ping": ping_rounds}}
             if owner_rounds:
                 entry["owner"] = median_round(owner_rounds)
                 entry["rounds"]["owner"] = owner_rounds
+            if nodash_rounds:
+                entry["no-dash"] = median_round(nodash_rounds)
+                entry["rounds"]["no-dash"] = nodash_rounds
             results.append(entry)
             if not args.json:
-                rows = [format_row("baseline", base, base), format_row("node", mine, base)]
-                if owner_rounds:
-                    rows.append(format_row("owner", entry["owner"], base))
+                entry["ratios"] = {name: paired_ratios(entry["rounds"][name], base_rounds)
+                                   for name in entry["rounds"]}
+                rows = [format_row(name, entry[name], entry["ratios"][name])
+                        for name in ("baseline", "node", "ping", "owner", "no-dash") if name in entry]
                 print(*rows, sep="\n", flush=True)
         checks = auth_costs(args.auth_iterations) if args.auth_iterations else []
         if args.json:
@@ -576,7 +582,7 @@ def run_bench(args: argparse.Namespace) -> int:
             print(
                 f"\n{len(cpus) or os.cpu_count()} CPUs; servers and load generator "
                 f"{'pinned to separate cores' if server_cpu is not None else 'not pinned'}. Ratios are "
-                "node / baseline at the same concurrency.\nsrv us/req: server CPU time per request "
+                "node / baseline at the same concurrency, the median of each round's ratio to the baseline round just before it.\nsrv us/req: server CPU time per request "
                 "(independent of client speed). client cpu near 100%: the load generator set the pace, "
                 "so req/s understates what that server could do."
             )
@@ -590,6 +596,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     finally:
         _stop(node, "node")
+        _stop(nodash, "node without dashboard")
         _stop(baseline, "baseline server")
         shutil.rmtree(home, ignore_errors=True)
 
@@ -612,6 +619,8 @@ def main() -> None:
         help="alternating baseline/node rounds per level; the median round is shown",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--compare-dashboard", action="store_true",
+                        help="also measure status on the same node with dashboard.enabled: false (row no-dash)")
     parser.add_argument("--auth-iterations", type=int, default=3000,
                         help="requests per case for the in-process auth-check table (0: skip it)")
     parser.add_argument(

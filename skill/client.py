@@ -241,7 +241,8 @@ class NodeClient:
             # and nothing in it is trusted (the node stays unproven).
             return
         nonce = response.request.headers.get("X-PinkyBrain-Nonce", "")
-        self.node_id = check_proof(self.secret, nonce, response.headers, self.node_id)
+        self.node_id = check_proof(self.secret, nonce, response.headers, self.node_id,
+                                   getattr(self.auth, "proof_key", None))
         self.proven = True
         if seal is not None and response.status_code < 400 and SEALED_HEADER not in response.headers:
             raise ProofError("it answered a sealed request in clear text")

@@ -73,7 +73,8 @@ class Discovered:
 
 def probe(url: str, secret: str, timeout: float, pinned: str | None = None) -> Probe:
     try:
-        with httpx.Client(auth=HmacAuth(secret), timeout=timeout) as http:
+        auth = HmacAuth(secret)
+        with httpx.Client(auth=auth, timeout=timeout) as http:
             response = http.get(f"{url}/api/ping")
     except httpx.ConnectError as exc:
         return Probe(url, "unreachable", detail="connection refused" if "refused" in str(exc).lower() else
@@ -85,7 +86,8 @@ def probe(url: str, secret: str, timeout: float, pinned: str | None = None) -> P
     if response.status_code == 401:
         return Probe(url, "refused", detail=describe_refusal(url, response))
     try:
-        node_id = check_proof(secret, response.request.headers["X-PinkyBrain-Nonce"], response.headers)
+        node_id = check_proof(secret, response.request.headers["X-PinkyBrain-Nonce"], response.headers,
+                              proof_key=auth.proof_key)
     except ProofError as exc:
         return Probe(url, "unproven", detail=unproven(url, str(exc)))
     if pinned is not None and node_id != pinned:

@@ -55,6 +55,7 @@ class HmacAuth(httpx.Auth):
     def __init__(self, secret: str, credential: str = "mesh"):
         self.secret = secret
         self.credential = credential  # "mesh" (the network secret) or "owner" (the node's owner key)
+        self.proof_key = ProofKey()  # lets nodes prove their id with an HMAC instead of a signature
 
     def auth_flow(self, request: httpx.Request):
         body = request.content
@@ -64,6 +65,7 @@ class HmacAuth(httpx.Auth):
                 self.credential,
             )
         )
+        request.headers[CLIENT_KEY_HEADER] = self.proof_key.public
         yield request
 
 
@@ -94,6 +96,8 @@ class PeerAuth(httpx.Auth):
 NODE_HEADER = "x-pinkybrain-node"
 PROOF_HEADER = "x-pinkybrain-proof"
 NODE_SIG_HEADER = "x-pinkybrain-node-sig"
+NODE_MAC_HEADER = "x-pinkybrain-node-mac"
+CLIENT_KEY_HEADER = "x-pinkybrain-client-key"
 SEAL_HEADER = "x-pinkybrain-seal"
 SEALED_HEADER = "x-pinkybrain-sealed"
 PROOF_DOMAIN = b"pinkybrain/response-proof/v1\x00"
@@ -137,20 +141,45 @@ def canonical_node_id(node_id: str) -> str:
     return "-".join(text[i : i + 7] for i in range(0, 56, 7))
 
 
-def check_proof(secret: str, nonce: str, headers, expected_node: str | None = None) -> str:
+class ProofKey:
+    """The X25519 key pair a client names in x-pinkybrain-client-key: a node proves its id on each answer
+    with an HMAC under the key both sides derive from it (node/core/skill_link.py), not a signature."""
+
+    def __init__(self):
+        self._private = PrivateKey.generate()
+        self.public = base64.b64encode(bytes(self._private.public_key)).decode()
+        self._shared: dict[str, bytes] = {}  # node id -> K (few nodes per client)
+
+    def shared_with(self, node_id: str) -> bytes:
+        """K for `node_id`; NodeIdError for a malformed id."""
+        shared = self._shared.get(node_id)
+        if shared is None:
+            node_key = VerifyKey(node_public_key(node_id)).to_curve25519_public_key()
+            shared = self._shared[node_id] = Box(self._private, node_key).shared_key()
+        return shared
+
+
+def check_proof(secret: str, nonce: str, headers, expected_node: str | None = None,
+                proof_key: ProofKey | None = None) -> str:
     """The node id that proved itself on an answer to our request `nonce`, or ProofError saying why not.
 
-    The HMAC proves the responder holds our secret; the Ed25519 signature that it holds the node id's key
-    (which `expected_node`, when given, must be)."""
-    node_id, proof, sig = headers.get(NODE_HEADER), headers.get(PROOF_HEADER), headers.get(NODE_SIG_HEADER)
-    if not (node_id and proof and sig):
+    The HMAC proves the responder holds our secret; the Ed25519 signature, or the MAC under the key shared
+    with our `proof_key`, that it holds the node id's key (which `expected_node`, when given, must be)."""
+    node_id, proof = headers.get(NODE_HEADER), headers.get(PROOF_HEADER)
+    sig, mac = headers.get(NODE_SIG_HEADER), headers.get(NODE_MAC_HEADER) if proof_key is not None else None
+    if not (node_id and proof and (sig or mac)):
         raise ProofError("its answer carries no node proof")
     message = PROOF_DOMAIN + nonce.encode() + b"\n" + node_id.encode()
     expected_proof = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected_proof.encode(), proof.strip().lower().encode()):
         raise ProofError("its node proof does not match our secret")
     try:
-        VerifyKey(node_public_key(node_id)).verify(message, base64.b64decode(sig, validate=True))
+        if mac:
+            expected_mac = hmac.digest(proof_key.shared_with(node_id), message, "sha256").hex()
+            if not hmac.compare_digest(expected_mac.encode(), mac.strip().lower().encode()):
+                raise BadSignatureError
+        else:
+            VerifyKey(node_public_key(node_id)).verify(message, base64.b64decode(sig, validate=True))
     except (NodeIdError, BadSignatureError, CryptoError, ValueError):
         raise ProofError(f"its signature does not verify against the node id it names ({node_id[:15]!r})") from None
     if expected_node is not None and node_id != expected_node:

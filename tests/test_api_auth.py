@@ -173,7 +173,8 @@ def test_every_signed_answer_carries_the_node_proof_and_bad_seals_are_refused(no
         for method, path in [("GET", "/api/status"), ("GET", "/api/memory/no-such-key"), ("POST", "/api/memory/set")]:
             answer = signed.request(method, path, json={"bad": 1} if method == "POST" else None)
             nonce = answer.request.headers["x-pinkybrain-nonce"]
-            assert check_proof(node.secret, nonce, answer.headers, expected_node=node_id) == node_id, path
+            assert check_proof(node.secret, nonce, answer.headers, expected_node=node_id,
+                               proof_key=signed.auth.proof_key) == node_id, path
         assert signed.get("/api/memory/no-such-key").status_code == 404
 
         # A seal header that is not a key, or a body sealed to another node: 400, still with the proof.
@@ -181,7 +182,14 @@ def test_every_signed_answer_carries_the_node_proof_and_bad_seals_are_refused(no
                              (RequestSeal(Identity.generate().node_id).header, b"y" * 64)]:
             answer = signed.post("/api/memory/set", content=body, headers={"x-pinkybrain-seal": header})
             assert answer.status_code == 400 and answer.json()["error"] == "bad_seal", answer.text
-            check_proof(node.secret, answer.request.headers["x-pinkybrain-nonce"], answer.headers, node_id)
+            check_proof(node.secret, answer.request.headers["x-pinkybrain-nonce"], answer.headers, node_id,
+                        signed.auth.proof_key)
+        # A client that names no key of its own gets the Ed25519 signature instead of the MAC.
+        from pinkybrain.skill.signing import signature_headers
+
+        plain = httpx.get(f"{node.url}/api/status", headers=signature_headers(node.secret, "GET", "/api/status", "", b""))
+        assert "x-pinkybrain-node-sig" in plain.headers and "x-pinkybrain-node-mac" not in plain.headers
+        assert check_proof(node.secret, plain.request.headers["x-pinkybrain-nonce"], plain.headers, node_id) == node_id
     with httpx.Client(base_url=node.url, timeout=30) as raw:
         assert "x-pinkybrain-proof" not in raw.get("/api/status").headers  # 401: no proof
         bearer = raw.get("/v1/models", headers={"authorization": f"Bearer {api_key}"})

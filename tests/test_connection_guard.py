@@ -135,3 +135,36 @@ def test_one_address_holds_at_most_its_connections(node_factory):
     finally:
         for s in held:
             s.close()
+
+
+def test_headers_past_16_kib_get_431_and_the_connection_closes(node_factory):
+    """httptools (the node's HTTP parser) caps nothing itself: a fast client streaming one endless header,
+    well inside the header deadline, gets 431 and a closed connection, and the node still answers."""
+    node = node_factory(extra={"http.header_timeout_secs": 30.0})
+    with socket.create_connection((node.host, node.port), timeout=10) as s:
+        s.sendall(HEAD + b"X-Big: ")
+        answer, sent = b"", 0
+        try:
+            while sent < 1 << 20 and not answer:
+                s.sendall(b"a" * 4096)
+                sent += 4096
+                s.settimeout(0.05)
+                try:
+                    answer = s.recv(4096)
+                except TimeoutError:
+                    pass
+                s.settimeout(10)
+        except OSError:  # the node closed while we were still sending
+            pass
+        s.settimeout(10)
+        while True:
+            try:
+                more = s.recv(4096)
+            except OSError:
+                break
+            if not more:
+                break
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert sent <= 64 * 1024, f"the node read {sent} bytes of headers before refusing"
+    assert node.get("/api/ping").status_code == 200

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nodes import RunningNode, free_port, start_node, strong_secret, wait_for, wait_until_up
+from nodes import RunningNode, free_port, run_cli, start_node, strong_secret, wait_for, wait_until_up
 from pinkybrain.node.dashboard.sessions import DashboardSessions, LoginRefused
 
 
@@ -80,6 +80,17 @@ def test_dashboard_session_reaches_the_api_only_with_its_csrf_token(node):
     with httpx.Client(base_url=node.url, timeout=30) as other:
         other.cookies.set("pb_dashboard", "guessed")
         assert other.get("/dashboard/").status_code == 401
+
+
+def test_a_node_with_the_dashboard_turned_off_serves_no_page_and_the_cli_says_why(node_factory):
+    node = node_factory(extra={"dashboard.enabled": False})
+    refused = node.post("/api/dashboard/login")
+    assert refused.status_code == 404 and refused.json()["error"] == "dashboard_disabled"
+    with httpx.Client(base_url=node.url, timeout=30) as browser:
+        assert browser.get("/dashboard/").status_code == 404
+    out = run_cli("dashboard", "--no-browser", "--url", node.url, env=node.env)
+    assert out.returncode != 0 and "dashboard.enabled: false" in out.stdout + out.stderr, out
+    assert node.get("/api/status").status_code == 200  # the API itself is unchanged
 
 
 def test_assets_ship_in_the_package_and_load_nothing_from_elsewhere():

@@ -5,8 +5,15 @@ import pytest
 
 from pinkybrain.node.core.auth import NONCE_HEADER, SIG_HEADER, TS_HEADER, NonceCache, RequestVerifier, sign
 from pinkybrain.node.core.identity import Identity
-from pinkybrain.node.core.skill_link import NODE_HEADER, PROOF_HEADER, SealFault, SkillLink
-from pinkybrain.skill.signing import ProofError, RequestSeal, check_proof, signature_headers
+from pinkybrain.node.core.skill_link import (
+    NODE_HEADER,
+    NODE_MAC_HEADER,
+    NODE_SIG_HEADER,
+    PROOF_HEADER,
+    SealFault,
+    SkillLink,
+)
+from pinkybrain.skill.signing import ProofError, ProofKey, RequestSeal, check_proof, signature_headers
 
 SECRET = "k3Yq-" + "x7Pz" * 10
 
@@ -51,6 +58,39 @@ def test_node_proof_verifies_in_the_skill_and_binds_secret_nonce_and_identity():
     # Its own honest proof names itself, which a pin on the other node refuses.
     with pytest.raises(ProofError, match=f"it is node {member.node_id}, not {node.node_id}"):
         check_proof(SECRET, "nonce-1", proof_headers(member, SECRET.encode(), "nonce-1"), expected_node=node.node_id)
+
+
+def test_the_cheap_node_mac_proves_the_node_id_to_the_client_that_named_its_key():
+    node, member = Identity.generate(), Identity.generate()
+    client, other_client = ProofKey(), ProofKey()
+
+    def mac_proof(identity, nonce, key=client, link=None):
+        link = link or SkillLink(identity)
+        return {k.decode(): v.decode() for k, v in link.proof_headers(SECRET.encode(), nonce, key.public.encode())}
+
+    link = SkillLink(node)
+    headers = mac_proof(node, "nonce-1", link=link)
+    assert NODE_MAC_HEADER in headers and NODE_SIG_HEADER not in headers
+    assert check_proof(SECRET, "nonce-1", headers, node.node_id, proof_key=client) == node.node_id
+    # The same link proves the next answer from its cached shared key: still bound to that answer's nonce.
+    again = mac_proof(node, "nonce-2", link=link)
+    assert check_proof(SECRET, "nonce-2", again, node.node_id, proof_key=client) == node.node_id
+    with pytest.raises(ProofError):
+        check_proof(SECRET, "nonce-2", headers, node.node_id, proof_key=client)
+    # A MAC made for another client's key does not verify for this client.
+    with pytest.raises(ProofError, match="signature does not verify"):
+        check_proof(SECRET, "nonce-1", mac_proof(node, "nonce-1", key=other_client), node.node_id, proof_key=client)
+    # A mesh member holds the secret but not the node's key: its MAC, claiming the node's id, fails.
+    forged = {**mac_proof(member, "nonce-1"), NODE_HEADER: node.node_id}
+    forged[PROOF_HEADER] = headers[PROOF_HEADER]
+    with pytest.raises(ProofError, match="signature does not verify"):
+        check_proof(SECRET, "nonce-1", forged, node.node_id, proof_key=client)
+    # A client that named no key cannot check a MAC, and a MAC alone is no proof for it.
+    with pytest.raises(ProofError, match="no node proof"):
+        check_proof(SECRET, "nonce-1", headers, node.node_id)
+    # A malformed client key gets the signature instead.
+    odd = {k.decode(): v.decode() for k, v in SkillLink(node).proof_headers(SECRET.encode(), "nonce-1", b"%%")}
+    assert NODE_SIG_HEADER in odd and check_proof(SECRET, "nonce-1", odd, node.node_id) == node.node_id
 
 
 def test_sealed_request_and_answer_round_trip():

@@ -6,21 +6,25 @@ Routes stay thin: they translate HTTP to runtime/service calls and errors to JSO
 from __future__ import annotations
 
 import asyncio
+import inspect
 import platform
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pinkybrain import __version__
-from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware, principal_of
+from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware
+from pinkybrain.node.api.deps import PrincipalDep, RuntimeDep
 from pinkybrain.node.api.errors import COMMON_ERRORS, api_error, errors
+from pinkybrain.node.api.hot_routes import HotRoutes, ping_answer, status_answer
 from pinkybrain.node.api.keys import router as keys_router
 from pinkybrain.node.api.query import router as query_router
+from pinkybrain.node.api.responses import FastJSONResponse
 from pinkybrain.node.api.sealing import SkillLinkMiddleware
 from pinkybrain.node.api.trust import router as trust_router
 from pinkybrain.node.core.auth import NonceCache, RequestVerifier
@@ -51,53 +55,22 @@ class PrivacyRequest(BaseModel):
 
 error = api_error
 
-
-def get_runtime(request: Request) -> NodeRuntime:
-    return request.app.state.runtime
-
-
-RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
 router = APIRouter()
 
 
 
-PrincipalDep = Annotated[Principal, Depends(principal_of)]
-
 
 # -- node ---------------------------------------------------------------------------------------
+# The hot routes: answered by node/api/hot_routes.py before FastAPI when the app is served; these routes
+# document them (OpenAPI) and answer the same in an app without those layers.
 @router.get("/api/ping", summary="Health check")
 async def ping(runtime: RuntimeDep):
-    return {
-        "pong": True,
-        "node_id": runtime.identity.node_id,
-        "name": runtime.cfg.node_name,
-        "version": runtime.version,
-    }
+    return FastJSONResponse(ping_answer(runtime))
 
 
 @router.get("/api/status", summary="Node status, resource guard, mesh state")
 async def status(runtime: RuntimeDep):
-    return {
-        "node_id": runtime.identity.node_id,
-        "name": runtime.cfg.node_name,
-        "version": runtime.version,
-        "uptime_secs": runtime.uptime(),
-        "started_at": runtime.started_at,
-        "listen": f"{runtime.bind_host}:{runtime.port}",
-        "start_mode": runtime.start_mode,
-        "mesh": runtime.mesh_state(),
-        "resource_guard": runtime.guard_state(),
-        "sharing": {
-            "enabled": runtime.cfg["sharing.enabled"],
-            "active": runtime.sharing_active,
-            "models_shared": len(runtime.models.shared_entries()),
-            "shared_models_dir": str(runtime.cfg.path("sharing.shared_models_dir")),
-            "cloud_models": runtime.cfg["sharing.cloud_models"],
-            "withdrawn": runtime.models.problems[-10:],  # shares whose file changed or went away
-        },
-        "credit": {**runtime.ledger.summary(), "earn_per_query": runtime.cfg["credit.earn_per_query"]},
-        "memory": {"commits": runtime.memory.commits if runtime.memory is not None else 0},
-    }
+    return FastJSONResponse(status_answer(runtime))
 
 
 @router.get("/api/capabilities", summary="Hardware capabilities report")
@@ -408,15 +381,19 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
             if manage_lifecycle:
                 await runtime.stop()
 
-    app = _new_app(lifespan)
+    # The node's own ASGI layers run first, outside FastAPI's stack: auth, then the skill link's proof and
+    # sealing, then the hot routes; everything else goes on to FastAPI.
+    app = _new_app(lifespan, outer_layers=(
+        lambda inner: SignedRequestMiddleware(inner, authenticator_factory=authenticator_for(runtime)),
+        lambda inner: SkillLinkMiddleware(inner, link=SkillLink(runtime.identity)),
+        lambda inner: HotRoutes(inner, runtime),
+    ), dashboard=runtime.cfg["dashboard.enabled"])
     app.state.runtime = runtime
+    app.state.dashboard_enabled = runtime.cfg["dashboard.enabled"]
     recent_events()  # the events panel's memory of operational lines (a bounded deque)
     from pinkybrain.node.api.p2p import router as p2p_router
 
     app.include_router(p2p_router)  # peer links (WebSocket /p2p): not part of the signed HTTP API
-    # Added first, so it runs inside auth and reads what auth established (scope["pinkybrain.auth"]).
-    app.add_middleware(SkillLinkMiddleware, link=SkillLink(runtime.identity))
-    app.add_middleware(SignedRequestMiddleware, authenticator_factory=authenticator_for(runtime))
     return app
 
 
@@ -437,8 +414,31 @@ def authenticator_for(runtime: NodeRuntime):
     return factory
 
 
-def _new_app(lifespan=None) -> FastAPI:
-    app = FastAPI(
+# The node exports no OpenTelemetry data; FastAPI would otherwise ask the tracer and meter providers on
+# every request whether to trace it (a few % of a signed ping). Older FastAPI has no such option.
+_NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+                 if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
+class NodeAPI(FastAPI):
+    """FastAPI with the node's own ASGI layers outermost (first in `outer_layers` runs first): they run on
+    every request before FastAPI's exception, body-limit and telemetry middlewares and its router."""
+
+    def __init__(self, *args, outer_layers=(), **kwargs):
+        self.outer_layers = tuple(outer_layers)
+        super().__init__(*args, **kwargs)
+
+    def build_middleware_stack(self):
+        app = super().build_middleware_stack()
+        for layer in reversed(self.outer_layers):
+            app = layer(app)
+        return app
+
+
+def _new_app(lifespan=None, outer_layers=(), dashboard: bool = True) -> FastAPI:
+    app = NodeAPI(
+        outer_layers=outer_layers,
+        **_NO_TELEMETRY,
         title="PinkyBrain node API",
         version=__version__,
         description=(
@@ -454,13 +454,15 @@ def _new_app(lifespan=None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url="/api/openapi.json",
+        default_response_class=FastJSONResponse,
     )
     app.include_router(router, responses=COMMON_ERRORS)
     app.include_router(query_router, responses=COMMON_ERRORS)
     app.include_router(trust_router, responses=COMMON_ERRORS)
     app.include_router(keys_router, responses=COMMON_ERRORS)
     app.include_router(dashboard_api_router, responses=COMMON_ERRORS)
-    app.include_router(dashboard_router)
+    if dashboard:  # the pages; off, /dashboard/... answers 404
+        app.include_router(dashboard_router)
     app.include_router(openai_router, responses=OPENAI_ERRORS)  # last: its /v1 catch-all answers unknown paths
 
     # Starlette's class: FastAPI's own 400s (unparseable body), 404s and 405s get the same error shape.

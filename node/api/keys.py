@@ -4,23 +4,17 @@ this answer only), list (names, scopes, dates; never a key), revoke."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
+from pinkybrain.node.api.deps import RuntimeDep
 from pinkybrain.node.api.errors import errors
 from pinkybrain.node.services.credentials import CredentialError
-from pinkybrain.node.services.runtime import NodeRuntime
 
 router = APIRouter()
 
-
-def get_runtime(request: Request) -> NodeRuntime:
-    return request.app.state.runtime
-
-
-RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
 
 
 def _error(status: int, code: str, detail: str) -> HTTPException:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from pinkybrain.node.api.auth import principal_of
+from pinkybrain.node.api.deps import PrincipalDep, RuntimeDep
 from pinkybrain.node.api.errors import errors
 from pinkybrain.node.core.credits import InsufficientCredit
 from pinkybrain.node.core.principals import Principal, visible_privacy
@@ -25,15 +25,7 @@ MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
 router = APIRouter()
 
 
-def get_runtime(request: Request) -> NodeRuntime:
-    return request.app.state.runtime
 
-
-RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
-
-
-
-PrincipalDep = Annotated[Principal, Depends(principal_of)]
 
 
 def guest_refusal(runtime: NodeRuntime, principal: Principal, session_id: str | None = None) -> str | None:

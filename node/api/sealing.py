@@ -12,10 +12,17 @@ import logging
 
 from pinkybrain.node.api.auth import read_body, replay_body
 from pinkybrain.node.core.principals import AUTH_SCOPE_KEY
-from pinkybrain.node.core.skill_link import SEAL_HEADER, SEALED_HEADER, SealFault, SkillLink
+from pinkybrain.node.core.skill_link import (
+    CLIENT_KEY_HEADER,
+    SEAL_HEADER,
+    SEALED_HEADER,
+    SealFault,
+    SkillLink,
+)
 
 log = logging.getLogger("pinkybrain.sealing")
 _SEAL = SEAL_HEADER.encode()
+_CLIENT_KEY = CLIENT_KEY_HEADER.encode()
 
 
 class SkillLinkMiddleware:
@@ -28,8 +35,13 @@ class SkillLinkMiddleware:
         if auth is None or not auth.nonce:
             await self.app(scope, receive, send)
             return
-        proof = self.link.proof_headers(auth.credential, auth.nonce)
-        seal_header = next((v for k, v in scope["headers"] if k == _SEAL), None)
+        seal_header = client_key = None
+        for name, value in scope["headers"]:
+            if name == _SEAL:
+                seal_header = value
+            elif name == _CLIENT_KEY:
+                client_key = value
+        proof = self.link.proof_headers(auth.credential, auth.nonce, client_key)
         if seal_header is None:
             await self.app(scope, receive, _with_headers(send, proof))
             return

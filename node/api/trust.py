@@ -5,22 +5,16 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
+from pinkybrain.node.api.deps import RuntimeDep
 from pinkybrain.node.api.errors import errors
 from pinkybrain.node.core.identity import IdentityError, validate_node_id
 from pinkybrain.node.core.trust import MAX_TTL_SECS, TrustError
-from pinkybrain.node.services.runtime import NodeRuntime
 
 router = APIRouter()
 
-
-def get_runtime(request: Request) -> NodeRuntime:
-    return request.app.state.runtime
-
-
-RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
 
 
 def _error(status: int, code: str, detail: str) -> HTTPException:

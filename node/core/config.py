@@ -165,6 +165,8 @@ SCHEMA: tuple[Key, ...] = (
         maximum=1073741824),
     Key("logging.backups", "int", 3, "rotated log files kept (ours)", minimum=1, maximum=100),
     # ours: signed self-update
+    Key("dashboard.enabled", "bool", True,
+        "serve the owner's dashboard (/dashboard); false: no dashboard pages, and `pinkybrain dashboard` says so (ours)"),
     Key("dashboard.allow_remote", "bool", False,
         "serve the owner's dashboard to other machines too (default: this machine only) (ours)"),
     Key("update.url", "str", None, "URL of the signed release manifest (default: no feed) (ours)"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -67,11 +68,12 @@ def validate_node_id(node_id: str) -> str:
 class Identity:
     signing_key: SigningKey
 
-    @property
+    # Computed once: the key never changes, and the node id is read on every answer (proof, status).
+    @cached_property
     def public_key(self) -> bytes:
         return bytes(self.signing_key.verify_key)
 
-    @property
+    @cached_property
     def node_id(self) -> str:
         return node_id_from_public_key(self.public_key)
 

@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from pinkybrain.node.dashboard.events import recent_events
@@ -99,6 +99,9 @@ def _cookie(header: str) -> str | None:
 # -- owner API: a login link -------------------------------------------------------------------------
 @api_router.post("/api/dashboard/login", summary="A one-time dashboard login link (owner only)")
 async def login_link(request: Request):
+    if not getattr(request.app.state, "dashboard_enabled", True):
+        raise HTTPException(404, {"error": "dashboard_disabled", "detail": "the dashboard is turned off on this "
+                                  "node (dashboard.enabled: false in its configuration)"})
     token = sessions(request).issue_login(time.time())
     return {"path": f"/dashboard/login?token={token}", "expires_in_secs": sessions(request).login_ttl}
 

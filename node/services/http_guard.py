@@ -2,14 +2,16 @@
 slow, and no single address holds more than its share of connections.
 
 uvicorn's own settings cover part of it (an idle keep-alive connection is closed after
-`timeout_keep_alive`, headers are capped by `h11_max_incomplete_event_size`, `limit_concurrency` answers
-503 past a total), but nothing in uvicorn times out a client that sends its headers or its body a byte
-at a time, or that connects and sends nothing. This is a small subclass of uvicorn's h11 protocol:
+`timeout_keep_alive`, `limit_concurrency` answers 503 past a total), but nothing in uvicorn times out a
+client that sends its headers or its body a byte at a time, or that connects and sends nothing, and its
+httptools protocol puts no cap on the size of a request's headers. This is a small subclass of uvicorn's
+HTTP protocol (httptools where installed, which parses in C; else h11):
 
 - from the moment a connection opens, or the first byte of a next request arrives, the request's
   headers must be complete within `header_secs`;
 - once the headers are in, the body must be complete within `body_secs` (a response may then take as
   long as it takes: streamed answers are the app's business);
+- a request's headers may take at most `MAX_HEADER_BYTES` (h11's own default cap): past it, 431;
 - a connection from an address (an IPv6 /64 counts as one) that already holds `per_address` connections
   (HTTP and WebSocket alike: uvicorn's server state lists both) is closed at once.
 
@@ -21,9 +23,23 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
-
 from pinkybrain.node.core.admission import address_bucket
+
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers together; h11's default incomplete-event cap
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+              b"content-length: 31\r\nconnection: close\r\n\r\nrequest headers exceed 16 KiB.\n")
+
+
+def http_protocol_class() -> type:
+    """uvicorn's httptools protocol where httptools is installed, else its h11 one (what http="auto" picks)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
 
 
 @dataclass(frozen=True)
@@ -41,14 +57,17 @@ class ConnectionLimits:
         )
 
 
-def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
-    """An H11Protocol class enforcing `limits`, for uvicorn.Config(http=...)."""
+def guarded_protocol(limits: ConnectionLimits, base: type | None = None) -> type:
+    """A uvicorn HTTP protocol class (`base`, default: http_protocol_class()) enforcing `limits`, for
+    uvicorn.Config(http=...)."""
+    base = base or http_protocol_class()
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedProtocol(base):
         def connection_made(self, transport) -> None:  # type: ignore[override]
             self._guard_timer: asyncio.TimerHandle | None = None
             self._guard_cycle = None
             self._guard_done = False  # upgraded to a WebSocket: the connection is no longer ours
+            self._guard_header_bytes = 0  # bytes of a request whose headers are not complete yet
             super().connection_made(transport)
             host = address_bucket(self.client[0]) if self.client else None
             if host is not None and _held_by(self.connections, host) > limits.per_address:
@@ -61,7 +80,18 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete
+            cycle_before = self.cycle
             super().data_received(data)
+            if waiting and self.cycle is cycle_before and not self._guard_done:  # still no complete headers
+                self._guard_header_bytes += len(data)
+                if self._guard_header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                    self._guard_cancel()
+                    self.transport.write(_TOO_LARGE)
+                    self.transport.close()  # after the 431 is written; 200 bytes fit any socket buffer
+                    return
+            else:
+                self._guard_header_bytes = 0
             self._guard_watch(bytes_arrived=bool(data))
 
         def on_response_complete(self) -> None:
@@ -86,11 +116,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             elif not cycle.more_body:
                 self._guard_cancel()
 
-        def handle_websocket_upgrade(self, event) -> None:
+        def handle_websocket_upgrade(self, *event) -> None:  # h11 passes the request event, httptools none
             # The connection now belongs to the WebSocket protocol (the mesh sets its own deadlines).
             self._guard_done = True
             self._guard_cancel()
-            super().handle_websocket_upgrade(event)
+            super().handle_websocket_upgrade(*event)
 
         # -- the guard ------------------------------------------------------------------------------
         def _guard_arm(self, delay: float, callback) -> None:
@@ -120,7 +150,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             if not self.transport.is_closing():
                 self.transport.abort()
 
-    return GuardedH11Protocol
+    GuardedProtocol.__name__ = GuardedProtocol.__qualname__ = f"Guarded{base.__name__}"
+    return GuardedProtocol
 
 
 def _held_by(connections, bucket: str) -> int:

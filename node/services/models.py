@@ -361,6 +361,9 @@ class ModelRegistry:
             self._save()
         return entry
 
+    def shared_count(self) -> int:
+        return len(self._shares)
+
     def shared_entries(self) -> list[dict]:
         """The signed entries as peers see them (local bookkeeping fields removed)."""
         return [{k: v for k, v in e.items() if not k.startswith("_")} for e in self._shares.values()]

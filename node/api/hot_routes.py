@@ -1,0 +1,94 @@
+"""The two hot routes, `GET /api/ping` and `GET /api/status`, answered straight from ASGI.
+
+Every skill call starts with a ping (discovery), and dashboards and monitors poll status, so these two
+answers are on the hot path. Profiles (bench/README.md) showed FastAPI's layers around them (its
+exception and telemetry middlewares, routing, dependency solving, the response encoder) costing three
+times the answer itself. `HotRoutes` sits inside the auth and skill-link middlewares, so a hot route is
+authenticated, checked against the principal table and given its proof exactly as before; only the
+FastAPI machinery after that is skipped. The FastAPI routes stay (OpenAPI, and any app built without
+these layers) and answer with the same functions, so both paths say the same thing.
+
+The answer is built from values the node keeps up to date in memory (no disk or SQLite read)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pinkybrain.node.api.responses import dumps
+
+if TYPE_CHECKING:
+    from pinkybrain.node.services.runtime import NodeRuntime
+
+
+def ping_answer(runtime: NodeRuntime) -> dict:
+    return {"pong": True, "node_id": runtime.identity.node_id, "name": runtime.cfg.node_name,
+            "version": runtime.version}
+
+
+class _ConfigFacts:
+    """What status shows of the configuration, worked out once per configuration (a reload makes a new one)."""
+
+    __slots__ = ("cfg", "shared_models_dir", "sharing_enabled", "cloud_models", "earn_per_query")
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.shared_models_dir = str(cfg.path("sharing.shared_models_dir"))
+        self.sharing_enabled = cfg["sharing.enabled"]
+        self.cloud_models = cfg["sharing.cloud_models"]
+        self.earn_per_query = cfg["credit.earn_per_query"]
+
+
+_facts: list[_ConfigFacts] = []
+
+
+def _config_facts(cfg) -> _ConfigFacts:
+    if not _facts or _facts[0].cfg is not cfg:
+        _facts[:] = [_ConfigFacts(cfg)]
+    return _facts[0]
+
+
+def status_answer(runtime: NodeRuntime) -> dict:
+    facts = _config_facts(runtime.cfg)
+    return {
+        "node_id": runtime.identity.node_id,
+        "name": runtime.cfg.node_name,
+        "version": runtime.version,
+        "uptime_secs": runtime.uptime(),
+        "started_at": runtime.started_at,
+        "listen": f"{runtime.bind_host}:{runtime.port}",
+        "start_mode": runtime.start_mode,
+        "mesh": runtime.mesh_state(),
+        "resource_guard": runtime.guard_state(),
+        "sharing": {
+            "enabled": facts.sharing_enabled,
+            "active": runtime.sharing_active,
+            "models_shared": runtime.models.shared_count(),
+            "shared_models_dir": facts.shared_models_dir,
+            "cloud_models": facts.cloud_models,
+            "withdrawn": runtime.models.problems[-10:],  # shares whose file changed or went away
+        },
+        "credit": {**runtime.ledger.summary(), "earn_per_query": facts.earn_per_query},
+        "memory": {"commits": runtime.memory.commits if runtime.memory is not None else 0},
+    }
+
+
+ANSWERS = {"/api/ping": ping_answer, "/api/status": status_answer}
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class HotRoutes:
+    """ASGI: answers GET on the hot routes itself, passes everything else to `app` (FastAPI)."""
+
+    def __init__(self, app, runtime: NodeRuntime):
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope, receive, send):
+        answer = ANSWERS.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "GET" else None
+        if answer is None:
+            await self.app(scope, receive, send)
+            return
+        body = dumps(answer(self.runtime))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

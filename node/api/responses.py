@@ -1,0 +1,28 @@
+"""The API's JSON responses, serialised by orjson: several times faster than the standard library, and on
+the hot routes (ping, status) it also spares FastAPI's jsonable_encoder walk over the answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi.encoders import jsonable_encoder
+from starlette.responses import JSONResponse
+
+_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def _fallback(value: Any) -> Any:
+    # Types orjson does not know (sets, Paths, pydantic models): FastAPI's encoder makes them JSON-able.
+    return jsonable_encoder(value)
+
+
+def dumps(content: Any) -> bytes:
+    return orjson.dumps(content, default=_fallback, option=_OPTIONS)
+
+
+class FastJSONResponse(JSONResponse):
+    """A JSONResponse rendered by orjson (compact, UTF-8; NaN and infinities become null)."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
