@@ -171,6 +171,7 @@ class StarletteTransport:
         self.remote = (str(client[0]), int(client[1])) if client else None
 
     async def send(self, data: bytes) -> None:
+        # `data` may be a bytearray (Channel.seal_parts): uvicorn's WebSocket protocols send any bytes-like.
         try:
             await self.ws.send_bytes(data)
         except (self._disconnect, RuntimeError, OSError) as exc:
