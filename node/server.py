@@ -147,10 +147,14 @@ async def _serve(
                 return
             await asyncio.sleep(0.05)
         log.info("node %s (%s) listening on %s:%d", identity.node_id, cfg.node_name, host, port)
-        release_start_up_memory()
-        await runtime.start_discovery()
         confirm_running(cfg.home, runtime.version)  # an update that restarted into this version is settled
         sd_notify("READY=1\nSTATUS=serving")
+        # Only now: what the first requests do not need.
+        release_start_up_memory()
+        try:
+            await runtime.start_discovery()
+        except Exception as exc:  # noqa: BLE001 - the API is up and keeps serving; say why discovery is off
+            log.error("discovery did not start (%s: %s); peers are found by address only", type(exc).__name__, exc)
 
     ready_task = asyncio.create_task(announce_ready())
     tls_task = asyncio.create_task(_serve_tls(tls_server, cfg["api.tls_port"])) if tls_server is not None else None
