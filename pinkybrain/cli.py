@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
-import typer
-
-from pinkybrain import __version__
+if TYPE_CHECKING:
+    import typer
 
 
 def build_app() -> typer.Typer:
+    import typer
+
+    from pinkybrain import __version__
     from pinkybrain.node import cli as node_cli
     from pinkybrain.skill import cli as skill_cli
 
@@ -40,6 +43,14 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["serve"]:
+        # The node process itself (systemd's ExecStart): a plain foreground `serve` starts without building
+        # the CLI; anything else (--daemon, --help, ...) goes through typer below.
+        from pinkybrain.node.server import foreground_args, serve
+
+        args = foreground_args(sys.argv[2:])
+        if args is not None:
+            sys.exit(serve(*args))
     from pinkybrain.skill.cli import json_requested
 
     app = build_app()

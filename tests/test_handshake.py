@@ -253,6 +253,26 @@ def test_channel_round_trip_both_ways():
     assert b"hello" not in frame
 
 
+def test_a_frame_sealed_from_parts_is_the_frame_seal_makes():
+    # The link's writer seals a message's header and body without joining them first: the wire must not
+    # change (older peers open these frames), and the counter, replay check and tag still apply.
+    a1, b = channels()
+    a2, _ = channels()
+    a2._send, a2.send_counter = a1._send, 0
+    parts = [b"\x00\x00\x00\x02{}", memoryview(b"body"), b""]
+    frame = a1.seal_parts(parts)
+    assert bytes(frame) == a2.seal(b"".join(parts))
+    assert b.open(frame) == (1, b"".join(parts))
+    with pytest.raises(FrameRejected) as replay:
+        b.open(frame)
+    assert replay.value.reason == "replay"
+    tampered = bytearray(a1.seal_parts([b"x" * 100]))
+    tampered[-1] ^= 1
+    with pytest.raises(FrameRejected) as forged:
+        b.open(tampered)
+    assert forged.value.reason == "auth"
+
+
 def test_tampered_ciphertext_is_rejected_and_the_next_frame_still_opens():
     a, b = channels()
     good = a.seal(b"first")

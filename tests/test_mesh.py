@@ -188,6 +188,28 @@ def test_small_messages_are_batched_under_load_and_arrive_in_order():
     run(scenario())
 
 
+def test_enqueued_messages_are_done_once_sent_and_fail_when_the_link_closes():
+    async def scenario():
+        async with Node("a") as a, Node("b") as b:
+            link = await a.mesh.connect(b.url)
+            frames0 = link.counters["frames_out"]
+            # A producer that pipelines: futures, not a task per message; small ones share frames.
+            sent = [link.enqueue({"t": "ping", "n": 10_000 + i}) for i in range(100)]
+            await asyncio.wait_for(asyncio.gather(*sent), 10)
+            assert link.counters["frames_out"] - frames0 < 100
+            await eventually(lambda: b.mesh._links[a.id].counters["frames_in"] >= link.counters["frames_out"])
+            # Queued behind a large message when the link closes: each one is sent or fails with PeerGone.
+            pending = [link.enqueue({"t": "bulk", "b": 1}, b"x" * 512 * 1024) for _ in range(8)]
+            link.close("test over")
+            outcomes = await asyncio.gather(*pending, return_exceptions=True)
+            assert all(o is None or isinstance(o, PeerGone) for o in outcomes)
+            assert any(isinstance(o, PeerGone) for o in outcomes)
+            with pytest.raises(PeerGone):
+                link.enqueue({"t": "ping", "n": 1})
+
+    run(scenario())
+
+
 def test_a_batch_inside_a_batch_is_dropped_as_malformed():
     from pinkybrain.node.services.peer_link import encode_batch, encode_message
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets as _secrets
-
-from zxcvbn import zxcvbn
+import sys
 
 SEED_DEFAULT_SECRET = "CHANGE_ME_STRONG_SECRET"  # noqa: S105 (the value we refuse, not a credential)
 MIN_LENGTH = 32
@@ -99,8 +98,19 @@ KNOWN_FRAGMENTS = _known_fragments()
 def _guesses_log10(text: str) -> float:
     if not text:
         return 0.0
+    # Imported here: its dictionaries hold ~12 MiB that a node needs once, at start (release_estimator()).
+    from zxcvbn import zxcvbn
+
     # zxcvbn is quadratic in length; the first 100 characters decide as well as the whole.
     return float(zxcvbn(text[:100])["guesses_log10"])
+
+
+def release_estimator() -> None:
+    """Forget zxcvbn's modules, so a long-running process that has checked its secret can give their
+    dictionaries back (after a gc.collect(): modules sit in reference cycles). A later check imports
+    them again."""
+    for name in [n for n in sys.modules if n == "zxcvbn" or n.startswith("zxcvbn.")]:
+        del sys.modules[name]
 
 
 def _without_known(flat: str) -> tuple[str, bool]:

@@ -12,8 +12,10 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 PROVIDERS = ("openai", "anthropic")
 DEFAULT_BASE = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com/v1"}
@@ -75,11 +77,23 @@ def _split_system(messages: list[dict]) -> tuple[str, list[dict]]:
 
 
 class CloudClient:
+    # httpx (with httpcore, and the CLI extras httpx pulls in) costs a node that never calls a cloud model
+    # ~17 MiB and a few hundred ms of start-up: the client is made on first use.
     def __init__(self, timeout: float = 120.0):
-        self._http = httpx.AsyncClient(timeout=timeout)
+        self._timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        return self._client
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     def _request(self, cm: CloudModel, messages: list[dict], max_tokens: int, temperature: float,
                  top_p: float, stream: bool) -> tuple[str, dict, dict]:
@@ -101,6 +115,8 @@ class CloudClient:
                    top_p: float = 0.95) -> tuple[str, dict, float]:
         url, headers, body = self._request(cm, messages, max_tokens, temperature, top_p, stream=False)
         start = time.perf_counter()
+        import httpx
+
         try:
             resp = await self._http.post(url, json=body, headers=headers)
         except httpx.HTTPError as exc:

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from pinkybrain.node.core.auth import NONCE_HEADER, SIG_HEADER, TS_HEADER, sign
 from pinkybrain.node.core.config import Config
 from pinkybrain.node.services.process import running_pid
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class DaemonError(RuntimeError):
@@ -22,6 +24,8 @@ class DaemonError(RuntimeError):
 
 
 def _signed_ping(url: str, secret: str, timeout: float) -> httpx.Response:
+    import httpx  # here, not at the top: `serve` in the foreground imports this module and never pings
+
     ts, nonce = f"{time.time():.3f}", secrets.token_hex(16)
     headers = {
         SIG_HEADER: sign(secret, "GET", "/api/ping", "", ts, nonce, b""),
@@ -79,6 +83,8 @@ def start_daemon(
             start_new_session=True,
             close_fds=True,
         )
+    import httpx
+
     url = local_url(host, port)
     deadline = time.monotonic() + wait_secs
     while time.monotonic() < deadline:

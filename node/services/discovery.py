@@ -10,10 +10,14 @@ import shutil
 import socket
 import subprocess
 import time
+from typing import TYPE_CHECKING
 
 import ifaddr
-from zeroconf import IPVersion, ServiceStateChange
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+# zeroconf (~13 MiB resident) is imported when mDNS starts: a node with p2p.mdns off, or one only asking
+# Tailscale, never loads it, and one with it on loads it after its API answers.
+if TYPE_CHECKING:
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 log = logging.getLogger("pinkybrain.discovery")
 SERVICE_TYPE = "_pinkybrain._tcp.local."
@@ -60,6 +64,9 @@ class MdnsService:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
         self._zc = AsyncZeroconf(interfaces=zeroconf_interfaces(self.bind_host), ip_version=IPVersion.V4Only)
         if self.advertise:
             label = f"{self.name[:30]}-{self.node_id[:7]}".replace(".", "-")
@@ -75,6 +82,8 @@ class MdnsService:
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
 
     def _on_change(self, zeroconf, service_type, name, state_change) -> None:
+        from zeroconf import ServiceStateChange
+
         if state_change is ServiceStateChange.Removed:
             self.found.pop(name, None)
             return
@@ -83,6 +92,8 @@ class MdnsService:
         task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, service_type: str, name: str) -> None:
+        from zeroconf.asyncio import AsyncServiceInfo
+
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self._zc.zeroconf, 3000):
             return

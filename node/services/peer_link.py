@@ -2,7 +2,9 @@
 and the RPC plumbing (requests, streamed replies with credit-based flow control, cancellation).
 
 Messages ride in channel frames: a 4-byte length, a small JSON header ({"t": type, ...}), then optional raw
-bytes (binary RPC payloads travel unencoded). One writer task seals and sends frames in queue order, so
+bytes (binary RPC payloads travel unencoded). A queued message keeps its header and body apart until the
+writer seals it: they are joined once, right before encryption, and a received body is a view of the
+decrypted frame, not a copy (the RPC layer makes it bytes once, in unpack_payload). One writer task seals and sends frames in queue order, so
 counters reach the wire in order; the reader task never waits on a send (replies are queued), so two
 busy peers cannot deadlock on each other's full socket buffers.
 """
@@ -169,6 +171,7 @@ class StarletteTransport:
         self.remote = (str(client[0]), int(client[1])) if client else None
 
     async def send(self, data: bytes) -> None:
+        # `data` may be a bytearray (Channel.seal_parts): uvicorn's WebSocket protocols send any bytes-like.
         try:
             await self.ws.send_bytes(data)
         except (self._disconnect, RuntimeError, OSError) as exc:
@@ -194,21 +197,35 @@ class StarletteTransport:
 
 
 # -- message codec ----------------------------------------------------------------------------------
+# One encoder for every message: json.dumps with options would build a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_JSON_DECODER = json.JSONDecoder()
+
+
+def encode_head(msg: dict) -> bytes:
+    """A message's length prefix and JSON header: what goes before its body."""
+    head = _JSON.encode(msg).encode()
+    return _LEN.pack(len(head)) + head
+
+
 def encode_message(msg: dict, body: bytes = b"") -> bytes:
-    head = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
-    return _LEN.pack(len(head)) + head + body
+    return encode_head(msg) + body
 
 
-def decode_message(data: bytes) -> tuple[dict, bytes]:
+def decode_message(data) -> tuple[dict, memoryview]:
+    """(header, body) of one message; the body is a view of `data`, not a copy."""
     if len(data) < _LEN.size:
         raise ValueError("message shorter than its length prefix")
     (n,) = _LEN.unpack_from(data)
     if n > len(data) - _LEN.size:
         raise ValueError("message header runs past the frame")
-    msg = json.loads(bytes(data[_LEN.size : _LEN.size + n]))
+    try:
+        msg = _JSON_DECODER.decode(str(data[_LEN.size : _LEN.size + n], "utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("message header is not UTF-8") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
         raise ValueError("message header is not an object with a type")
-    return msg, bytes(data[_LEN.size + n :])
+    return msg, memoryview(data)[_LEN.size + n :]
 
 
 _BATCH_HEAD = encode_message({"t": "batch"})
@@ -252,8 +269,8 @@ def pack_payload(msg: dict, payload: Any) -> bytes:
     return b""
 
 
-def unpack_payload(msg: dict, body: bytes) -> Any:
-    return body if msg.get("b") else msg.get("p")
+def unpack_payload(msg: dict, body) -> Any:
+    return bytes(body) if msg.get("b") else msg.get("p")
 
 
 def _number(value) -> float | None:
@@ -466,8 +483,9 @@ class Link:
         self._pings: dict[int, float] = {}
         self._ping_seq = 0
         self._outq: asyncio.Queue = asyncio.Queue()
-        self._carry: tuple[bytes, asyncio.Future | None] | None = None  # taken but did not fit a batch
-        self._inflight: list[tuple[bytes, asyncio.Future | None]] = []  # the frame being sent
+        # Queued messages are (head, body, future or None): see encode_head and _write_loop.
+        self._carry: tuple[bytes, bytes, asyncio.Future | None] | None = None  # taken, did not fit a batch
+        self._inflight: list[tuple[bytes, bytes, asyncio.Future | None]] = []  # the frame being sent
         self._closing = asyncio.Event()
         self.finished = asyncio.Event()
         self.close_reason: str | None = None
@@ -557,7 +575,7 @@ class Link:
         unsent = [*self._inflight, *([self._carry] if self._carry else [])]
         while not self._outq.empty():
             unsent.append(self._outq.get_nowait())
-        for _, fut in unsent:
+        for _, _, fut in unsent:
             if fut is not None and not fut.done():
                 fut.set_exception(gone)
         for call in list(self._calls.values()):
@@ -572,23 +590,31 @@ class Link:
         self.finished.set()
 
     # -- sending -----------------------------------------------------------------------------------
-    def _encode(self, msg: dict, body: bytes) -> bytes:
-        data = encode_message(msg, body)
-        if len(data) > self.settings.max_frame:
+    def _encode(self, msg: dict, body: bytes) -> tuple[bytes, bytes]:
+        head = encode_head(msg)
+        body = bytes(body)  # no copy for bytes; a caller's bytearray cannot change while it waits
+        size = len(head) + len(body)
+        if size > self.settings.max_frame:
             raise MessageTooLarge(
-                f"{msg.get('t')} message of {len(data)} bytes is over the "
+                f"{msg.get('t')} message of {size} bytes is over the "
                 f"{self.settings.max_frame}-byte frame "
                 "limit; stream it in chunks"
             )
-        return data
+        return head, body
 
     async def send(self, msg: dict, body: bytes = b"") -> None:
         """Queue a message and wait until it is on the wire (backpressure for producers)."""
+        await self.enqueue(msg, body)
+
+    def enqueue(self, msg: dict, body: bytes = b"") -> asyncio.Future:
+        """Queue a message; the future is done once it is on the wire, or fails with PeerGone. send() awaits
+        it; a producer with many messages can queue them all and gather the futures, with no task per
+        message (the writer sends them in order, packing small ones into shared frames)."""
         if self._closing.is_set() or not self._room():
             raise PeerGone(f"peer {self.short} went away: {self.close_reason}")
         fut = asyncio.get_running_loop().create_future()
-        self._outq.put_nowait((self._encode(msg, body), fut))
-        await fut
+        self._outq.put_nowait((*self._encode(msg, body), fut))
+        return fut
 
     def _room(self) -> bool:
         if self._outq.qsize() < MAX_QUEUED:
@@ -602,7 +628,7 @@ class Link:
         if self._closing.is_set() or not self._room():
             return False
         try:
-            self._outq.put_nowait((self._encode(msg, body), None))
+            self._outq.put_nowait((*self._encode(msg, body), None))
         except (MessageTooLarge, TypeError, ValueError):
             log.warning("not sending an oversized or unencodable %s message to %s", msg.get("t"), self.short)
             return False
@@ -613,6 +639,13 @@ class Link:
         await self.transport.send(frame)
 
     async def _pace(self, size: int) -> None:
+        frames, nbytes = self._pace_frames, self._pace_bytes
+        amount = min(float(size), nbytes.burst)
+        now = frames.clock()
+        if frames.refill(now) >= 1 and nbytes.refill(now) >= amount:  # under the pace: no wait, one clock read
+            frames.tokens -= 1
+            nbytes.tokens -= amount
+            return
         for bucket, amount in ((self._pace_frames, 1.0), (self._pace_bytes, float(size))):
             while not bucket.take(min(amount, bucket.burst)):
                 await asyncio.sleep(max(0.001, (min(amount, bucket.burst) - bucket.tokens) / bucket.rate))
@@ -622,41 +655,50 @@ class Link:
             batch = self._inflight = self._next_batch(await self._next_item())
             if not batch:
                 continue
-            data = batch[0][0] if len(batch) == 1 else encode_batch([d for d, _ in batch])
-            frame = self.channel.seal(data)
+            if len(batch) == 1:
+                parts = batch[0][:2]
+            else:  # `batch`'s body is each message behind its length (encode_batch, without the copies)
+                parts = [_BATCH_HEAD]
+                for head, body, _ in batch:
+                    parts += (_LEN.pack(len(head) + len(body)), head, body)
+            frame = self.channel.seal_parts(parts)
             await self._pace(len(frame))
             await self.transport.send(frame)
             self.counters["frames_out"] += 1
             self.counters["bytes_out"] += len(frame)
             self.mesh.stats["frames_out"] += 1
             self._inflight = []
-            for _, fut in batch:
+            for _, _, fut in batch:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
-    async def _next_item(self) -> tuple[bytes, asyncio.Future | None]:
+    async def _next_item(self) -> tuple[bytes, bytes, asyncio.Future | None]:
         if self._carry is not None:
             item, self._carry = self._carry, None
             return item
         return await self._outq.get()
 
-    def _next_batch(self, first: tuple[bytes, asyncio.Future | None]) -> list:
+    def _next_batch(self, first: tuple[bytes, bytes, asyncio.Future | None]) -> list:
         """`first` plus what is already queued, as far as one frame holds: never waits for more, so an
         idle link sends at once, and a busy one sends fewer, larger frames."""
-        batch = [item for item in (first,) if item[1] is None or not item[1].done()]
-        if not self.batches or len(first[0]) > BATCH_MAX_MESSAGE_BYTES:
+        fut = first[2]
+        batch = [first] if fut is None or not fut.done() else []
+        size = len(first[0]) + len(first[1])
+        if not self.batches or size > BATCH_MAX_MESSAGE_BYTES:
             return batch
         room = self.settings.max_frame - _BATCH_SLACK - len(_BATCH_HEAD)
-        size = sum(len(d) + _LEN.size for d, _ in batch)
+        size = sum(len(h) + len(b) + _LEN.size for h, b, _ in batch)
         while len(batch) < BATCH_MAX_MESSAGES and not self._outq.empty():
-            data, fut = self._outq.get_nowait()
+            item = self._outq.get_nowait()
+            fut = item[2]
             if fut is not None and fut.done():  # its sender gave up (cancelled): skip it
                 continue
-            if len(data) > BATCH_MAX_MESSAGE_BYTES or size + len(data) + _LEN.size > room:
-                self._carry = (data, fut)
+            n = len(item[0]) + len(item[1])
+            if n > BATCH_MAX_MESSAGE_BYTES or size + n + _LEN.size > room:
+                self._carry = item
                 break
-            batch.append((data, fut))
-            size += len(data) + _LEN.size
+            batch.append(item)
+            size += n + _LEN.size
         return batch
 
     # -- receiving ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -14,8 +15,10 @@ from pinkybrain import __version__
 from pinkybrain.node.core.config import Config
 from pinkybrain.node.core.guard import GuardSettings, ResourceGuard
 from pinkybrain.node.core.identity import Identity
-from pinkybrain.node.services.discovery import MdnsService
 from pinkybrain.node.services.models import ModelNotFound, ModelPathError, ModelRegistry, resolve_shared
+
+if TYPE_CHECKING:
+    from pinkybrain.node.services.discovery import MdnsService
 
 log = logging.getLogger("pinkybrain.node")
 
@@ -76,7 +79,10 @@ class NodeRuntime:
         self._process = psutil.Process()
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, *, discovery: bool = True) -> None:
+        """Open the stores and start the services. `discovery=False` leaves the tracker join and mDNS to
+        start_discovery(), which the server calls once its API answers: they are not needed to serve the
+        first request, and mDNS (zeroconf) costs start-up time and memory."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         from pinkybrain.node.services.credentials import ApiKeyStore, ensure_owner_key
 
@@ -123,11 +129,18 @@ class NodeRuntime:
         from pinkybrain.node.services.public_mesh import PublicMesh
 
         self.public = PublicMesh(self)
+        if discovery:
+            await self.start_discovery()
+
+    async def start_discovery(self) -> None:
+        """Join the public mesh (in the background) and start mDNS, if configured."""
         if self.cfg["mesh.public"]:
             # In the background: a tracker that is down must not hold up the node's own API.
             self._tasks.append(asyncio.create_task(self.public.join_in_background(), name="public-join"))
         if not self.cfg["p2p.mdns"]:
             return
+        from pinkybrain.node.services.discovery import MdnsService
+
         self.mdns = MdnsService(
             node_id=self.identity.node_id,
             name=self.cfg.node_name,

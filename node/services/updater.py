@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import httpx
 import yaml
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -77,9 +76,11 @@ UPDATES_DIR = "updates"
 RESTARTABLE_MODES = ("daemon", "systemd")
 NODE_STOP_SECS = 45.0  # the node's graceful shutdown allows 20 s for in-flight requests, then closes stores
 PIP_TIMEOUT_SECS = 600.0
-FEED_TIMEOUT = httpx.Timeout(15.0, connect=10.0)
-# Per read, not overall: a stalled transfer fails, a slow one does not.
-DOWNLOAD_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+# httpx.Timeout(read, connect=...): per read, not overall: a stalled transfer fails, a slow one does not.
+# httpx itself is imported where a request is made: the node imports this module at start (for
+# confirm_running and the update routes) and httpx would cost it ~17 MiB and a few hundred ms.
+FEED_TIMEOUT = (15.0, 10.0)
+DOWNLOAD_TIMEOUT = (30.0, 10.0)
 CHUNK = 64 * 1024
 
 
@@ -238,9 +239,12 @@ def fetch_manifest(cfg: Config) -> tuple[Manifest, str]:
         raise UpdateError(409, "no_feed", "no update feed is configured for this node (set update.url)")
     _check_http_url(url, "update.url")
     public_key = release_public_key(cfg)
+    import httpx
+
     try:
         with (
-            httpx.Client(timeout=FEED_TIMEOUT, follow_redirects=True) as client,
+            httpx.Client(timeout=httpx.Timeout(FEED_TIMEOUT[0], connect=FEED_TIMEOUT[1]),
+                         follow_redirects=True) as client,
             client.stream("GET", url) as r,
         ):
             if r.status_code != 200:
@@ -267,7 +271,9 @@ def fetch_manifest(cfg: Config) -> tuple[Manifest, str]:
     return manifest, artefact
 
 
-def _http_reason(exc: httpx.HTTPError) -> str:
+def _http_reason(exc) -> str:
+    import httpx
+
     text = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
         return f"timed out ({text})"
@@ -421,6 +427,8 @@ def download_artefact(
 ) -> Path:
     """Stream the wheel to a temporary file, refusing it unless exactly manifest.size bytes arrive with the
     signed SHA-256 and its metadata names the signed version; only then is it moved into place."""
+    import httpx
+
     fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
     tmp = Path(tmp_name)
     digest, done = hashlib.sha256(), 0
@@ -428,7 +436,8 @@ def download_artefact(
         with os.fdopen(fd, "wb") as out:
             try:
                 with (
-                    httpx.Client(timeout=DOWNLOAD_TIMEOUT, follow_redirects=True) as client,
+                    httpx.Client(timeout=httpx.Timeout(DOWNLOAD_TIMEOUT[0], connect=DOWNLOAD_TIMEOUT[1]),
+                                 follow_redirects=True) as client,
                     client.stream("GET", url) as r,
                 ):
                     if r.status_code != 200:
@@ -649,6 +658,8 @@ def signed_ping(url: str, secret: str, timeout: float = 2.0) -> dict | None:
         TS_HEADER: ts,
         NONCE_HEADER: nonce,
     }
+    import httpx
+
     try:
         r = httpx.get(f"{url}/api/ping", headers=headers, timeout=timeout)
         answer = r.json() if r.status_code == 200 else None

@@ -1,0 +1,82 @@
+"""A lean start: the node process loads only what its first request needs, keeps every start-up check,
+and starts mDNS after its API answers (bench/cold_start.py measures the time and memory)."""
+
+import json
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from pinkybrain.node.core.secrets import WeakSecretError, check_secret, release_estimator
+from pinkybrain.node.server import foreground_args
+
+# Modules the serve path must not import before its first request: each costs megabytes of resident
+# memory and tens to hundreds of milliseconds (see bench/README.md).
+NOT_AT_START = ("httpx", "httpcore", "zeroconf", "typer", "rich", "llama_cpp", "trio")
+
+
+@pytest.mark.parametrize(
+    ("args", "parsed"),
+    [
+        ([], (None, None, None, ())),
+        (["--config", "/etc/pb.yaml"], ("/etc/pb.yaml", None, None, ())),
+        (["--host=0.0.0.0", "--port", "8080"], (None, "0.0.0.0", 8080, ())),
+        (["--peer", "http://a:1", "--peer=http://b:2"], (None, None, None, ("http://a:1", "http://b:2"))),
+    ],
+)
+def test_a_plain_foreground_serve_is_parsed_without_the_cli(args, parsed):
+    assert foreground_args(args) == parsed
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--daemon"],
+        ["--stop"],
+        ["--json"],
+        ["--help"],
+        ["--config"],  # no value
+        ["--config", "--host"],  # an option where a value should be
+        ["--port", "0"],
+        ["--port", "65536"],
+        ["--port", "80a"],
+        ["--port", "٨٠"],  # non-ASCII digits
+        ["--host", "a", "--host", "b"],  # repeated: the CLI decides
+        ["--unknown", "x"],
+        ["extra"],
+    ],
+)
+def test_anything_else_goes_through_the_cli(args):
+    assert foreground_args(args) is None
+
+
+def test_the_cli_still_reports_errors_the_fast_path_leaves_to_it(tmp_path):
+    bad_port = subprocess.run(
+        [sys.executable, "-m", "pinkybrain.node", "serve", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert bad_port.returncode == 2 and "Traceback" not in bad_port.stderr
+    assert "--port" in bad_port.stderr
+
+
+def test_the_serve_path_imports_nothing_its_first_request_does_not_need():
+    code = (
+        "import json, sys\n"
+        "import pinkybrain.node.server, pinkybrain.node.api.app, pinkybrain.node.services.runtime\n"
+        "import pinkybrain.node.services.mesh, pinkybrain.node.services.discovery\n"
+        f"print(json.dumps(sorted(m for m in {NOT_AT_START!r} if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_the_secret_check_works_after_its_dictionaries_are_released():
+    strong = secrets.token_urlsafe(32)
+    check_secret(strong)
+    assert "zxcvbn" in sys.modules
+    release_estimator()
+    assert not any(name == "zxcvbn" or name.startswith("zxcvbn.") for name in sys.modules)
+    with pytest.raises(WeakSecretError, match="guessable"):
+        check_secret("password12345678901234567890123456")  # imports the estimator again
+    check_secret(strong)
