@@ -17,7 +17,6 @@ from pinkybrain.node.core.identity import Identity, IdentityError, load_identity
 from pinkybrain.node.core.release import RESTART_EXIT_CODE, RESTART_SIGNAL
 from pinkybrain.node.core.secrets import WeakSecretError, check_secret, release_estimator
 from pinkybrain.node.services.process import AlreadyRunning, PidFile, sd_notify
-from pinkybrain.node.services.updater import confirm_running
 
 log = logging.getLogger("pinkybrain.node")
 
@@ -84,7 +83,7 @@ def configure_logging(cfg: Config) -> None:
 async def _serve(
     cfg: Config, identity: Identity, host: str, port: int, config_source: str | None, peers: tuple[str, ...] = ()
 ) -> int:
-    from pinkybrain.node.api.app import create_app
+    from pinkybrain.node.api.front import NodeFront
     from pinkybrain.node.services.http_guard import ConnectionLimits, guarded_protocol
     from pinkybrain.node.services.runtime import NodeRuntime
 
@@ -97,7 +96,12 @@ async def _serve(
         log.debug("start-up failed", exc_info=True)
         await runtime.stop()
         raise StartupError(f"refusing to start: {exc}") from None
-    app = create_app(runtime, manage_lifecycle=False)
+    def build_api():
+        from pinkybrain.node.api.app import create_app
+
+        return create_app(runtime, manage_lifecycle=False, layers=False)
+
+    app = NodeFront(runtime, build_api)  # FastAPI is imported on the first request that needs it
     server = NodeServer(
         uvicorn.Config(
             app,
@@ -147,6 +151,8 @@ async def _serve(
                 return
             await asyncio.sleep(0.05)
         log.info("node %s (%s) listening on %s:%d", identity.node_id, cfg.node_name, host, port)
+        from pinkybrain.node.services.updater import confirm_running  # imported once the API answers
+
         confirm_running(cfg.home, runtime.version)  # an update that restarted into this version is settled
         sd_notify("READY=1\nSTATUS=serving")
         # Only now: what the first requests do not need.

@@ -18,18 +18,15 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pinkybrain import __version__
-from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware
 from pinkybrain.node.api.deps import PrincipalDep, RuntimeDep
 from pinkybrain.node.api.errors import COMMON_ERRORS, api_error, errors
-from pinkybrain.node.api.hot_routes import HotRoutes, ping_answer, status_answer
+from pinkybrain.node.api.front import node_layers
+from pinkybrain.node.api.hot_routes import ping_answer, status_answer
 from pinkybrain.node.api.keys import router as keys_router
 from pinkybrain.node.api.query import router as query_router
 from pinkybrain.node.api.responses import FastJSONResponse
-from pinkybrain.node.api.sealing import SkillLinkMiddleware
 from pinkybrain.node.api.trust import router as trust_router
-from pinkybrain.node.core.auth import NonceCache, RequestVerifier
 from pinkybrain.node.core.principals import Principal, visible_privacy
-from pinkybrain.node.core.skill_link import SkillLink
 from pinkybrain.node.dashboard.events import recent_events
 from pinkybrain.node.dashboard.routes import api_router as dashboard_api_router
 from pinkybrain.node.dashboard.routes import router as dashboard_router
@@ -370,7 +367,9 @@ async def conversations_privacy(runtime: RuntimeDep, session_id: str, body: Priv
     return {"session_id": session_id, "privacy": body.privacy}
 
 
-def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAPI:
+def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True, layers: bool = True) -> FastAPI:
+    """The node's API. `layers`: with the node's own ASGI layers outermost (node/api/front.py); the server
+    runs them in its front instead, and builds this app without them on first use."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if manage_lifecycle:
@@ -383,11 +382,8 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
 
     # The node's own ASGI layers run first, outside FastAPI's stack: auth, then the skill link's proof and
     # sealing, then the hot routes; everything else goes on to FastAPI.
-    app = _new_app(lifespan, outer_layers=(
-        lambda inner: SignedRequestMiddleware(inner, authenticator_factory=authenticator_for(runtime)),
-        lambda inner: SkillLinkMiddleware(inner, link=SkillLink(runtime.identity)),
-        lambda inner: HotRoutes(inner, runtime),
-    ), dashboard=runtime.cfg["dashboard.enabled"])
+    app = _new_app(lifespan, outer_layers=node_layers(runtime) if layers else (),
+                   dashboard=runtime.cfg["dashboard.enabled"])
     app.state.runtime = runtime
     app.state.dashboard_enabled = runtime.cfg["dashboard.enabled"]
     recent_events()  # the events panel's memory of operational lines (a bounded deque)
@@ -395,23 +391,6 @@ def create_app(runtime: NodeRuntime, *, manage_lifecycle: bool = True) -> FastAP
 
     app.include_router(p2p_router)  # peer links (WebSocket /p2p): not part of the signed HTTP API
     return app
-
-
-def authenticator_for(runtime: NodeRuntime):
-    """Built at the first request: the owner key and the stores exist once the runtime has started."""
-    built: list[Authenticator] = []
-
-    def factory() -> Authenticator:
-        if not built:
-            owner = runtime.owner_key
-            verifier = RequestVerifier(
-                secret=runtime.cfg["p2p.secret"], nonces=NonceCache(), owner_key=owner.key if owner else "",
-                peer_valid=lambda node_id: runtime.trust is not None and runtime.trust.is_valid(node_id).valid,
-            )
-            built.append(Authenticator(verifier, runtime.api_keys))
-        return built[0]
-
-    return factory
 
 
 # The node exports no OpenTelemetry data; FastAPI would otherwise ask the tracer and meter providers on

@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from pinkybrain.node.core.auth import SIG_HEADER, AuthError, RequestVerifier
 from pinkybrain.node.core.principals import AUTH_SCOPE_KEY, AuthContext, Principal, RouteTable, refusal
-from pinkybrain.node.dashboard.routes import cookie_principal, is_dashboard_page
+from pinkybrain.node.dashboard.sessions import cookie_principal, is_dashboard_page
 
 log = logging.getLogger("pinkybrain.auth")
 BEARER_PRINCIPAL = {"owner": Principal.OWNER, "query": Principal.MEMBER}

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi.encoders import jsonable_encoder
 from starlette.responses import JSONResponse
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS
@@ -14,6 +13,9 @@ _OPTIONS = orjson.OPT_NON_STR_KEYS
 
 def _fallback(value: Any) -> Any:
     # Types orjson does not know (sets, Paths, pydantic models): FastAPI's encoder makes them JSON-able.
+    # Imported here: the hot routes answer before FastAPI is loaded (node/api/front.py).
+    from fastapi.encoders import jsonable_encoder
+
     return jsonable_encoder(value)
 
 

@@ -18,10 +18,13 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from pinkybrain.node.dashboard.events import recent_events
-from pinkybrain.node.dashboard.sessions import DashboardSessions, LoginRefused
+from pinkybrain.node.dashboard.sessions import (
+    COOKIE,
+    DashboardSessions,
+    LoginRefused,
+    cookie_principal,
+)
 
-COOKIE = "pb_dashboard"
-CSRF_HEADER = "x-pinkybrain-csrf"
 LIVE_INTERVAL_SECS = 2.0
 # Assets the page may load: a fixed list, so no path from a request ever reaches the filesystem.
 ASSETS = {
@@ -73,27 +76,6 @@ def _page(status: int, title: str, text: str) -> HTMLResponse:
             f"<link rel=stylesheet href='/dashboard/static/style.css'><main class=notice><h1>{title}</h1>"
             f"<p>{text}</p></main></html>")
     return HTMLResponse(body, status_code=status, headers=SECURITY_HEADERS)
-
-
-def is_dashboard_page(path: str) -> bool:
-    return path == "/dashboard" or path.startswith("/dashboard/")
-
-
-def cookie_principal(app, headers: dict[str, str], now: float | None = None) -> bool:
-    """For the API's auth middleware: does this unsigned request come from a live dashboard session
-    (its cookie) of this node's owner, with the session's CSRF token in the header?"""
-    if app is None or not hasattr(app.state, "dashboard_sessions"):
-        return False  # no login was ever issued (or no app: a bare ASGI test): nothing to check, no cost
-    cookie = _cookie(headers.get("cookie", ""))
-    return sessions(app).authorise(cookie, headers.get(CSRF_HEADER), time.time() if now is None else now)
-
-
-def _cookie(header: str) -> str | None:
-    for part in header.split(";"):
-        name, _, value = part.strip().partition("=")
-        if name == COOKIE:
-            return value
-    return None
 
 
 # -- owner API: a login link -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -89,3 +90,31 @@ class DashboardSessions:
     def _expire(self, now: float) -> None:
         for digest in [d for d, expires in self._logins.items() if expires <= now]:
             del self._logins[digest]
+
+
+# -- for the API's auth middleware (kept free of FastAPI: the node answers its first requests before
+# FastAPI is imported, see node/api/front.py) ---------------------------------------------------------
+COOKIE = "pb_dashboard"
+CSRF_HEADER = "x-pinkybrain-csrf"
+
+
+def is_dashboard_page(path: str) -> bool:
+    return path == "/dashboard" or path.startswith("/dashboard/")
+
+
+def cookie_principal(app, headers: dict[str, str], now: float | None = None) -> bool:
+    """For the API's auth middleware: does this unsigned request come from a live dashboard session
+    (its cookie) of this node's owner, with the session's CSRF token in the header?"""
+    store = getattr(getattr(app, "state", None), "dashboard_sessions", None)
+    if store is None:
+        return False  # no login was ever issued (or no app yet, or a bare ASGI test): nothing to check
+    cookie = _cookie(headers.get("cookie", ""))
+    return store.authorise(cookie, headers.get(CSRF_HEADER), time.time() if now is None else now)
+
+
+def _cookie(header: str) -> str | None:
+    for part in header.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE:
+            return value
+    return None

@@ -1,0 +1,103 @@
+"""The node's ASGI front: the layers every request passes, answering before FastAPI is even loaded.
+
+Importing FastAPI, pydantic and the route modules is most of a node's start (about 1.4 s and 35 MiB on
+the 2-core development VM; bench/README.md, cold start). The front holds what every request goes
+through anyway (auth, the skill link's proof and sealing, the hot routes ping and status) and builds the
+FastAPI app the first time a request needs it (any other route, or a peer's WebSocket), once, in a
+worker thread so the event loop keeps answering meanwhile. A node thus answers its first pings
+(discovery, readiness checks) without loading what an idle node may never need; the first other request
+waits for the build once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware
+from pinkybrain.node.api.hot_routes import HotRoutes
+from pinkybrain.node.api.sealing import SkillLinkMiddleware
+from pinkybrain.node.core.auth import NonceCache, RequestVerifier
+from pinkybrain.node.core.skill_link import SkillLink
+
+log = logging.getLogger("pinkybrain.node")
+
+
+def authenticator_for(runtime):
+    """Built at the first request: the owner key and the stores exist once the runtime has started."""
+    built: list[Authenticator] = []
+
+    def factory() -> Authenticator:
+        if not built:
+            owner = runtime.owner_key
+            verifier = RequestVerifier(
+                secret=runtime.cfg["p2p.secret"], nonces=NonceCache(), owner_key=owner.key if owner else "",
+                peer_valid=lambda node_id: runtime.trust is not None and runtime.trust.is_valid(node_id).valid,
+            )
+            built.append(Authenticator(verifier, runtime.api_keys))
+        return built[0]
+
+    return factory
+
+
+def node_layers(runtime) -> tuple[Callable, ...]:
+    """The node's own ASGI layers, outermost first, each a function of the app it wraps: auth, then the
+    skill link's proof and sealing, then the hot routes."""
+    return (
+        lambda inner: SignedRequestMiddleware(inner, authenticator_factory=authenticator_for(runtime)),
+        lambda inner: SkillLinkMiddleware(inner, link=SkillLink(runtime.identity)),
+        lambda inner: HotRoutes(inner, runtime),
+    )
+
+
+class LazyApp:
+    """ASGI: builds the app with `build()` on the first request that reaches it, then hands every request
+    to it. Lifespan events it answers itself (the node's runtime is started and stopped by the server)."""
+
+    def __init__(self, build: Callable):
+        self._build = build
+        self.app = None
+        self._building: asyncio.Future | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        app = self.app or await self._ready()
+        await app(scope, receive, send)
+
+    async def _ready(self):
+        if self._building is None:
+            self._building = asyncio.ensure_future(asyncio.to_thread(self._build))
+        app = await asyncio.shield(self._building)
+        if self.app is None:
+            self.app = app
+            log.debug("API app built on first use")
+        return app
+
+
+class NodeFront:
+    """The app the server runs: `node_layers` around a LazyApp of the full API."""
+
+    def __init__(self, runtime, build: Callable):
+        self.lazy = LazyApp(build)
+        app = self.lazy
+        for layer in reversed(node_layers(runtime)):
+            app = layer(app)
+        self._app = app
+
+    async def __call__(self, scope, receive, send):
+        if self.lazy.app is not None and scope["type"] != "lifespan":
+            scope["app"] = self.lazy.app  # what the auth layer's dashboard-cookie check reads
+        await self._app(scope, receive, send)
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
