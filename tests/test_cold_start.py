@@ -5,6 +5,7 @@ import json
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,15 @@ def test_the_secret_check_works_after_its_dictionaries_are_released():
     with pytest.raises(WeakSecretError, match="guessable"):
         check_secret("password12345678901234567890123456")  # imports the estimator again
     check_secret(strong)
+
+
+def test_a_node_answers_pings_before_it_loads_fastapi_and_builds_the_api_on_first_use(node_factory):
+    """The front (node/api/front.py) answers ping and status itself; FastAPI and pydantic (whose C core
+    shows in the process's memory maps once imported) load on the first request for another route."""
+    node = node_factory()
+    maps = Path(f"/proc/{node.proc.pid}/maps")
+    assert node.get("/api/ping").status_code == 200 and node.get("/api/status").status_code == 200
+    assert "pydantic_core" not in maps.read_text()
+    assert node.get("/api/memory").status_code == 200  # built now, then served as always
+    assert "pydantic_core" in maps.read_text()
+    assert node.get("/api/status").json()["node_id"] == node.get("/api/ping").json()["node_id"]
