@@ -121,7 +121,7 @@ def main() -> int:
     model = _model_path(args.model)
     body = _request()
     node_cls = grammar_llama_class()
-    llm = node_cls(model_path=model, n_ctx=4096, n_threads=threads, flash_attn=True, verbose=False)
+    llm = node_cls(model_path=model, n_ctx=16384, n_threads=threads, flash_attn=True, verbose=False)
 
     base_tok, node_tok, bad = [], [], []
     for _ in range(args.runs):
@@ -133,7 +133,7 @@ def main() -> int:
     plan = translate.tool_plan(body)
     conv = translate.normalize_messages(body.messages)
     rendered = llama.prepare(_Loaded(llm), llama.Generation(sampling={}, messages=translate.with_tool_prompt(
-        conv.messages, plan))).tokens[:args.prompt_tokens]
+        conv.messages, plan))).tokens[:args.prompt_tokens]  # rendered as the node renders it
     llm.close()
     base_rate, node_rate = [], []
     for _ in range(max(1, args.runs // 2)):
