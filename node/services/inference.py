@@ -278,8 +278,8 @@ class LocalEngine:
 
         def load():
             gpu.update(gpu_load_kwargs(self.gpu, gpu_offload_supported()))
-            # Flash attention: llama.cpp's own default; on CPU it takes a quarter less time over a 4k-token
-            # prompt than the unfused attention llama-cpp-python asks for (bench/long_prompt.py).
+            # Flash attention, llama.cpp's own default: on CPU an agent's long prompt (OpenClaw's is ~7k tokens)
+            # evaluates faster than with the unfused attention llama-cpp-python asks for (bench/tool_calls.py).
             return grammar_llama_class()(model_path=str(path), n_ctx=n_ctx, n_threads=self.n_threads,
                                          flash_attn=True, verbose=False, **gpu)
 
