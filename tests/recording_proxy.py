@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -36,6 +37,7 @@ class RecordingProxy:
                     record["body"] = json.loads(body) if body else None
                 except ValueError:
                     record["body"] = body.decode("utf-8", "replace")
+                started = time.monotonic()
                 with httpx.Client(timeout=900) as client, client.stream(
                         self.command, proxy.target + self.path, headers=headers, content=body) as r:
                     record["status"] = r.status_code
@@ -45,9 +47,14 @@ class RecordingProxy:
                         if k.lower() not in HOP_BY_HOP:
                             self.send_header(k, v)
                     self.end_headers()
+                    answer = bytearray()
                     for chunk in r.iter_raw():
                         self.wfile.write(chunk)
                         self.wfile.flush()
+                        answer += chunk
+                # How long the node took and the end of what it answered: a slow test can say where time went.
+                record["secs"] = round(time.monotonic() - started, 1)
+                record["answer_tail"] = bytes(answer[-600:]).decode("utf-8", "replace")
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from pinkybrain.node.services.grammar_sampling import grammar_llama_class
+
 log = logging.getLogger("pinkybrain.inference")
 
 # A GGUF without a chat template is treated as a base (completion) model: instruction-tuned releases
@@ -275,10 +277,11 @@ class LocalEngine:
         gpu: dict = {}
 
         def load():
-            from llama_cpp import Llama
-
             gpu.update(gpu_load_kwargs(self.gpu, gpu_offload_supported()))
-            return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.n_threads, verbose=False, **gpu)
+            # Flash attention, llama.cpp's own default: on CPU an agent's long prompt (OpenClaw's is ~7k tokens)
+            # evaluates faster than with the unfused attention llama-cpp-python asks for (bench/tool_calls.py).
+            return grammar_llama_class()(model_path=str(path), n_ctx=n_ctx, n_threads=self.n_threads,
+                                         flash_attn=True, verbose=False, **gpu)
 
         try:
             llm = await asyncio.to_thread(load)
