@@ -452,10 +452,32 @@ def render_specialists(d: dict) -> str:
     return table(["NAME", "DESCRIPTION", "HINTS", "MODELS"], rows) if rows else "no specialists"
 
 
+def split_line(parts: Any) -> str:
+    """Who holds which layers of a split model: `split: here 0-5 (90 MiB), peer-b 6-11 (60 MiB)`."""
+    held = []
+    for p in parts if isinstance(parts, list) else []:
+        if not isinstance(p, dict):
+            continue
+        who = "here" if p.get("local") else (p.get("name") or str(p.get("node", "?"))[:7])
+        layers = p.get("layers") or []
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) == 2 else "no layers"
+        held.append(f"{who} layers {span} ({size(p.get('bytes'))})")
+    return "split: " + ", ".join(held)
+
+
 def render_models_ps(d: dict) -> str:
     rows = []
+    splits = []
     for m in d.get("models") or []:
         if not isinstance(m, dict):
+            continue
+        if m.get("split"):
+            until = m.get("unloads_in_secs")
+            parts = [p for p in m.get("parts") or [] if isinstance(p, dict)]
+            rows.append([m.get("model", "?"), f"split over {len(parts)} nodes",
+                         size(sum(p.get("bytes") or 0 for p in parts)), "-", m.get("n_ctx", "?"),
+                         duration(m.get("idle_secs")), "never" if until is None else duration(until)])
+            splits.append(f"{m.get('model', '?')} {split_line(parts)}")
             continue
         where = m.get("device") or "?"
         if where != "cpu" and m.get("layers"):
@@ -466,4 +488,4 @@ def render_models_ps(d: dict) -> str:
                      "never" if until is None else duration(until)])
     if not rows:
         return "no model loaded (models load on first use)"
-    return table(["MODEL", "WHERE", "RAM", "VRAM", "CONTEXT", "IDLE", "UNLOADS IN"], rows)
+    return "\n".join([table(["MODEL", "WHERE", "RAM", "VRAM", "CONTEXT", "IDLE", "UNLOADS IN"], rows), *splits])

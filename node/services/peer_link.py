@@ -755,6 +755,7 @@ class Link:
         load = msg.get("load") if isinstance(msg.get("load"), dict) else {}
         guard = msg.get("guard") if isinstance(msg.get("guard"), dict) else {}
         models = msg.get("models") if isinstance(msg.get("models"), list) else []
+        split = msg.get("split") if isinstance(msg.get("split"), dict) else {}
         self.status = {
             "load": {
                 "cpu_percent": _number(load.get("cpu_percent")),
@@ -765,6 +766,7 @@ class Link:
                 "reason": _text(guard.get("reason"), 200),
             },
             "sharing": bool(msg.get("sharing")),
+            "split": {"lend": bool(split.get("lend")), "free_bytes": _int(split.get("free_bytes"))},
             "models": [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)][
                 :MAX_MODELS
             ],
@@ -1066,6 +1068,7 @@ class Link:
             "load": {"cpu_percent": load.get("cpu_percent"), "ram_percent": load.get("ram_percent")},
             "guard": {"sharing_paused": guard.get("sharing_paused"), "reason": guard.get("reason")},
             "sharing": status.get("sharing"),
+            "split": status.get("split") or {"lend": False, "free_bytes": None},
             "bytes_in": self.counters["bytes_in"],
             "bytes_out": self.counters["bytes_out"],
             "frames_in": self.counters["frames_in"],
