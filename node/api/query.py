@@ -201,7 +201,8 @@ async def _stream_tokens(runtime: NodeRuntime, body: QueryRequest, requested: li
                            "completion_tokens": served.get("completion_tokens"),
                            "prompt_tokens": (plan.get("context") or {}).get("prompt_tokens"),
                            "max_tokens": plan["settings"]["max_tokens"], "history": plan.get("history"),
-                           **({"split": served["split"]} if served.get("split") else {}),
+                           **({"split": served["split"], "engine_timings": served.get("timings")}
+                              if served.get("split") else {}),
                            "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})

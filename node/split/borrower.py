@@ -46,6 +46,22 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
+def llama_server_argv(tools: Tools, path: Path, port: int, endpoints: list[str], plan: SplitPlan | None, *,
+                      n_ctx: int, threads: int) -> list[str]:
+    """llama-server on 127.0.0.1:`port` with `plan`'s lenders at `endpoints` (None: the whole model here)."""
+    threads = threads or max(1, (os.cpu_count() or 2) // 2)
+    argv = [str(tools.llama_server), "--model", str(path), "--host", "127.0.0.1", "--port", str(port),
+            "--ctx-size", str(n_ctx), "--parallel", "1", "--threads", str(threads), "--no-webui"]
+    if plan is not None:
+        # Only the lenders' RPC devices, in the plan's order (a GPU here is left out of a split's plan).
+        argv += ["--rpc", ",".join(endpoints), "--device", ",".join(f"RPC0[{ep}]" for ep in endpoints),
+                 "--n-gpu-layers", str(plan.n_gpu_layers),
+                 "--tensor-split", ",".join(str(s) for s in plan.tensor_split), "--override-tensor", KEEP_LOCAL]
+    else:
+        argv += ["--device", "none"]
+    return argv
+
+
 class SplitSession:
     """One model loaded split: the plan, the loopback listeners, the llama-server child."""
 
@@ -74,14 +90,8 @@ class SplitSession:
                 self.listeners.append(server)
                 self.endpoints.append(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
             self.port = _free_loopback_port()
-            threads = self.threads or max(1, (os.cpu_count() or 2) // 2)
-            argv = [str(self.tools.llama_server), "--model", str(self.path), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--rpc", ",".join(self.endpoints),
-                    "--device", ",".join(f"RPC0[{ep}]" for ep in self.endpoints),
-                    "--n-gpu-layers", str(self.plan.n_gpu_layers),
-                    "--tensor-split", ",".join(str(s) for s in self.plan.tensor_split),
-                    "--override-tensor", KEEP_LOCAL, "--ctx-size", str(self.n_ctx), "--parallel", "1",
-                    "--threads", str(threads), "--no-webui"]
+            argv = llama_server_argv(self.tools, self.path, self.port, self.endpoints, self.plan,
+                                     n_ctx=self.n_ctx, threads=self.threads)
             out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - the child keeps it
             try:
                 self.proc = await asyncio.create_subprocess_exec(

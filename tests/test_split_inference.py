@@ -1,0 +1,164 @@
+"""Split inference over three real nodes (node/split): A holds the default model and borrows from B and C,
+which lend (`sharing.split: true`). A forced split puts blocks on all three; its greedy answer is the same,
+token for token, as the whole model run on A. The RPC traffic never faces a network: the rpc-servers B and
+C start listen on loopback only, and without the network secret a connection to a lender's port reaches
+no rpc-server. A node with `sharing.split` off refuses a member's tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import psutil
+import pytest
+import websockets
+from test_remote_inference import FAST, wait_for
+
+from model import DEFAULT_NAME, place_default_model
+from nodes import free_port, start_node, strong_secret
+from pinkybrain.node.core.identity import Identity
+from pinkybrain.node.services.mesh import Mesh, MeshSettings, RemoteError
+from pinkybrain.node.split.tools import find_tools
+
+PROMPT = "Name three primary colours and say one thing about each."
+GREEDY = {"temperature": 0.0, "max_tokens": 48, "model": DEFAULT_NAME, "mode": "single"}
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    tools = find_tools()
+    if not tools.usable:  # a failure, never a skip: install.sh builds the tools
+        pytest.fail(f"split inference needs llama.cpp's RPC tools: {tools.problem}")
+    secret = strong_secret()
+    ports = {name: free_port() for name in "abc"}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    homes = {name: tmp_path_factory.mktemp(f"split-{name}") for name in "abc"}
+    common = {**FAST, "inference.n_ctx": 1024, "inference.n_threads": 1}
+    place_default_model(homes["a"] / "shared_models")
+    nodes = {}
+    try:
+        for name in "bc":
+            nodes[name] = start_node(homes[name], port=ports[name], secret=secret,
+                                     extra={**common, "sharing.split": True, "sharing.split_idle_secs": 300})
+        nodes["a"] = start_node(homes["a"], port=ports["a"], secret=secret,
+                                extra={**common, "p2p.peers": [url["b"], url["c"]]})
+        ids = {name: n.get("/api/ping").json()["node_id"] for name, n in nodes.items()}
+        wait_for(lambda: nodes["a"].get("/api/capabilities").json()["split"]["lenders_now"] == 2, 60,
+                 "a to see b and c lending")
+        yield {"nodes": nodes, "ids": ids, "secret": secret, "ports": ports}
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+def ask(node, **extra) -> dict:
+    with node.client() as c:
+        c.timeout = 600
+        r = c.post("/api/query", json={"prompt": PROMPT, **GREEDY, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_capabilities_say_who_can_lend(net):
+    a, b = net["nodes"]["a"], net["nodes"]["b"]
+    lend_b = b.get("/api/capabilities").json()["split"]
+    assert lend_b["can_lend"] and lend_b["lend_enabled"] and lend_b["rpc_server"] and lend_b["backends"]
+    assert lend_b["free_bytes"] > 0
+    lend_a = a.get("/api/capabilities").json()["split"]
+    assert not lend_a["can_lend"] and "sharing.split is false" in lend_a["lend_refusal"]
+    assert lend_a["can_borrow"]
+
+
+def test_forced_split_over_three_nodes_answers_token_for_token_like_the_whole_model(net):
+    a, ids = net["nodes"]["a"], net["ids"]
+    whole = ask(a)
+    split = ask(a, split=True)
+    assert whole["answer"] and split["answer"] == whole["answer"]
+    assert split.get("completion_tokens", whole.get("completion_tokens")) == whole.get("completion_tokens")
+    ps = a.get("/api/models/ps").json()["models"]
+    entry = next(m for m in ps if m.get("split"))
+    holders = [p["node"] for p in entry["parts"]]
+    assert sorted(holders) == sorted(ids.values())  # every node holds blocks
+    assert all(p["layer_count"] >= 1 and p["bytes"] > 0 for p in entry["parts"])
+    assert entry["tunnel_bytes_out"] > sum(p["bytes"] for p in entry["parts"] if not p["local"]) * 0.9
+    # The same greedy answer again, streamed, from the loaded split.
+    again = ask(a, split=True)
+    assert again["answer"] == whole["answer"]
+
+
+def test_rpc_servers_listen_on_loopback_only_and_are_unreachable_without_the_secret(net):
+    nodes, ports = net["nodes"], net["ports"]
+    lending = nodes["b"].get("/api/capabilities").json()["split"]["lending"]
+    if not lending:  # a query loads the split (the test above may not have run first)
+        ask(nodes["a"], split=True)
+        lending = nodes["b"].get("/api/capabilities").json()["split"]["lending"]
+    assert lending, "b runs no rpc-server after a split over it"
+    for node in "bc":
+        for server in nodes[node].get("/api/capabilities").json()["split"]["lending"]:
+            proc = psutil.Process(server["pid"])
+            assert "rpc-server" in proc.name() or "rpc-server" in " ".join(proc.cmdline())
+            listening = [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            assert listening, "the rpc-server listens nowhere"
+            assert all(c.laddr.ip == "127.0.0.1" for c in listening), listening
+            assert server["port"] not in (ports["b"], ports["c"])
+    # llama-server on the borrower: its HTTP port and the tunnel endpoints, loopback too.
+    borrower = psutil.Process(nodes["a"].proc.pid)
+    for child in borrower.children(recursive=True):
+        for c in child.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN:
+                assert c.laddr.ip == "127.0.0.1", (child.name(), c)
+
+    rpc_hello = struct.pack("<BQ", 14, 0)  # ggml-rpc's RPC_CMD_HELLO with an empty body
+    with socket.create_connection(("127.0.0.1", ports["b"]), timeout=5) as s:
+        s.sendall(rpc_hello)
+        reply = s.recv(64)
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 4")  # the node's HTTP server, never rpc-server
+
+    async def intruder():
+        # A mesh with the wrong secret cannot finish the handshake, so it never gets to open a tunnel.
+        mesh = Mesh(Identity.generate(), strong_secret(), name="intruder", version="test",
+                    listen_host="127.0.0.1", listen_port=free_port(), settings=MeshSettings())
+        try:
+            with pytest.raises(Exception) as info:
+                await mesh.connect(f"ws://127.0.0.1:{ports['b']}/p2p")
+            assert not isinstance(info.value, AssertionError)
+            assert not mesh.peer_ids()
+        finally:
+            await mesh.stop()
+
+    asyncio.run(asyncio.wait_for(intruder(), 30))
+
+
+def test_a_node_that_does_not_lend_refuses_a_members_tunnel(net):
+    a = net["nodes"]["a"]  # sharing.split is off on a
+
+    async def member():
+        mesh = Mesh(Identity.generate(), net["secret"], name="member", version="test",
+                    listen_host="127.0.0.1", listen_port=free_port(), settings=MeshSettings())
+        try:
+            link = await mesh.connect(f"ws://127.0.0.1:{a.port}/p2p")
+            with pytest.raises(RemoteError) as info:
+                await mesh.open_tunnel(link.peer_id, "split.rpc", {"sha256": "0" * 64, "bytes": 1})
+            assert info.value.code == "busy" and "sharing.split is false" in info.value.message
+            with pytest.raises(RemoteError) as info:  # the kind decides the far end: nothing else is reachable
+                await mesh.open_tunnel(link.peer_id, "tcp", {"host": "127.0.0.1", "port": a.port})
+            assert info.value.code == "unknown_tunnel"
+        finally:
+            await mesh.stop()
+
+    asyncio.run(asyncio.wait_for(member(), 30))
+
+
+def test_websocket_without_the_secret_is_closed_before_any_tunnel(net):
+    port = net["ports"]["c"]
+
+    async def probe():
+        async with websockets.connect(f"ws://127.0.0.1:{port}/p2p", open_timeout=10) as ws:
+            await ws.send(b"\x00" * 64)  # not a handshake
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                for _ in range(10):
+                    await asyncio.wait_for(ws.recv(), 10)
+
+    asyncio.run(probe())
