@@ -8,9 +8,12 @@ no rpc-server. A node with `sharing.split` off refuses a member's tunnel.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
+import subprocess
 
+import httpx
 import psutil
 import pytest
 import websockets
@@ -19,11 +22,16 @@ from test_remote_inference import FAST, wait_for
 from model import DEFAULT_NAME, place_default_model
 from nodes import free_port, start_node, strong_secret
 from pinkybrain.node.core.identity import Identity
+from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, transcript_prompt
 from pinkybrain.node.services.mesh import Mesh, MeshSettings, RemoteError
+from pinkybrain.node.split.borrower import llama_server_argv
 from pinkybrain.node.split.tools import find_tools
 
 PROMPT = "Name three primary colours and say one thing about each."
-GREEDY = {"temperature": 0.0, "max_tokens": 48, "model": DEFAULT_NAME, "mode": "single"}
+SYSTEM = "You answer briefly."
+PROFILE = {"greedy": {"description": "Greedy, for comparing engines.", "system_prompt": SYSTEM,
+                      "temperature": 0.0, "top_p": 1.0, "max_tokens": 48}}
+GREEDY = {"temperature": 0.0, "max_tokens": 48, "model": DEFAULT_NAME, "mode": "specialist", "specialist": "greedy"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def net(tmp_path_factory):
     ports = {name: free_port() for name in "abc"}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     homes = {name: tmp_path_factory.mktemp(f"split-{name}") for name in "abc"}
-    common = {**FAST, "inference.n_ctx": 1024, "inference.n_threads": 1}
+    common = {**FAST, "inference.n_ctx": 1024, "inference.n_threads": 1, "specialists.profiles": PROFILE}
     place_default_model(homes["a"] / "shared_models")
     nodes = {}
     try:
@@ -54,11 +62,24 @@ def net(tmp_path_factory):
 
 
 def ask(node, **extra) -> dict:
+    """A query's result; streamed, the `end` event (with `split`: who held which layers)."""
     with node.client() as c:
         c.timeout = 600
-        r = c.post("/api/query", json={"prompt": PROMPT, **GREEDY, **extra})
-    assert r.status_code == 200, r.text
-    return r.json()
+        body = {"prompt": PROMPT, **GREEDY, **extra}
+        if not extra.get("stream"):
+            r = c.post("/api/query", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+        events, event = [], None
+        with c.stream("POST", "/api/query", json=body) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    events.append((event, json.loads(line[5:])))
+    assert not [d for e, d in events if e == "error"], events
+    return next(d for e, d in events if e == "end")
 
 
 def test_capabilities_say_who_can_lend(net):
@@ -71,21 +92,79 @@ def test_capabilities_say_who_can_lend(net):
     assert lend_a["can_borrow"]
 
 
-def test_forced_split_over_three_nodes_answers_token_for_token_like_the_whole_model(net):
+def whole_on_one_node(home, messages: list[dict]) -> dict:
+    """The whole model run on one node by the engine a split runs (llama-server, no RPC), with the request
+    a split sends for this model (services' transcript prompt and sampling: it has no chat template)."""
+    tools = find_tools()
+    model = place_default_model(home / "shared_models")
+    port = free_port()
+    argv = llama_server_argv(tools, model, port, [], None, n_ctx=1024, threads=1)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _healthy(port, proc), 120, "llama-server with the whole model")
+        body = {"prompt": transcript_prompt(messages), "max_tokens": GREEDY["max_tokens"], "temperature": 0.0,
+                "top_p": 1.0, "top_k": 40, "min_p": 0.05, "repeat_last_n": 64, "repeat_penalty": 1.15,
+                "stop": TRANSCRIPT_STOPS, "cache_prompt": False}
+        out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=300).json()
+        return {"text": out["choices"][0]["text"].strip(), "tokens": out["usage"]["completion_tokens"]}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _healthy(port: int, proc) -> bool:
+    assert proc.poll() is None, "llama-server exited"
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_forced_split_over_three_nodes_answers_token_for_token_like_the_whole_model(net, tmp_path):
     a, ids = net["nodes"]["a"], net["ids"]
-    whole = ask(a)
-    split = ask(a, split=True)
-    assert whole["answer"] and split["answer"] == whole["answer"]
-    assert split.get("completion_tokens", whole.get("completion_tokens")) == whole.get("completion_tokens")
+    split = ask(a, split=True, stream=True)
+    assert split["split"] and len(split["split"]) == 3
+    prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
+    whole = whole_on_one_node(tmp_path, prompt)
+    assert whole["text"] and split["answer"] == whole["text"]
+    assert split["completion_tokens"] == whole["tokens"]
     ps = a.get("/api/models/ps").json()["models"]
     entry = next(m for m in ps if m.get("split"))
     holders = [p["node"] for p in entry["parts"]]
     assert sorted(holders) == sorted(ids.values())  # every node holds blocks
     assert all(p["layer_count"] >= 1 and p["bytes"] > 0 for p in entry["parts"])
+    # The lenders' layers went through the tunnels (and nothing else could have carried them).
     assert entry["tunnel_bytes_out"] > sum(p["bytes"] for p in entry["parts"] if not p["local"]) * 0.9
-    # The same greedy answer again, streamed, from the loaded split.
-    again = ask(a, split=True)
-    assert again["answer"] == whole["answer"]
+    again = ask(a, split=True, stream=True)  # the loaded split answers again, the same
+    assert again["answer"] == whole["text"]
+
+
+def test_the_split_engine_and_the_local_engine_agree_on_greedy_tokens(tmp_path):
+    """What makes "the same model whole on one node" the same whatever engine runs it: without a repeat
+    penalty (whose window llama-server also fills with the prompt), llama-cpp-python's greedy tokens and
+    llama-server's are the same."""
+    from llama_cpp import Llama
+
+    tools = find_tools()
+    if not tools.usable:
+        pytest.fail(f"split inference needs llama.cpp's RPC tools: {tools.problem}")
+    model = place_default_model(tmp_path / "shared_models")
+    prompt = transcript_prompt([{"role": "user", "content": PROMPT}])
+    llm = Llama(model_path=str(model), n_ctx=1024, n_threads=1, verbose=False)
+    local = llm.create_completion(prompt, max_tokens=32, temperature=0.0, repeat_penalty=1.0)
+    port = free_port()
+    proc = subprocess.Popen(llama_server_argv(tools, model, port, [], None, n_ctx=1024, threads=1),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _healthy(port, proc), 120, "llama-server")
+        out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=300, json={
+            "prompt": prompt, "max_tokens": 32, "temperature": 0.0, "repeat_penalty": 1.0,
+            "cache_prompt": False}).json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert out["choices"][0]["text"] == local["choices"][0]["text"]
+    assert out["usage"]["completion_tokens"] == local["usage"]["completion_tokens"]
 
 
 def test_rpc_servers_listen_on_loopback_only_and_are_unreachable_without_the_secret(net):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from pinkybrain.node.services.inference import InferenceError
+from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, InferenceError, transcript_prompt
 from pinkybrain.node.services.tunnels import pump
 from pinkybrain.node.split.plan import SplitPlan
 from pinkybrain.node.split.tools import Tools
@@ -54,7 +54,7 @@ def llama_server_argv(tools: Tools, path: Path, port: int, endpoints: list[str],
             "--ctx-size", str(n_ctx), "--parallel", "1", "--threads", str(threads), "--no-webui"]
     if plan is not None:
         # Only the lenders' RPC devices, in the plan's order (a GPU here is left out of a split's plan).
-        argv += ["--rpc", ",".join(endpoints), "--device", ",".join(f"RPC0[{ep}]" for ep in endpoints),
+        argv += ["--rpc", ",".join(endpoints), "--device", ",".join(f"RPC{i}" for i in range(len(endpoints))),
                  "--n-gpu-layers", str(plan.n_gpu_layers),
                  "--tensor-split", ",".join(str(s) for s in plan.tensor_split), "--override-tensor", KEEP_LOCAL]
     else:
@@ -140,10 +140,20 @@ class SplitSession:
 
     # -- answering ---------------------------------------------------------------------------------
     async def stream(self, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float,
-                     seed: int | None = None, meta: dict | None = None) -> AsyncIterator[str]:
+                     chat: bool = True, seed: int | None = None, meta: dict | None = None) -> AsyncIterator[str]:
+        """Pieces of the answer. `chat`: the model has a chat template; without one the prompt is the same
+        transcript, with the same sampling, as the local engine uses (services/inference.py), so a greedy
+        answer is the same token for token."""
         meta = {} if meta is None else meta
-        body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-                "stream": True, "cache_prompt": False}
+        # llama-cpp-python's sampling defaults, which llama-server would otherwise set its own way.
+        body = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": 40,
+                "min_p": 0.05, "repeat_last_n": 64, "stream": True, "cache_prompt": False}
+        if chat:
+            body.update(messages=messages, repeat_penalty=1.0)
+            route = "/v1/chat/completions"
+        else:
+            body.update(prompt=transcript_prompt(messages), repeat_penalty=1.15, stop=TRANSCRIPT_STOPS)
+            route = "/v1/completions"
         if seed is not None:
             body["seed"] = seed
         pieces = 0
@@ -151,8 +161,7 @@ class SplitSession:
             self.last_used = time.monotonic()
             try:
                 async with httpx.AsyncClient(timeout=httpx.Timeout(LOAD_TIMEOUT, connect=10)) as client, \
-                        client.stream("POST", f"http://127.0.0.1:{self.port}/v1/chat/completions",
-                                      json=body) as response:
+                        client.stream("POST", f"http://127.0.0.1:{self.port}{route}", json=body) as response:
                     if response.status_code != 200:
                         detail = (await response.aread()).decode(errors="replace")[:300]
                         raise SplitError(f"the split of {self.name} refused the query: {detail}")
@@ -167,7 +176,7 @@ class SplitSession:
                             meta["finish_reason"] = choice["finish_reason"]
                         if chunk.get("timings"):
                             meta["timings"] = chunk["timings"]
-                        piece = (choice.get("delta") or {}).get("content")
+                        piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                         if piece:
                             pieces += 1
                             yield piece

@@ -177,7 +177,8 @@ class SplitService:
         meta["split"] = [p.to_dict() for p in session.plan.parts]
         try:
             async for piece in session.stream(messages, max_tokens=max_tokens, temperature=temperature,
-                                              top_p=top_p, seed=seed, meta=meta):
+                                              top_p=top_p, chat=bool(facts.get("has_chat_template")), seed=seed,
+                                              meta=meta):
                 yield piece
         finally:
             if not session.alive:  # a lender went away: the next query plans afresh
