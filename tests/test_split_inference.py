@@ -93,8 +93,9 @@ def test_capabilities_say_who_can_lend(net):
 
 
 def whole_on_one_node(home, messages: list[dict]) -> dict:
-    """The whole model run on one node by the engine a split runs (llama-server, no RPC), with the request
-    a split sends for this model (services' transcript prompt and sampling: it has no chat template)."""
+    """The whole model run on one node by the engine a split runs (llama-server, no RPC, the CPU kernels
+    every node of a split uses), with the request a split sends for this model (the local engine's
+    transcript prompt and sampling: it has no chat template)."""
     tools = find_tools()
     model = place_default_model(home / "shared_models")
     port = free_port()
@@ -140,9 +141,10 @@ def test_forced_split_over_three_nodes_answers_token_for_token_like_the_whole_mo
 
 
 def test_the_split_engine_and_the_local_engine_agree_on_greedy_tokens(tmp_path):
-    """What makes "the same model whole on one node" the same whatever engine runs it: without a repeat
-    penalty (whose window llama-server also fills with the prompt), llama-cpp-python's greedy tokens and
-    llama-server's are the same."""
+    """What makes "the same model whole on one node" the same whatever engine runs it: with the same CPU
+    kernels (both repack here) and no repeat penalty (whose window llama-server also fills with the
+    prompt, llama-cpp-python only with the answer), llama-cpp-python's greedy tokens and llama-server's
+    are the same."""
     from llama_cpp import Llama
 
     tools = find_tools()
@@ -153,7 +155,7 @@ def test_the_split_engine_and_the_local_engine_agree_on_greedy_tokens(tmp_path):
     llm = Llama(model_path=str(model), n_ctx=1024, n_threads=1, verbose=False)
     local = llm.create_completion(prompt, max_tokens=32, temperature=0.0, repeat_penalty=1.0)
     port = free_port()
-    proc = subprocess.Popen(llama_server_argv(tools, model, port, [], None, n_ctx=1024, threads=1),
+    proc = subprocess.Popen(llama_server_argv(tools, model, port, [], None, n_ctx=1024, threads=1, no_repack=False),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _healthy(port, proc), 120, "llama-server")

@@ -47,11 +47,18 @@ def _free_loopback_port() -> int:
 
 
 def llama_server_argv(tools: Tools, path: Path, port: int, endpoints: list[str], plan: SplitPlan | None, *,
-                      n_ctx: int, threads: int) -> list[str]:
-    """llama-server on 127.0.0.1:`port` with `plan`'s lenders at `endpoints` (None: the whole model here)."""
+                      n_ctx: int, threads: int, no_repack: bool = True) -> list[str]:
+    """llama-server on 127.0.0.1:`port` with `plan`'s lenders at `endpoints` (None: the whole model here).
+
+    no_repack: compute this node's layers with the CPU backend's plain kernels, as a lender's rpc-server
+    does (it never repacks weights). Every layer then runs the same kernels wherever it lands, so a
+    greedy answer does not depend on the split: repacked kernels round differently and can flip a near
+    tie between two tokens."""
     threads = threads or max(1, (os.cpu_count() or 2) // 2)
     argv = [str(tools.llama_server), "--model", str(path), "--host", "127.0.0.1", "--port", str(port),
             "--ctx-size", str(n_ctx), "--parallel", "1", "--threads", str(threads), "--no-webui"]
+    if no_repack:
+        argv.append("--no-repack")
     if plan is not None:
         # Only the lenders' RPC devices, in the plan's order (a GPU here is left out of a split's plan).
         argv += ["--rpc", ",".join(endpoints), "--device", ",".join(f"RPC{i}" for i in range(len(endpoints))),
@@ -185,7 +192,8 @@ class SplitSession:
                                  f"{self.failure or type(exc).__name__}") from None
             finally:
                 self.last_used = time.monotonic()
-                meta["completion_tokens"] = pieces
+                # llama-server's own count: a streamed piece can hold more than one token
+                meta["completion_tokens"] = (meta.get("timings") or {}).get("predicted_n", pieces)
         if self.failure and meta.get("finish_reason") is None:
             raise SplitError(self.failure)
 
