@@ -87,6 +87,7 @@ class SplitSession:
         self.loaded_at: float | None = None
         self.last_used = time.monotonic()
         self.failure: str | None = None  # why a lender's tunnel failed, for the error the caller sees
+        self._closing = False
 
     # -- loading -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,8 +128,10 @@ class SplitSession:
         try:
             await pump(tunnel, reader, writer)
         finally:
-            if tunnel.close_reason and "link closed" in tunnel.close_reason and self.failure is None:
-                self.failure = f"lender {node_id[:7]} went away: {tunnel.close_reason}"
+            # llama-server keeps its RPC connections for the life of the model: one that ends while the
+            # split is loaded means the lender (or its link) went away, and this split cannot answer again.
+            if not self._closing and self.failure is None:
+                self.failure = f"lender {node_id[:7]} went away: {tunnel.close_reason or 'connection ended'}"
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + LOAD_TIMEOUT
@@ -209,6 +212,7 @@ class SplitSession:
                 "tunnel_bytes_in": sum(t.bytes_in for t in self.tunnels)}
 
     async def close(self) -> None:
+        self._closing = True
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()
