@@ -130,8 +130,9 @@ class Tunnel:
         self.link._tunnel_gone(self)
 
 
-async def pump(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy between a local socket and a tunnel, both ways, until either side ends; then close both."""
+async def pump(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """Copy between a local socket and a tunnel, both ways, until either side ends; then close both.
+    Returns which side ended first: "local" (the socket) or "remote" (the tunnel)."""
 
     async def up() -> None:
         while data := await reader.read(TUNNEL_CHUNK):
@@ -143,8 +144,11 @@ async def pump(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.Str
             await writer.drain()  # back-pressure: acks follow only what the socket took
 
     tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+    ended = "remote"
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if tasks[0] in done and tasks[0].exception() is None:
+            ended = "local"
     finally:
         for task in tasks:
             task.cancel()
@@ -153,3 +157,4 @@ async def pump(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.Str
         writer.close()
         with contextlib.suppress(OSError, ConnectionError, asyncio.TimeoutError):
             await asyncio.wait_for(writer.wait_closed(), 2)
+    return ended

@@ -125,12 +125,14 @@ class SplitSession:
             writer.close()
             return
         self.tunnels.append(tunnel)
+        ended = "remote"
         try:
-            await pump(tunnel, reader, writer)
+            ended = await pump(tunnel, reader, writer)
         finally:
-            # llama-server keeps its RPC connections for the life of the model: one that ends while the
-            # split is loaded means the lender (or its link) went away, and this split cannot answer again.
-            if not self._closing and self.failure is None:
+            # llama-server opens and closes RPC connections as it likes (it probes each server while it
+            # starts); the lender's end closing one is what a lender (or its link) going away looks like,
+            # and a split that lost a lender cannot answer again.
+            if ended == "remote" and not self._closing and self.failure is None:
                 self.failure = f"lender {node_id[:7]} went away: {tunnel.close_reason or 'connection ended'}"
 
     async def _wait_ready(self) -> None:
