@@ -41,12 +41,19 @@ import httpx
 from api_load import NotReady, _bench_env, _stop, _wait_ready, free_port
 from query_overhead import default_model_file
 
+from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, transcript_prompt
 from pinkybrain.node.split.borrower import llama_server_argv
 from pinkybrain.node.split.plan import Offer, plan_split
 from pinkybrain.node.split.service import block_sizes
 from pinkybrain.node.split.tools import find_tools
 
 PROMPT = "Explain how a bicycle stays upright while it is moving."
+SYSTEM = "You answer briefly."
+# The node's request: a profile with a fixed system prompt, greedy. The direct runs send llama-server what
+# the node's split sends for this model (it has no chat template): the local engine's transcript prompt
+# and sampling, so every configuration must produce the same tokens.
+PROFILE = {"bench": {"description": "Greedy, for the split benchmark.", "system_prompt": SYSTEM,
+                     "temperature": 0.0, "top_p": 1.0, "max_tokens": 4096}}
 NAME = "gemma3-270m-q4-k-m"
 
 
@@ -61,6 +68,7 @@ def write_config(home: Path, secret: str, port: int, args, peers: list[str], len
         "logging": {"level": "warning"},
         "resource_guard": {"cpu_threshold": 100, "ram_threshold": 100},
         "inference": {"n_ctx": args.n_ctx, "n_threads": args.threads},
+        "specialists": {"profiles": PROFILE},
     }
     (home / "shared_models").mkdir(parents=True, exist_ok=True)
     path = home / "pinkybrain.yaml"
@@ -114,16 +122,18 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 def ask_llama(port: int, args) -> dict:
     """One greedy chat completion straight from llama-server: its timings and our time to first token."""
-    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": args.max_tokens,
-            "temperature": 0.0, "stream": True, "cache_prompt": False}
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
+    body = {"prompt": transcript_prompt(messages), "max_tokens": args.max_tokens, "temperature": 0.0, "top_p": 1.0,
+            "top_k": 40, "min_p": 0.05, "repeat_last_n": 64, "repeat_penalty": 1.15, "stop": TRANSCRIPT_STOPS,
+            "stream": True, "cache_prompt": False}
     start, first, pieces, timings = time.perf_counter(), math.nan, [], {}
-    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600) as r:
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            piece = ((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content")
+            piece = (chunk.get("choices") or [{}])[0].get("text")
             if piece:
                 if not pieces:
                     first = (time.perf_counter() - start) * 1000
@@ -131,13 +141,12 @@ def ask_llama(port: int, args) -> dict:
             timings = chunk.get("timings") or timings
     return {"first_ms": first, "text": "".join(pieces).strip(), "timings": timings, "bytes": math.nan}
 
-
 def link_bytes(client: httpx.Client, base: str) -> int:
     return sum(p["bytes_in"] + p["bytes_out"] for p in client.get(f"{base}/api/peers").json()["peers"])
 
 
 def ask_node(client: httpx.Client, base: str, args) -> dict:
-    body = {"prompt": PROMPT, "mode": "single", "model": NAME, "max_tokens": args.max_tokens,
+    body = {"prompt": PROMPT, "mode": "specialist", "specialist": "bench", "model": NAME, "max_tokens": args.max_tokens,
             "temperature": 0.0, "stream": True, "split": True}
     before = link_bytes(client, base)
     start, first, end, event = time.perf_counter(), math.nan, None, None

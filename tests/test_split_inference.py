@@ -243,3 +243,15 @@ def test_websocket_without_the_secret_is_closed_before_any_tunnel(net):
                     await asyncio.wait_for(ws.recv(), 10)
 
     asyncio.run(probe())
+
+
+def test_after_a_lender_goes_the_next_split_uses_the_others_and_answers_the_same(net, tmp_path):
+    """Runs last (it stops C). The loaded split lost a lender: the next query plans afresh over A and B,
+    and the greedy answer is still the whole model's (the same kernels on every node)."""
+    a, ids = net["nodes"]["a"], net["ids"]
+    before = ask(a, split=True, stream=True)
+    net["nodes"]["c"].stop()
+    wait_for(lambda: a.get("/api/capabilities").json()["split"]["lenders_now"] == 1, 60, "a to see c gone")
+    after = ask(a, split=True, stream=True)
+    assert sorted(p["node"] for p in after["split"]) == sorted([ids["a"], ids["b"]])
+    assert after["answer"] == before["answer"]

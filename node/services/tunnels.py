@@ -108,9 +108,9 @@ class Tunnel:
             return b""
         self._rx_buffered -= len(data)
         self._unacked += len(data)
-        # Acknowledge in batches (a quarter window) so acks stay few, or at once when the queue ran dry
-        # (the writer may be waiting on exactly these bytes).
-        if self._unacked >= self.window // 4 or self._rx.empty():
+        # Acknowledge in batches of a quarter window: the writer is never short of credit while less than
+        # that is unacknowledged, so request/response traffic (RPC) sends no ack frame per message.
+        if self._unacked >= self.window // 4:
             self.link.send_nowait({"t": "tun.ack", "id": self.id, "r": self._r, "n": self._unacked})
             self._unacked = 0
         return data
