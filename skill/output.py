@@ -132,7 +132,19 @@ def render_capabilities(c: dict) -> str:
         ("gpus", gpu_text),
         ("os", f"{os_.get('system', '?')} {os_.get('release', '')}, Python {os_.get('python', '?')}".strip()),
         ("llama.cpp", llama_line),
+        ("split", split_capability(c.get("split"))),
     ])
+
+
+def split_capability(split: Any) -> str:
+    """Whether this node can lend for split inference, and why not."""
+    if not isinstance(split, dict):
+        return "unknown"
+    if not split.get("rpc_server"):
+        return "cannot lend or borrow: " + str(split.get("lend_refusal") or "llama.cpp's RPC tools are not built")
+    lend = "lends" if split.get("can_lend") else f"does not lend ({split.get('lend_refusal')})"
+    backends = ", ".join(split.get("backends") or []) or "?"
+    return f"{lend}; {size(split.get('free_bytes'))} free; backends {backends}; {split.get('lenders_now', 0)} lender(s) linked"
 
 
 def params(n: Any) -> str:
