@@ -160,14 +160,53 @@ build_llama() {  # $1: the CMake arguments; the wheel lands in a cache folder na
 }
 
 if [[ -n "${CMAKE_ARGS:-}" ]]; then
-  build_llama "$CMAKE_ARGS"
+  LLAMA_ARGS="$CMAKE_ARGS"
+  build_llama "$LLAMA_ARGS"
 elif [[ -n "$GPU_ARGS" ]]; then
-  build_llama "$CPU_ARGS $GPU_ARGS" || {
+  LLAMA_ARGS="$CPU_ARGS $GPU_ARGS"
+  build_llama "$LLAMA_ARGS" || {
     say "the GPU build of llama.cpp failed ($GPU_ARGS); building the portable CPU one instead"
-    build_llama "$CPU_ARGS"
+    LLAMA_ARGS="$CPU_ARGS"
+    build_llama "$LLAMA_ARGS"
   }
 else
-  build_llama "$CPU_ARGS"
+  LLAMA_ARGS="$CPU_ARGS"
+  build_llama "$LLAMA_ARGS"
+fi
+
+# Split inference (node/split) runs llama.cpp's own programs: rpc-server (lending) and llama-server
+# (borrowing; llama-cpp-python cannot name RPC devices). They are built with the RPC backend from the
+# sdist of the very llama-cpp-python version installed, with the wheel's CMake arguments (same kernels,
+# same RPC protocol), static, and cached beside the wheel; then copied into .venv/libexec/pinkybrain.
+# A failed build leaves split inference off (capabilities says why); the node still installs.
+build_rpc_tools() {  # $1: the CMake arguments
+  TOOLS="${XDG_CACHE_HOME:-$HOME/.cache}/pinkybrain/llama-tools/$(printf '%s|%s|%s' "$LLAMA_VERSION" "$1" "$(uname -m)" | sha256sum | cut -c1-16)"
+  [[ -x "$TOOLS/ggml-rpc-server" && -x "$TOOLS/llama-server" ]] && return 0
+  command -v cmake >/dev/null || { say "cmake not found: split inference stays off"; return 1; }
+  say "building llama.cpp's rpc-server and llama-server $LLAMA_VERSION with GGML_RPC ($1): several minutes, once"
+  local work gen=()
+  work="$(mktemp -d)"
+  command -v ninja >/dev/null && gen=(-G Ninja)
+  (
+    set -e
+    "$VPY" -m pip download --quiet --no-deps --no-binary :all: -d "$work" "llama-cpp-python==$LLAMA_VERSION"
+    tar -C "$work" -xzf "$work"/llama_cpp_python-*.tar.gz
+    # shellcheck disable=SC2086 # $1 is a list of CMake arguments
+    cmake "${gen[@]}" -S "$work"/llama_cpp_python-*/vendor/llama.cpp -B "$work/build" $1 -DGGML_RPC=ON \
+      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log"
+    cmake --build "$work/build" --target ggml-rpc-server llama-server -j "$(nproc 2>/dev/null || sysctl -n hw.ncpu)" \
+      >"$work/build.log"
+    rm -rf "$TOOLS.partial" && mkdir -p "$TOOLS.partial"
+    cp "$work/build/bin/ggml-rpc-server" "$work/build/bin/llama-server" "$TOOLS.partial/"
+    rm -rf "$TOOLS" && mv "$TOOLS.partial" "$TOOLS"
+  ) || { say "building the RPC tools failed (logs in $work): split inference stays off"; return 1; }
+  rm -rf "$work"
+}
+if build_rpc_tools "$LLAMA_ARGS"; then
+  mkdir -p .venv/libexec/pinkybrain
+  cp "$TOOLS/ggml-rpc-server" "$TOOLS/llama-server" .venv/libexec/pinkybrain/
+  echo "$LLAMA_VERSION" > .venv/libexec/pinkybrain/VERSION
 fi
 say "installing PinkyBrain [$EXTRAS]"
 # Developers get an editable install; a node gets a regular one, which `pinkybrain update apply` can

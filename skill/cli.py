@@ -236,6 +236,8 @@ def query(
                                                          help="sampling temperature (0: greedy)")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="print the answer as it is generated "
                                          "(default), or wait for all of it")] = True,
+    split: Annotated[bool, typer.Option("--split", help="run the model split over this node and the mesh's "
+                                        "lending peers (owner only; `models ps` shows who holds what)")] = False,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
     timeout: TimeoutOpt = None,
@@ -253,6 +255,8 @@ def query(
             names.append(name.strip())
     body = {"prompt": text, "mode": mode, "specialists": names, "specialist": specialist,
             "session_id": session, "max_tokens": max_tokens, "temperature": temperature}
+    if split:
+        body["split"] = True
     wait = timeout if timeout is not None else QUERY_TIMEOUT
     if stream and not as_json:
         conn = connect(url, wait)
@@ -269,6 +273,8 @@ def query(
         cut = output.cut_marker(data)
         if cut:
             typer.echo(cut, err=True)
+    if isinstance(data, dict) and data.get("split"):
+        typer.echo(output.split_line(data["split"]), err=True)
     if isinstance(data, dict) and data.get("session_id") and not session:
         # On stderr, so the answer alone can be piped; the id is what --session needs next time.
         typer.echo(f"(session {data['session_id']}: continue with --session {data['session_id']})", err=True)

@@ -132,7 +132,19 @@ def render_capabilities(c: dict) -> str:
         ("gpus", gpu_text),
         ("os", f"{os_.get('system', '?')} {os_.get('release', '')}, Python {os_.get('python', '?')}".strip()),
         ("llama.cpp", llama_line),
+        ("split", split_capability(c.get("split"))),
     ])
+
+
+def split_capability(split: Any) -> str:
+    """Whether this node can lend for split inference, and why not."""
+    if not isinstance(split, dict):
+        return "unknown"
+    if not split.get("rpc_server"):
+        return "cannot lend or borrow: " + str(split.get("lend_refusal") or "llama.cpp's RPC tools are not built")
+    lend = "lends" if split.get("can_lend") else f"does not lend ({split.get('lend_refusal')})"
+    backends = ", ".join(split.get("backends") or []) or "?"
+    return f"{lend}; {size(split.get('free_bytes'))} free; backends {backends}; {split.get('lenders_now', 0)} lender(s) linked"
 
 
 def params(n: Any) -> str:
@@ -452,10 +464,32 @@ def render_specialists(d: dict) -> str:
     return table(["NAME", "DESCRIPTION", "HINTS", "MODELS"], rows) if rows else "no specialists"
 
 
+def split_line(parts: Any) -> str:
+    """Who holds which layers of a split model: `split: here 0-5 (90 MiB), peer-b 6-11 (60 MiB)`."""
+    held = []
+    for p in parts if isinstance(parts, list) else []:
+        if not isinstance(p, dict):
+            continue
+        who = "here" if p.get("local") else (p.get("name") or str(p.get("node", "?"))[:7])
+        layers = p.get("layers") or []
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) == 2 else "no layers"
+        held.append(f"{who} layers {span} ({size(p.get('bytes'))})")
+    return "split: " + ", ".join(held)
+
+
 def render_models_ps(d: dict) -> str:
     rows = []
+    splits = []
     for m in d.get("models") or []:
         if not isinstance(m, dict):
+            continue
+        if m.get("split"):
+            until = m.get("unloads_in_secs")
+            parts = [p for p in m.get("parts") or [] if isinstance(p, dict)]
+            rows.append([m.get("model", "?"), f"split over {len(parts)} nodes",
+                         size(sum(p.get("bytes") or 0 for p in parts)), "-", m.get("n_ctx", "?"),
+                         duration(m.get("idle_secs")), "never" if until is None else duration(until)])
+            splits.append(f"{m.get('model', '?')} {split_line(parts)}")
             continue
         where = m.get("device") or "?"
         if where != "cpu" and m.get("layers"):
@@ -466,4 +500,4 @@ def render_models_ps(d: dict) -> str:
                      "never" if until is None else duration(until)])
     if not rows:
         return "no model loaded (models load on first use)"
-    return table(["MODEL", "WHERE", "RAM", "VRAM", "CONTEXT", "IDLE", "UNLOADS IN"], rows)
+    return "\n".join([table(["MODEL", "WHERE", "RAM", "VRAM", "CONTEXT", "IDLE", "UNLOADS IN"], rows), *splits])

@@ -74,7 +74,10 @@ async def status(runtime: RuntimeDep):
 async def capabilities(runtime: RuntimeDep):
     from pinkybrain.node.services.capabilities import collect_capabilities
 
-    return await asyncio.to_thread(collect_capabilities, runtime.data_dir)
+    report = await asyncio.to_thread(collect_capabilities, runtime.data_dir)
+    if runtime.split is not None:
+        report["split"] = await asyncio.to_thread(runtime.split.capabilities)
+    return report
 
 
 @router.get("/api/daemon", summary="Daemon process status")

@@ -17,7 +17,7 @@ from pinkybrain.node.api.errors import errors
 from pinkybrain.node.core.credits import InsufficientCredit
 from pinkybrain.node.core.principals import Principal, visible_privacy
 from pinkybrain.node.core.router import NoAnswer, RouterError
-from pinkybrain.node.services.brain import ModelRefused, NoModel
+from pinkybrain.node.services.brain import ModelRefused, NoModel, split_requested
 from pinkybrain.node.services.inference import ContextLengthExceeded, InferenceError, gpu_offload_supported
 from pinkybrain.node.services.runtime import NodeRuntime
 
@@ -57,6 +57,9 @@ class QueryRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     temperature: float | None = Field(default=None, ge=0, le=2)
     model: str | None = Field(default=None, description="force one model (local or cloud) for every step")
+    split: bool = Field(default=False, description="owner only: run the model split over this node and the "
+                        "private mesh's lending peers (llama.cpp RPC inside the peer links), every node taking "
+                        "a share; a model too big for this node's free memory is split without asking")
     stream: bool = Field(default=False, description="server-sent events: `loading` while a model loads, then "
                          "`token` pieces (single and specialist modes with one specialist) or one `answer` per "
                          "specialist as it finishes (the other modes), then `end`")
@@ -101,6 +104,9 @@ async def query(runtime: RuntimeDep, principal: PrincipalDep, body: QueryRequest
     if body.mode not in MODES:
         raise _error(400, "unknown_mode", f"unknown mode {body.mode!r}; valid modes: {', '.join(MODES)}",
                      valid=list(MODES))
+    if body.split and not owner:
+        raise _error(403, "forbidden", "only this node's owner may ask for a split (it borrows peers' memory)")
+    split_requested.set(body.split)
     requested = _requested(body)
     unknown = [n for n in requested if n not in brain.specialists]
     if unknown:
@@ -152,7 +158,7 @@ async def _stream_tokens(runtime: NodeRuntime, body: QueryRequest, requested: li
         pieces: list[str] = []
         start = time.perf_counter()
         served: dict = {}  # filled by the brain: which node produced the answer, finish_reason, tokens
-        stream = brain.stream(plan["model"], plan["messages"], meta=served, **plan["settings"])
+        stream = brain.stream(plan["model"], plan["messages"], meta=served, split=body.split, **plan["settings"])
         first = None
         try:
             if cold is not None:
@@ -187,6 +193,8 @@ async def _stream_tokens(runtime: NodeRuntime, body: QueryRequest, requested: li
                            "completion_tokens": served.get("completion_tokens"),
                            "prompt_tokens": (plan.get("context") or {}).get("prompt_tokens"),
                            "max_tokens": plan["settings"]["max_tokens"], "history": plan.get("history"),
+                           **({"split": served["split"], "engine_timings": served.get("timings")}
+                              if served.get("split") else {}),
                            "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
@@ -243,4 +251,6 @@ async def specialists(runtime: RuntimeDep):
 async def models_ps(runtime: RuntimeDep):
     engine = runtime.brain.engine
     on_gpu = await asyncio.to_thread(gpu_offload_supported)  # the first call probes llama.cpp: not on the loop
-    return {"models": engine.loaded(on_gpu), "keep_alive_secs": engine.keep_alive_secs, "gpu_offload": on_gpu}
+    split = runtime.split.loaded() if runtime.split is not None else []
+    return {"models": engine.loaded(on_gpu) + split, "keep_alive_secs": engine.keep_alive_secs,
+            "gpu_offload": on_gpu}

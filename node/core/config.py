@@ -109,6 +109,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("sharing.enabled", "bool", True, "share this node's compute and models with peers"),
     Key("sharing.shared_models_dir", "path", "./shared_models/", "the only folder the mesh may read"),
     Key("sharing.cloud_models", "bool", False, "allow cloud models to be shared (still needs force)"),
+    Key("sharing.split", "bool", False, "lend memory and compute to private-mesh peers for split inference "
+        "(llama.cpp's rpc-server on loopback, reached only through peer-link tunnels) (ours)"),
+    Key("sharing.split_idle_secs", "float", 120.0, "stop a lent rpc-server unused this long (ours)", minimum=1),
     Key(
         "resource_guard.cpu_threshold",
         "float",

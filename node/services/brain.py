@@ -24,6 +24,7 @@ import fnmatch
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from pinkybrain.node.services.inference import (
     GpuSettings,
     InferenceError,
     LocalEngine,
+    ModelTooLarge,
 )
 from pinkybrain.node.services.models import ModelNotFound, ModelPathError, resolve_shared
 from pinkybrain.node.services.remote import RemoteFailed
@@ -60,6 +62,11 @@ class NoModel(RuntimeError):
 class ModelRefused(NoModel):
     """The model exists but this caller may not use it: a cloud model or an unshared one, asked for by
     someone other than the node's owner (core.principals.may_use_cloud_model)."""
+
+
+# Set by the API for a request whose owner asked for a split (`query --split`): every model call the request
+# makes then runs split over the mesh's lenders (node/split), wherever in the router it is made.
+split_requested: ContextVar[bool] = ContextVar("split_requested", default=False)
 
 
 class Brain:
@@ -191,14 +198,27 @@ class Brain:
                             public=remote is self._public_remote())
                 return result.text, result.usage, result.elapsed_ms
         facts = await self._facts(path)
-        result = await self.engine.chat(model, path, facts, messages, max_tokens=max_tokens,
-                                        temperature=temperature, top_p=top_p)
+        if self._split_wanted(model, path):
+            pieces = [p async for p in self._split_stream(model, path, facts, messages, meta, max_tokens=max_tokens,
+                                                          temperature=temperature, top_p=top_p,
+                                                          force_all=True)]
+            return "".join(pieces).strip(), {"completion_tokens": meta.get("completion_tokens")}, 0.0
+        try:
+            result = await self.engine.chat(model, path, facts, messages, max_tokens=max_tokens,
+                                            temperature=temperature, top_p=top_p)
+        except ModelTooLarge:
+            if self._auto_split() is None:
+                raise
+            pieces = [p async for p in self._split_stream(model, path, facts, messages, meta, max_tokens=max_tokens,
+                                                          temperature=temperature, top_p=top_p,
+                                                          force_all=False)]
+            return "".join(pieces).strip(), {"completion_tokens": meta.get("completion_tokens")}, 0.0
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
         meta["finish_reason"] = result.finish_reason
         return result.text, usage, result.elapsed_ms
 
     async def stream(self, model: str, messages: list[dict], *, max_tokens: int, temperature: float,
-                     top_p: float, meta: dict | None = None) -> AsyncIterator[str]:
+                     top_p: float, meta: dict | None = None, split: bool = False) -> AsyncIterator[str]:
         """Text pieces as they come; `meta`, when given, gets the serving node (set by the first piece)."""
         meta = {} if meta is None else meta
         meta.update(node=self.runtime.identity.node_id, model=model, remote=False)
@@ -224,8 +244,41 @@ class Brain:
                     continue
                 return
         facts = await self._facts(path)
-        async for piece in self.engine.stream_chat(model, path, facts, messages, max_tokens=max_tokens,
-                                                   temperature=temperature, top_p=top_p, meta=meta):
+        if split or self._split_wanted(model, path):
+            async for piece in self._split_stream(model, path, facts, messages, meta, max_tokens=max_tokens,
+                                                  temperature=temperature, top_p=top_p, force_all=True):
+                yield piece
+            return
+        started = False
+        try:
+            async for piece in self.engine.stream_chat(model, path, facts, messages, max_tokens=max_tokens,
+                                                       temperature=temperature, top_p=top_p, meta=meta):
+                started = True
+                yield piece
+        except ModelTooLarge:
+            # Too big for this node's free memory: split it over the lenders of the mesh, if there are any.
+            if started or self._auto_split() is not None:
+                raise
+            async for piece in self._split_stream(model, path, facts, messages, meta, max_tokens=max_tokens,
+                                                  temperature=temperature, top_p=top_p, force_all=False):
+                yield piece
+
+    # -- split inference (node/split) --------------------------------------------------------------------
+    def _split_wanted(self, model: str, path: Path | None) -> bool:
+        return split_requested.get() and path is not None and model not in self.cloud_models
+
+    def _auto_split(self) -> str | None:
+        """Why a model too big for this node cannot be split instead (None: it can)."""
+        split = getattr(self.runtime, "split", None)
+        return "split inference is not set up" if split is None else split.can_borrow()
+
+    async def _split_stream(self, model: str, path: Path, facts: dict, messages: list[dict], meta: dict, *,
+                            max_tokens: int, temperature: float, top_p: float, force_all: bool):
+        split = getattr(self.runtime, "split", None)
+        if split is None:
+            raise InferenceError("split inference is not available on this node")
+        async for piece in split.stream(model, path, facts, messages, force_all=force_all, max_tokens=max_tokens,
+                                        temperature=temperature, top_p=top_p, meta=meta):
             yield piece
 
     # -- context: the model's limit, and the earlier turns of a session ----------------------------------

@@ -236,6 +236,7 @@ class Mesh:
         self._forgotten: dict[str, float] = {}
         self._self_urls: set[str] = set()
         self._handlers: dict[str, Callable] = {}
+        self._tunnel_handlers: dict[str, Callable] = {}
         self._tasks: list[asyncio.Task] = []
         self._link_tasks: set[asyncio.Task] = set()
         self._all_links: set[Link] = set()
@@ -300,6 +301,17 @@ class Mesh:
 
     def unregister_handler(self, name: str) -> None:
         self._handlers.pop(name, None)
+
+    def register_tunnel(self, kind: str, handler: Callable) -> None:
+        """`async def handler(ctx, payload) -> (reader, writer)`: the local end a peer's tunnel of this kind
+        is joined to (services/tunnels.py). Raise RpcError(code, message) to refuse."""
+        if not kind or len(kind) > 128:
+            raise ValueError("tunnel kinds are 1-128 characters")
+        self._tunnel_handlers[kind] = handler
+
+    async def open_tunnel(self, node_id: str, kind: str, payload: Any = None, *, timeout: float = 60.0):
+        """A byte stream (services.tunnels.Tunnel) to the peer's handler for `kind`."""
+        return await self._link(node_id).open_tunnel(kind, payload, timeout)
 
     async def request(self, node_id: str, name: str, payload: Any = None, *, timeout: float = 30.0) -> Any:
         """Call `name` on a connected peer; its result (a streaming handler's chunks come back as a list)."""

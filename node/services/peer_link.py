@@ -34,6 +34,14 @@ from pinkybrain.node.core.channel import (
     TokenBucket,
 )
 from pinkybrain.node.core.handshake import HandshakeResult
+from pinkybrain.node.services.tunnels import (
+    MAX_TUNNELS,
+    OPEN_TIMEOUT,
+    TUNNEL_WINDOW,
+    Tunnel,
+    TunnelClosed,
+    pump,
+)
 
 if TYPE_CHECKING:
     from pinkybrain.node.services.mesh import Mesh
@@ -493,6 +501,11 @@ class Link:
         self._bye = True
         self._quiet = False
         self._tasks: list[asyncio.Task] = []
+        # Byte-stream tunnels (services/tunnels.py): those we opened, and those the peer opened to us.
+        self._tunnels_ours: dict[int, Tunnel] = {}
+        self._tunnels_theirs: dict[int, Tunnel] = {}
+        self._tunnel_tasks: set[asyncio.Task] = set()
+        self._next_tunnel = 0
 
     def _advertised_url(self, hello: dict, dialed_url: str | None) -> str | None:
         port = hello.get("port")
@@ -581,6 +594,10 @@ class Link:
         for call in list(self._calls.values()):
             if not call.finished:
                 call.queue.put_nowait(("error", gone))
+        for tunnel in [*self._tunnels_ours.values(), *self._tunnels_theirs.values()]:
+            tunnel.close(f"link closed: {self.close_reason}", notify=False)
+        for task in list(self._tunnel_tasks):
+            task.cancel()
         served = [s.task for s in self._served.values() if s.task is not None]
         for task in served:
             task.cancel()
@@ -771,6 +788,8 @@ class Link:
             served = self._served.get(_int(msg.get("id")))
             if served is not None and served.task is not None:
                 served.task.cancel()
+        elif kind.startswith("tun."):
+            self._on_tunnel(kind, msg, body)
         else:
             log.debug("ignoring unknown message type %r from %s", kind[:32], self.short)
 
@@ -778,6 +797,7 @@ class Link:
         load = msg.get("load") if isinstance(msg.get("load"), dict) else {}
         guard = msg.get("guard") if isinstance(msg.get("guard"), dict) else {}
         models = msg.get("models") if isinstance(msg.get("models"), list) else []
+        split = msg.get("split") if isinstance(msg.get("split"), dict) else {}
         self.status = {
             "load": {
                 "cpu_percent": _number(load.get("cpu_percent")),
@@ -788,6 +808,7 @@ class Link:
                 "reason": _text(guard.get("reason"), 200),
             },
             "sharing": bool(msg.get("sharing")),
+            "split": {"lend": bool(split.get("lend")), "free_bytes": _int(split.get("free_bytes"))},
             "models": [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)][
                 :MAX_MODELS
             ],
@@ -956,6 +977,117 @@ class Link:
         finally:
             self._served.pop(cid, None)
 
+    # -- tunnels (services/tunnels.py) -------------------------------------------------------------
+    async def open_tunnel(self, kind: str, payload: Any = None, timeout: float = OPEN_TIMEOUT) -> Tunnel:
+        """A byte stream to the peer's handler for `kind`; RemoteError when it refuses."""
+        if self._closing.is_set():
+            raise PeerGone(f"peer {self.short} went away: {self.close_reason}")
+        self._next_tunnel += 1
+        tunnel = Tunnel(self, self._next_tunnel, opener=True, window=TUNNEL_WINDOW, stats=self.mesh.stats)
+        self._tunnels_ours[tunnel.id] = tunnel
+        msg = {"t": "tun.open", "id": tunnel.id, "k": kind[:MAX_METHOD], "w": TUNNEL_WINDOW}
+        try:
+            await self.send(msg, pack_payload(msg, payload))
+            await asyncio.wait_for(asyncio.shield(tunnel.ready), timeout)
+        except TunnelClosed as exc:
+            if isinstance(exc.__cause__, RemoteError):
+                raise exc.__cause__ from None
+            raise PeerGone(f"tunnel to {self.short} closed while opening: {exc}") from None
+        except BaseException:
+            tunnel.close("open abandoned")
+            raise
+        return tunnel
+
+    def _tunnel_gone(self, tunnel: Tunnel) -> None:
+        table = self._tunnels_ours if tunnel.opener else self._tunnels_theirs
+        if table.get(tunnel.id) is tunnel:
+            del table[tunnel.id]
+
+    def _on_tunnel(self, kind: str, msg: dict, body: bytes) -> None:
+        tid = _int(msg.get("id"))
+        if tid is None:
+            self._rejected("malformed", "tunnel message without an id")
+            return
+        if kind == "tun.open":
+            self._accept_tunnel(tid, msg, body)
+            return
+        # tun.ok/err answer the opener (us); data/ack/close name the table by who opened the tunnel.
+        mine = kind in ("tun.ok", "tun.err") or not msg.get("r")
+        tunnel = (self._tunnels_ours if mine else self._tunnels_theirs).get(tid)
+        if tunnel is None:
+            return  # a late message for a tunnel that has already ended
+        if kind == "tun.ok":
+            tunnel._grant(_int(msg.get("w")))
+            if not tunnel.ready.done():
+                tunnel.ready.set_result(None)
+        elif kind == "tun.err":
+            code = _text(msg.get("code"), 64) or "error"
+            error = RemoteError(code, _text(msg.get("message"), 500) or "")
+            if not tunnel.ready.done():
+                closed = TunnelClosed(str(error))
+                closed.__cause__ = error
+                tunnel.ready.set_exception(closed)
+            tunnel.close(str(error), notify=False)
+        elif kind == "tun.data":
+            if not tunnel._received(body):
+                log.warning("closing a tunnel from %s: it sent past its flow-control window", self.short)
+                tunnel.close("peer ignored tunnel flow control")
+        elif kind == "tun.ack":
+            tunnel._grant(_int(msg.get("n")))
+        elif kind == "tun.close":
+            tunnel.close(_text(msg.get("reason"), 200) or "closed by peer", notify=False)
+
+    def _accept_tunnel(self, tid: int, msg: dict, body: bytes) -> None:
+        def refuse(code: str, message: str) -> None:
+            self.send_nowait({"t": "tun.err", "id": tid, "code": code, "message": message[:500]})
+
+        kind = msg.get("k")
+        if not isinstance(kind, str) or not kind or len(kind) > MAX_METHOD:
+            self._rejected("malformed", "malformed tunnel request")
+            return
+        if tid in self._tunnels_theirs:
+            refuse("duplicate_id", "tunnel id in use")
+            return
+        if len(self._tunnels_theirs) >= MAX_TUNNELS:
+            refuse("busy", "too many tunnels open")
+            return
+        gate = self.mesh.gate
+        refusal = gate.refuse_request(self.peer_id, f"tunnel:{kind}") if gate is not None else None
+        if refusal is not None:
+            refuse("not_trusted", refusal)
+            return
+        handler = self.mesh._tunnel_handlers.get(kind)
+        if handler is None:
+            refuse("unknown_tunnel", f"no tunnel of kind {kind!r}")
+            return
+        window = _int(msg.get("w"))
+        tunnel = Tunnel(self, tid, opener=False, window=TUNNEL_WINDOW, stats=self.mesh.stats)
+        tunnel._grant(min(window, 64 * TUNNEL_WINDOW) if window is not None else TUNNEL_WINDOW)
+        self._tunnels_theirs[tid] = tunnel
+        ctx = RpcContext(peer_id=self.peer_id, peer_name=self.name, method=f"tunnel:{kind}")
+        task = asyncio.create_task(self._run_tunnel(tunnel, handler, ctx, unpack_payload(msg, body)),
+                                   name=f"tunnel-{kind[:32]}-{self.short}")
+        self._tunnel_tasks.add(task)
+        task.add_done_callback(self._tunnel_tasks.discard)
+
+    async def _run_tunnel(self, tunnel: Tunnel, handler, ctx: RpcContext, payload) -> None:
+        try:
+            reader, writer = await handler(ctx, payload)
+        except RpcError as exc:
+            self.send_nowait({"t": "tun.err", "id": tunnel.id, "code": exc.code[:64], "message": exc.message[:500]})
+            tunnel.close(exc.message, notify=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - a handler bug answers the opener, never ends the link
+            log.error("tunnel handler %s failed for %s: %s", ctx.method[:40], self.short, type(exc).__name__)
+            self.send_nowait({"t": "tun.err", "id": tunnel.id, "code": "internal", "message": "the handler failed"})
+            tunnel.close("handler failed", notify=False)
+            return
+        if tunnel.closed:  # the opener gave up (or the link went) while we connected
+            writer.close()
+            return
+        self.send_nowait({"t": "tun.ok", "id": tunnel.id, "w": tunnel.window})
+        await pump(tunnel, reader, writer)
+
     # -- views -------------------------------------------------------------------------------------
     def describe(self) -> dict:
         status = self.status
@@ -978,6 +1110,7 @@ class Link:
             "load": {"cpu_percent": load.get("cpu_percent"), "ram_percent": load.get("ram_percent")},
             "guard": {"sharing_paused": guard.get("sharing_paused"), "reason": guard.get("reason")},
             "sharing": status.get("sharing"),
+            "split": status.get("split") or {"lend": False, "free_bytes": None},
             "bytes_in": self.counters["bytes_in"],
             "bytes_out": self.counters["bytes_out"],
             "frames_in": self.counters["frames_in"],

@@ -73,6 +73,7 @@ class NodeRuntime:
         self.mdns: MdnsService | None = None
         self.mesh = None  # the private mesh (services.mesh.Mesh), created at start
         self.remote = None  # remote inference over the mesh (services.remote), created with it
+        self.split = None  # split inference (node/split): lending rpc-server, borrowing over the mesh
         self.public = None  # the public mesh (services.public_mesh.PublicMesh): tracker, WoT, credits
         self.extra_peers = tuple(extra_peers)  # `serve --peer URL`, on top of p2p.peers
         self._tasks: list[asyncio.Task] = []
@@ -122,7 +123,11 @@ class NodeRuntime:
         psutil.cpu_percent(None)  # prime: the first reading is meaningless
         self._tasks.append(asyncio.create_task(self._sample_loop(), name="resource-guard"))
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        from pinkybrain.node.split.service import SplitService
+
+        self.split = SplitService(self)  # before the mesh: its status says whether this node lends
         await self._start_mesh()
+        self.split.attach(self.mesh)  # the private mesh only: the public one never reaches an rpc-server
         from pinkybrain.node.services.remote import RemoteInference
 
         self.remote = RemoteInference(self)  # needs the brain and the mesh
@@ -167,6 +172,8 @@ class NodeRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.mdns is not None:
             await self.mdns.stop()
+        if self.split is not None:
+            await self.split.close()
         if self.brain is not None:
             await self.brain.close()
         for store in (self.trust, self.ledger):
@@ -216,6 +223,7 @@ class NodeRuntime:
             "guard": {"sharing_paused": guard.paused, "reason": guard.reason or None},
             "sharing": self.sharing_active,
             "models": self.models.shared_entries() if self.sharing_active else [],
+            "split": self.split.lend_status() if self.split is not None else {"lend": False},
         }
 
     def _mdns_found(self) -> list[dict]:

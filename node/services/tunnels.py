@@ -1,0 +1,160 @@
+"""Byte-stream tunnels over a peer link: a stream type beside the RPC calls, for carrying another
+protocol's TCP traffic (llama.cpp's RPC, see node/split/) inside the link's authentication and encryption.
+
+Messages (all on the link's frames, so sealed, counted and rate-limited like the rest):
+  tun.open  {id, k: kind, w: window, p: payload}   the opener asks for a tunnel of a registered kind
+  tun.ok    {id, w: window}                        the acceptor connected its end; data may flow
+  tun.err   {id, code, message}                    refused (unknown kind, not trusted, busy, ...)
+  tun.data  {id, r} + raw bytes                    at most TUNNEL_CHUNK bytes
+  tun.ack   {id, r, n}                             n bytes were consumed: the sender may send n more
+  tun.close {id, r, reason}                        either side ends the tunnel (both directions)
+`r` is 1 when the sender of the message is the side that opened the tunnel, so ids never collide: each
+side numbers its own tunnels. Flow control is by bytes: each side may have at most the other's window
+unacknowledged, and acknowledges only what its consumer has taken (written to its socket and drained),
+so a slow reader slows the writer instead of filling memory. A peer that sends past its credit has the
+tunnel closed.
+
+The acceptor side never takes an address from the request: a kind's handler (`mesh.register_tunnel`)
+decides what its end connects to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("pinkybrain.mesh")
+
+TUNNEL_CHUNK = 128 * 1024  # one tun.data message: well under the link's 1 MiB frame
+TUNNEL_WINDOW = 4 * 1024 * 1024  # bytes a side may have in flight, unacknowledged
+MAX_TUNNELS = 32  # tunnels a peer may have open to us on one link
+OPEN_TIMEOUT = 60.0
+
+# handler(ctx, payload) -> (reader, writer) of the local end it connected, or raise RpcError to refuse
+TunnelHandler = Callable[[Any, Any], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+class TunnelClosed(ConnectionError):
+    """The tunnel ended (closed by either side, or its link went away)."""
+
+
+class Tunnel:
+    """One end of a tunnel: `await write(data)`, `await read()` (b"" once closed by the other side)."""
+
+    def __init__(self, link, tid: int, *, opener: bool, window: int, stats: Counter):
+        self.link, self.id, self.opener = link, tid, opener
+        self.window = window  # what we grant the other side
+        self.credit = 0  # what the other side granted us (set by tun.ok / tun.open)
+        self.stats = stats
+        self.bytes_in = self.bytes_out = 0
+        self._rx: asyncio.Queue = asyncio.Queue()
+        self._rx_buffered = 0  # received, not yet taken by our reader
+        self._unacked = 0  # taken by our reader, not yet acknowledged
+        self._credit_event = asyncio.Event()
+        self.closed = False
+        self.close_reason: str | None = None
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @property
+    def _r(self) -> int:
+        return 1 if self.opener else 0
+
+    # -- writing -----------------------------------------------------------------------------------
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.closed:
+                raise TunnelClosed(self.close_reason or "tunnel closed")
+            if self.credit <= 0:
+                self._credit_event.clear()
+                await self._credit_event.wait()
+                continue
+            n = min(len(view), TUNNEL_CHUNK, self.credit)
+            self.credit -= n
+            await self.link.send({"t": "tun.data", "id": self.id, "r": self._r}, bytes(view[:n]))
+            self.bytes_out += n
+            self.stats["tunnel_bytes_out"] += n
+            view = view[n:]
+
+    def _grant(self, n) -> None:
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            self.credit = min(self.credit + n, 1 << 31)
+            self._credit_event.set()
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _received(self, data: bytes) -> bool:
+        """False when the other side sent past the window it was granted (a protocol error)."""
+        if self.closed:
+            return True
+        self._rx_buffered += len(data)
+        if self._rx_buffered + self._unacked > self.window:
+            return False
+        self.bytes_in += len(data)
+        self.stats["tunnel_bytes_in"] += len(data)
+        self._rx.put_nowait(data)
+        return True
+
+    async def read(self) -> bytes:
+        """The next bytes; b"" when the tunnel closed. Taking them returns credit to the other side."""
+        if self.closed and self._rx.empty():
+            return b""
+        data = await self._rx.get()
+        if data is None:
+            self._rx.put_nowait(None)  # later reads see the end too
+            return b""
+        self._rx_buffered -= len(data)
+        self._unacked += len(data)
+        # Acknowledge in batches of a quarter window: the writer is never short of credit while less than
+        # that is unacknowledged, so request/response traffic (RPC) sends no ack frame per message.
+        if self._unacked >= self.window // 4:
+            self.link.send_nowait({"t": "tun.ack", "id": self.id, "r": self._r, "n": self._unacked})
+            self._unacked = 0
+        return data
+
+    # -- ending ------------------------------------------------------------------------------------
+    def close(self, reason: str = "closed", *, notify: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed, self.close_reason = True, reason
+        if notify:
+            self.link.send_nowait({"t": "tun.close", "id": self.id, "r": self._r, "reason": reason[:200]})
+        self._rx.put_nowait(None)
+        self._credit_event.set()
+        if not self.ready.done():
+            self.ready.set_exception(TunnelClosed(reason))
+            self.ready.exception()  # retrieved: an open that was never awaited logs nothing
+        self.link._tunnel_gone(self)
+
+
+async def pump(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """Copy between a local socket and a tunnel, both ways, until either side ends; then close both.
+    Returns which side ended first: "local" (the socket) or "remote" (the tunnel)."""
+
+    async def up() -> None:
+        while data := await reader.read(TUNNEL_CHUNK):
+            await tunnel.write(data)
+
+    async def down() -> None:
+        while data := await tunnel.read():
+            writer.write(data)
+            await writer.drain()  # back-pressure: acks follow only what the socket took
+
+    tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+    ended = "remote"
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if tasks[0] in done and tasks[0].exception() is None:
+            ended = "local"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tunnel.close("stream ended")
+        writer.close()
+        with contextlib.suppress(OSError, ConnectionError, asyncio.TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 2)
+    return ended
