@@ -14,7 +14,7 @@ from pinkybrain.node.server import foreground_args
 
 # Modules the serve path must not import before its first request: each costs megabytes of resident
 # memory and tens to hundreds of milliseconds (see bench/README.md).
-NOT_AT_START = ("httpx", "httpcore", "zeroconf", "typer", "rich", "llama_cpp", "trio")
+NOT_AT_START = ("httpx", "httpcore", "zeroconf", "typer", "rich", "llama_cpp", "trio", "numpy", "fastapi", "pydantic")
 
 
 @pytest.mark.parametrize(
@@ -64,8 +64,8 @@ def test_the_cli_still_reports_errors_the_fast_path_leaves_to_it(tmp_path):
 def test_the_serve_path_imports_nothing_its_first_request_does_not_need():
     code = (
         "import json, sys\n"
-        "import pinkybrain.node.server, pinkybrain.node.api.app, pinkybrain.node.services.runtime\n"
-        "import pinkybrain.node.services.mesh, pinkybrain.node.services.discovery\n"
+        "import pinkybrain.node.server, pinkybrain.node.api.front, pinkybrain.node.services.runtime\n"
+        "import pinkybrain.node.services.mesh, pinkybrain.node.services.discovery, pinkybrain.node.split.service\n"
         f"print(json.dumps(sorted(m for m in {NOT_AT_START!r} if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -27,8 +27,6 @@ from pathlib import Path
 
 import psutil
 
-from pinkybrain.node.services.grammar_sampling import grammar_llama_class
-
 log = logging.getLogger("pinkybrain.inference")
 
 # A GGUF without a chat template is treated as a base (completion) model: instruction-tuned releases
@@ -280,6 +278,8 @@ class LocalEngine:
             gpu.update(gpu_load_kwargs(self.gpu, gpu_offload_supported()))
             # Flash attention, llama.cpp's own default: on CPU an agent's long prompt (OpenClaw's is ~7k tokens)
             # evaluates faster than with the unfused attention llama-cpp-python asks for (bench/tool_calls.py).
+            from pinkybrain.node.services.grammar_sampling import grammar_llama_class  # numpy: with llama.cpp
+
             return grammar_llama_class()(model_path=str(path), n_ctx=n_ctx, n_threads=self.n_threads,
                                          flash_attn=True, verbose=False, **gpu)
 

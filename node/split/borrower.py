@@ -20,8 +20,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
-
 from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, InferenceError, transcript_prompt
 from pinkybrain.node.services.tunnels import pump
 from pinkybrain.node.split.plan import SplitPlan
@@ -136,6 +134,8 @@ class SplitSession:
                 self.failure = f"lender {node_id[:7]} went away: {tunnel.close_reason or 'connection ended'}"
 
     async def _wait_ready(self) -> None:
+        import httpx  # here, not at the top: the node's start does not need it (bench/cold_start.py)
+
         deadline = time.monotonic() + LOAD_TIMEOUT
         async with httpx.AsyncClient(timeout=5) as client:
             while time.monotonic() < deadline:
@@ -156,6 +156,8 @@ class SplitSession:
         """Pieces of the answer. `chat`: the model has a chat template; without one the prompt is the same
         transcript, with the same sampling, as the local engine uses (services/inference.py), so a greedy
         answer is the same token for token."""
+        import httpx
+
         meta = {} if meta is None else meta
         # llama-cpp-python's sampling defaults, which llama-server would otherwise set its own way.
         body = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": 40,
