@@ -207,7 +207,7 @@ class Brain:
             result = await self.engine.chat(model, path, facts, messages, max_tokens=max_tokens,
                                             temperature=temperature, top_p=top_p)
         except ModelTooLarge:
-            if self._auto_split() is None:
+            if self._auto_split() is not None:  # no lenders (or no tools): the refusal stands
                 raise
             pieces = [p async for p in self._split_stream(model, path, facts, messages, meta, max_tokens=max_tokens,
                                                           temperature=temperature, top_p=top_p,
