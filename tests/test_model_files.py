@@ -138,7 +138,9 @@ def test_a_shared_model_swapped_for_one_of_the_same_size_is_not_served_to_a_peer
         assert "changed on disk" in refused.json()["detail"]  # noticed before it was served again
         status = _wait_for(lambda: b.get("/api/status").json()["sharing"]["withdrawn"], 60, "b to withdraw it")
         assert status[-1]["model"] == DEFAULT_NAME and "SHA-256" in status[-1]["reason"]
-        assert f"unshared model {DEFAULT_NAME}: SHA-256 no longer matches" in b.log()
+        # The log line follows the status entry (the re-hash runs in a worker thread): wait for it too.
+        _wait_for(lambda: f"unshared model {DEFAULT_NAME}: SHA-256 no longer matches" in b.log(), 10,
+                  "b to log the withdrawal")
         local = {m["name"]: m for m in b.get("/api/models").json()["models"]}
         assert local[DEFAULT_NAME]["shared"] is False  # locally: b lists it as not shared
         _wait_for(lambda: a_sees([]), 30, "a to see the share withdrawn")
