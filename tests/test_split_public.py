@@ -34,6 +34,7 @@ from pinkybrain.node.services.mesh import Mesh, MeshSettings, RemoteError
 from pinkybrain.node.split.borrower import TUNNEL_KIND
 from pinkybrain.node.split.public import lend_digest, open_payload, settle
 from pinkybrain.node.split.tools import find_tools
+from pinkybrain.skill.output import split_capability
 
 PRICE = 2.0  # credit.earn_per_split at L
 LINE = 3.0  # L's credit.initial_balance: a stranger's line at L is one lend
@@ -136,6 +137,7 @@ def test_a_valid_public_peer_pays_and_reaches_the_rpc_server(net):
     L, ids, v, loop = net["nodes"]["L"], net["ids"], net["b"]["V"], net["loop"]
     caps = split_caps(L)
     assert caps["can_lend_public"] and caps["lend_public_enabled"] and caps["public_price"] == PRICE
+    assert "also to valid public peers (2.0 credits a tunnel)" in split_capability(caps)  # `capabilities`
     # What public peers see: L lends, O (switch off) does not.
     status = {p["node_id"]: p["split"] for p in v.mesh.peers()}
     assert status[ids["L"]]["lend"] is True and status[ids["L"]]["free_bytes"] > 0
@@ -180,6 +182,7 @@ def test_with_the_owner_switch_off_even_a_valid_peer_is_refused(net):
     off, ids, v = net["nodes"]["O"], net["ids"], net["b"]["V"]
     caps = split_caps(off)
     assert caps["can_lend"] and not caps["lend_public_enabled"] and not caps["can_lend_public"]
+    assert "public" not in split_capability(caps)
     with pytest.raises(RemoteError) as info:
         v.open(ids["O"])
     assert info.value.code == "unknown_tunnel"  # the public mesh of O never registered the kind

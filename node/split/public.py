@@ -7,8 +7,8 @@ this node's Web of Trust finds valid is served (the public gate refuses the othe
 checks again), with RpcError("not_trusted"). With the switch off the kind still answers, refusing
 everyone, and the public link status says `lend: false`.
 
-Payment, one lend = one tunnel (one rpc-server connection; llama-server opens about two per lender when
-it loads a split, a probe and the working one). The borrower signs a PaymentCommitment to this node for
+Payment, one lend = one tunnel (one rpc-server connection; llama-server may open more than one per
+lender as it loads a split: it probes each server first). The borrower signs a PaymentCommitment to this node for
 at least `credit.earn_per_split` and puts it in the tun.open payload (`open_payload`). In order, the
 lender: checks the peer's validity, its own lend refusal, the request (model hash, memory), then accepts
 the commitment (signature, addressed here, not replayed, at least the price, within the asker's credit
