@@ -4,12 +4,13 @@ in credits. The public mesh (services/public_mesh.py) only wires it: `SplitServi
 Who. The owner allows it with `sharing.split_public: true` (default false), on top of `sharing.split`
 and everything that gates private lending (sharing.enabled, the resource guard, the tools). Only a peer
 this node's Web of Trust finds valid is served (the public gate refuses the others first; the handler
-checks again), with RpcError("not_trusted"). With the switch off the kind still answers, refusing
-everyone, and the public link status says `lend: false`.
+checks again), with RpcError("not_trusted"). With the switch off (read at join) the public mesh does
+not register the kind at all (an open is refused `unknown_tunnel`), the handler would refuse anyway, and
+the public link status says `lend: false`.
 
 Payment, one lend = one tunnel (one rpc-server connection; llama-server may open more than one per
-lender as it loads a split: it probes each server first). The borrower signs a PaymentCommitment to this node for
-at least `credit.earn_per_split` and puts it in the tun.open payload (`open_payload`). In order, the
+lender as it loads a split: it probes each server first). The borrower signs a PaymentCommitment to this
+node for at least `credit.earn_per_split` and puts it in the tun.open payload (`open_payload`). In order, the
 lender: checks the peer's validity, its own lend refusal, the request (model hash, memory), then accepts
 the commitment (signature, addressed here, not replayed, at least the price, within the asker's credit
 line: credits.CREDIT_LINE_RULE) -- only then does an rpc-server start or get connected. Once connected
@@ -20,7 +21,8 @@ lender that then closes the tunnel gains no more than a server that answers a qu
 not the ledger, is the remedy). The receipt's response_sha256 is `lend_digest(model sha256)`: it binds
 the receipt to the model lent. If the rpc-server cannot be reached the commitment gets a failed receipt
 (no credit moves, the asker's credit line here is freed); the borrower, which never sees it, gets its
-reservation back when the commitment expires.
+reservation back when the commitment expires, as it does when the opener gives up (or its link goes)
+between the lender's delivery and tun.ok.
 
 Separation. Public borrowers get their own RpcServers (own cap on processes, so public borrowers cannot
 use up the private mesh's slots) and their own weight cache folder (`rpc-cache-public/`): rpc-server's
@@ -36,7 +38,13 @@ from __future__ import annotations
 import logging
 import time
 
-from pinkybrain.node.core.credits import CreditError, PaymentCommitment, Receipt, response_digest
+from pinkybrain.node.core.credits import (
+    CreditError,
+    PaymentCommitment,
+    Receipt,
+    format_credits,
+    response_digest,
+)
 from pinkybrain.node.services.mesh import RpcError
 
 log = logging.getLogger("pinkybrain.split")
@@ -121,7 +129,8 @@ class PublicLending:
             raise RpcError("busy", f"rpc-server unavailable: {exc}") from None
         receipt = ledger.deliver(identity, commitment, success=True, latency_ms=_ms_since(started),
                                  response_sha256=lend_digest(sha256))
-        log.log(self.level, "public split lend to %s: model %s, paid %s", peer[:7], sha256[:12], self.price())
+        log.log(self.level, "public split lend to %s: model %s, paid %s", peer[:7], sha256[:12],
+                format_credits(commitment.amount))
         return reader, writer, {"receipt": receipt.to_dict()}
 
 
