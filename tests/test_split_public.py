@@ -18,6 +18,7 @@ O's home.
 
 from __future__ import annotations
 
+import json
 import struct
 import uuid
 
@@ -150,6 +151,9 @@ def test_a_valid_public_peer_pays_and_reaches_the_rpc_server(net):
         assert receipt.success and receipt.server == ids["L"] and receipt.response_sha256 == lend_digest(SHA)
         assert v.hello(tunnel) >= 1  # rpc-server's own answer, through the tunnel
         assert borrowers_served(L) == {v.id} and not split_caps(L)["lending"]  # a public rpc-server only
+        with L.member() as c:  # a private-mesh member sees that a public peer borrows, never which
+            seen = c.get("/api/capabilities").json()["split"]
+        assert len(seen["public_lending"]) == 1 and v.id not in json.dumps(seen)
         (server,) = split_caps(L)["public_lending"]
         listening = [c for c in psutil.Process(server["pid"]).net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN]
@@ -163,7 +167,8 @@ def test_a_valid_public_peer_pays_and_reaches_the_rpc_server(net):
     assert mine and mine[0]["success"] is True and mine[0]["commitment"]["asker"] == v.id
     # The commitment cannot buy a second lend.
     with pytest.raises(RemoteError) as info:
-        loop.run(v.mesh.open_tunnel(ids["L"], TUNNEL_KIND, {"sha256": SHA, "commitment": commitment.to_dict()}))
+        loop.run(v.mesh.open_tunnel(ids["L"], TUNNEL_KIND,
+                                    {"sha256": SHA, "commitment": commitment.to_dict()}))
     assert info.value.code == "payment_refused" and "replay" in info.value.message
 
 

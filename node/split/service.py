@@ -55,10 +55,10 @@ class SplitService:
         self.lending = RpcServers(self.tools, runtime.data_dir / "rpc-cache", idle_secs=cfg["sharing.split_idle_secs"],
                                   threads=cfg["inference.n_threads"])
         # Public borrowers never share a process, a slot or a weight cache with private ones (split/public.py).
-        self.public_lending = RpcServers(self.tools, runtime.data_dir / PUBLIC_CACHE,
-                                         idle_secs=cfg["sharing.split_idle_secs"], threads=cfg["inference.n_threads"],
-                                         max_servers=PUBLIC_MAX_SERVERS,
-                                         log_level=logging.INFO if cfg["logging.public_mesh"] else logging.DEBUG)
+        self.public_lending = RpcServers(
+            self.tools, runtime.data_dir / PUBLIC_CACHE, idle_secs=cfg["sharing.split_idle_secs"],
+            threads=cfg["inference.n_threads"], max_servers=PUBLIC_MAX_SERVERS,
+            log_level=logging.INFO if cfg["logging.public_mesh"] else logging.DEBUG)
         self.public: PublicLending | None = None
         self.sessions: dict[str, SplitSession] = {}
         self.keep_alive_secs = cfg["inference.keep_alive_secs"]
