@@ -68,6 +68,12 @@ def proof_message(nonce: str, node_id: str) -> bytes:
     return PROOF_DOMAIN + nonce.encode() + b"\n" + node_id.encode()
 
 
+def _mac_hex(keyed: hmac.HMAC, message: bytes) -> bytes:
+    mac = keyed.copy()
+    mac.update(message)
+    return mac.hexdigest().encode()
+
+
 def frame_nonce(counter: int) -> bytes:
     return b"\x01" + counter.to_bytes(Box.NONCE_SIZE - 1, "big")
 
@@ -80,32 +86,44 @@ class SkillLink:
         self.node_id = identity.node_id
         self._node_id_bytes = self.node_id.encode()
         self._private = identity.signing_key.to_curve25519_private_key()
-        self._shared: OrderedDict[bytes, bytes] = OrderedDict()  # caller key -> K, least recently used first
+        # HMAC states keyed once: copying one costs less than half of hmac.digest(), which looks the hash
+        # up and pads the key again on every call (OpenSSL 3). Caller key -> state under K, least recently
+        # used first; credential (the secret or the owner key) -> state under it.
+        self._shared: OrderedDict[bytes, hmac.HMAC] = OrderedDict()
+        self._credential_macs: dict[bytes, hmac.HMAC] = {}
 
     def proof_headers(self, credential: bytes, nonce: str, client_key: bytes | None = None
                       ) -> list[tuple[bytes, bytes]]:
         """The proof for an answer to the request `nonce`; `client_key` is the raw value of the request's
         x-pinkybrain-client-key header, if it had one (a malformed one gets the signature instead)."""
         message = proof_message(nonce, self.node_id)
-        shared = self._shared_key(client_key) if client_key else None
-        identity = ((_NODE_MAC, hmac.digest(shared, message, "sha256").hex().encode()) if shared is not None
+        shared = self._shared_mac(client_key) if client_key else None
+        identity = ((_NODE_MAC, _mac_hex(shared, message)) if shared is not None
                     else (_NODE_SIG, base64.b64encode(self.identity.sign(message))))
-        return [(_NODE, self._node_id_bytes), (_PROOF, hmac.digest(credential, message, "sha256").hex().encode()),
+        return [(_NODE, self._node_id_bytes), (_PROOF, _mac_hex(self._credential_mac(credential), message)),
                 identity]
 
-    def _shared_key(self, client_key: bytes) -> bytes | None:
-        shared = self._shared.get(client_key)
-        if shared is not None:
+    def _credential_mac(self, credential: bytes) -> hmac.HMAC:
+        mac = self._credential_macs.get(credential)
+        if mac is None:
+            if len(self._credential_macs) >= 8:  # the secret and the owner key; a reload changes them
+                self._credential_macs.clear()
+            mac = self._credential_macs[credential] = hmac.new(credential, digestmod="sha256")
+        return mac
+
+    def _shared_mac(self, client_key: bytes) -> hmac.HMAC | None:
+        mac = self._shared.get(client_key)
+        if mac is not None:
             self._shared.move_to_end(client_key)
-            return shared
+            return mac
         try:
             shared = Box(self._private, PublicKey(base64.b64decode(client_key, validate=True))).shared_key()
         except (ValueError, TypeError, CryptoError):
             return None
-        self._shared[client_key] = shared
+        mac = self._shared[client_key] = hmac.new(shared, digestmod="sha256")
         if len(self._shared) > CLIENT_KEYS_KEPT:
             self._shared.popitem(last=False)
-        return shared
+        return mac
 
     def open_request(self, seal_header: str, sealed: bytes) -> tuple[AnswerSealer, bytes, bytes]:
         """(the sealer for the answer, the raw query string, the body) of a sealed request."""
