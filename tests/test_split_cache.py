@@ -147,7 +147,7 @@ def test_a_lender_with_the_model_in_shared_models_is_not_sent_its_large_tensors(
     (sha_dir,) = (b.home / "rpc-cache").iterdir()
     shutil.rmtree(cache_files_folder(sha_dir))
     r = b.post("/api/models/wide/share")
-    assert r.status_code == 200 and r.json()["sha256"] == sha_dir.name, r.text
+    assert r.status_code == 200 and r.json()["entry"]["sha256"] == sha_dir.name, r.text
     second, sent_with = load_and_ask(a)
     assert_lender_holds_the_large_tensors(second)
     assert second["answer"] == first["answer"] and second["completion_tokens"] == first["completion_tokens"]
