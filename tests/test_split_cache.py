@@ -7,6 +7,7 @@ write_wide_model): the default model has no tensor a lender holds above ggml-rpc
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 
 import pytest
@@ -22,6 +23,7 @@ from pinkybrain.node.split.rpc_cache import (
     fnv1a64_py,
     load_fnv,
     prefill,
+    tensor_infos,
 )
 from pinkybrain.node.split.tools import find_tools
 
@@ -74,6 +76,8 @@ def test_prefill_writes_the_large_block_tensors_once_under_their_hash(wide_model
     name = json.loads((cache / INDEX).read_text())["blk.17.ffn_down.weight"]
     content = (folder / name).read_bytes()
     assert content == tensor.data.tobytes() and name == f"{fnv1a64_py(content):016x}"
+    with open(wide_model, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        assert tensor_infos(buf) == [(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
     again = prefill(wide_model, cache, fnv, range(14, 18))  # the ones written before are not written again
     assert again["written"] == 6 and again["present"] == 6
     assert len(list(folder.iterdir())) == 12

@@ -23,6 +23,7 @@ from model import DEFAULT_NAME, place_default_model
 from nodes import free_port, start_node, strong_secret
 from pinkybrain.node.split.tools import find_tools
 
+pytestmark = pytest.mark.timeout(1200)  # split loads take minutes on a loaded machine
 LIMIT_MB = 200  # the default model needs ~330 MiB whole; its embeddings (~170 MiB) and a few blocks fit
 PROFILE = {"counter": {"description": "Counts, deterministically.", "system_prompt": "You count numbers.",
                        "temperature": 0.0, "top_p": 1.0, "max_tokens": 200}}
@@ -65,10 +66,11 @@ def net(tmp_path_factory):
 
 
 def events_of(node, body: dict, on_event=None) -> list[tuple[str, dict]]:
-    """The server-sent events of a streamed query; a read waits at most BOUND_SECS (a hang fails)."""
+    """The server-sent events of a streamed query (a hang fails: a read waits ten minutes at most, for a
+    split's first load on a loaded machine)."""
     events, event = [], None
     with node.client() as c:
-        c.timeout = BOUND_SECS
+        c.timeout = 600
         with c.stream("POST", "/api/query", json={**body, "stream": True}) as r:
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():

@@ -65,11 +65,79 @@ def cache_files_folder(cache: Path) -> Path:
     return cache / "rpc"
 
 
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def tensor_infos(buf) -> list[tuple[str, int, int]]:
+    """(name, offset in the file, bytes) of each tensor of a GGUF file's bytes (an mmap). Reads only what
+    locates the tensors: gguf's GGUFReader builds an object per vocabulary entry, which takes tens of
+    seconds for a 262k-token vocabulary on a loaded machine; a tunnel's opening waits for this."""
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if bytes(buf[:4]) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported")
+    pos = 24
+    alignment = 32
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8 + n
+        return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
+
+    def skip(kind: int):
+        nonlocal pos
+        if kind == 8:
+            return string()
+        if kind == 9:
+            inner, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if inner == 8:
+                for _ in range(count):
+                    (n,) = struct.unpack_from("<Q", buf, pos)
+                    pos += 8 + n
+            else:
+                pos += count * struct.calcsize("<" + _SCALAR[inner])
+            return None
+        (value,) = struct.unpack_from("<" + _SCALAR[kind], buf, pos)
+        pos += struct.calcsize("<" + _SCALAR[kind])
+        return value
+
+    for _ in range(n_kv):
+        key = string()
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        value = skip(kind)
+        if key == "general.alignment" and isinstance(value, int) and value > 0:
+            alignment = value
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        pos += 4 + 8 * n_dims
+        qtype, offset = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        count = 1
+        for d in dims:
+            count *= d
+        infos.append((name, offset, count // block * size))
+    start = (pos + alignment - 1) // alignment * alignment
+    return [(name, start + offset, n) for name, offset, n in infos]
+
+
 def prefill(gguf_path: Path, cache: Path, fnv, layers: range | None = None) -> dict:
     """Write the large block tensors of `gguf_path` (those of `layers`, or all) into `cache` under the
     names rpc-server looks for; tensors written before are skipped. Returns what was done."""
+    import mmap
+
     import numpy as np
-    from gguf import GGUFReader
 
     folder = cache_files_folder(cache)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -80,31 +148,34 @@ def prefill(gguf_path: Path, cache: Path, fnv, layers: range | None = None) -> d
     except (OSError, ValueError):
         index = {}
     done = {"written": 0, "bytes": 0, "present": 0}
-    reader = GGUFReader(str(gguf_path), "r")
-    for tensor in reader.tensors:
-        match = _BLOCK.match(tensor.name)
-        if not match or int(tensor.n_bytes) <= HASH_THRESHOLD:
-            continue
-        if layers is not None and int(match.group(1)) not in layers:
-            continue
-        name = index.get(tensor.name)
-        if isinstance(name, str) and (folder / name).is_file():
-            done["present"] += 1
-            continue
-        data = np.ascontiguousarray(tensor.data)
-        name = f"{fnv(data):016x}"
-        target = folder / name
-        if not target.is_file():  # rpc-server may have saved it already, from a borrower's send
-            tmp = folder / f"{name}.{os.getpid()}.partial"  # never a 16-hex name: rpc-server ignores it
-            with open(tmp, "wb") as fh:
-                fh.write(memoryview(data).cast("B"))
-            os.replace(tmp, target)
-            done["written"] += 1
-            done["bytes"] += data.nbytes
-        else:
-            done["present"] += 1
-        index[tensor.name] = name
+    with open(gguf_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for tensor, offset, size in tensor_infos(buf):
+            match = _BLOCK.match(tensor)
+            if not match or size <= HASH_THRESHOLD or (layers is not None and int(match.group(1)) not in layers):
+                continue
+            name = index.get(tensor)
+            if isinstance(name, str) and (folder / name).is_file():
+                done["present"] += 1
+                continue
+            data = np.frombuffer(buf, dtype=np.uint8, count=size, offset=offset)
+            index[tensor] = _write(folder, data, fnv, done)
+            del data  # the mmap cannot close while a view of it lives
     tmp = index_path.with_suffix(".partial")
     tmp.write_text(json.dumps(index))
     os.replace(tmp, index_path)
     return done
+
+
+def _write(folder: Path, data, fnv, done: dict) -> str:
+    name = f"{fnv(data):016x}"
+    target = folder / name
+    if not target.is_file():  # rpc-server may have saved it already, from a borrower's send
+        tmp = folder / f"{name}.{os.getpid()}.partial"  # never a 16-hex name: rpc-server ignores it
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+        done["written"] += 1
+        done["bytes"] += data.nbytes
+    else:
+        done["present"] += 1
+    return name

@@ -20,6 +20,7 @@ from pinkybrain.node.services.mesh import RpcError
 from pinkybrain.node.split.borrower import TUNNEL_KIND, SplitError, SplitSession
 from pinkybrain.node.split.lender import RpcServers
 from pinkybrain.node.split.plan import RESERVE_BYTES, Offer, PlanError, plan_split
+from pinkybrain.node.split.rpc_cache import tensor_infos
 from pinkybrain.node.split.tools import devices, find_tools
 
 log = logging.getLogger("pinkybrain.split")
@@ -30,17 +31,18 @@ DEFAULT_SPLIT_CTX = 4096
 
 def block_sizes(path: Path) -> tuple[list[int], int]:
     """Bytes of each transformer block (blk.N.*) and of everything else (embeddings, output, norms)."""
-    from gguf import GGUFReader
+    import mmap
 
-    reader = GGUFReader(str(path), "r")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        infos = tensor_infos(buf)  # not gguf's GGUFReader: it parses the whole vocabulary, tens of seconds
     blocks: dict[int, int] = {}
     other = 0
-    for tensor in reader.tensors:
-        match = re.match(r"blk\.(\d+)\.", tensor.name)
+    for name, _offset, size in infos:
+        match = re.match(r"blk\.(\d+)\.", name)
         if match:
-            blocks[int(match.group(1))] = blocks.get(int(match.group(1)), 0) + int(tensor.n_bytes)
+            blocks[int(match.group(1))] = blocks.get(int(match.group(1)), 0) + size
         else:
-            other += int(tensor.n_bytes)
+            other += size
     return [blocks[i] for i in sorted(blocks)], other
 
 
