@@ -148,7 +148,10 @@ def prefill(gguf_path: Path, cache: Path, fnv, layers: range | None = None) -> d
     except (OSError, ValueError):
         index = {}
     done = {"written": 0, "bytes": 0, "present": 0}
-    with open(gguf_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    from pinkybrain.node.services.models import open_model
+
+    # open_model: no symlink followed, a regular file with one link (the mesh reads only shared_models/)
+    with open_model(gguf_path) as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         for tensor, offset, size in tensor_infos(buf):
             match = _BLOCK.match(tensor)
             if not match or size <= HASH_THRESHOLD or (layers is not None and int(match.group(1)) not in layers):
