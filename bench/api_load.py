@@ -157,6 +157,11 @@ async def _drive(
         server_cpu = cpu_seconds(server) - server_cpu0 if server else math.nan
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
+    return _load_result(concurrency, requests, ok, errors, wall, latencies, server_cpu, client_cpu)
+
+
+def _load_result(concurrency: int, requests: int, ok: int, errors: int, wall: float, latencies: list[float],
+                 server_cpu: float, client_cpu: float) -> dict:
     latencies.sort()
     done = ok + errors
     return {
@@ -176,9 +181,122 @@ async def _drive(
     }
 
 
+# A raw HTTP/1.1 load generator: requests are built (and, for the node, signed) before the timed phase, so
+# the client spends a few microseconds per request and keeps the server saturated, as wrk does. httpx
+# spends several times the server's cost per request on its side; a server that waits for its client
+# wakes once per request and its CPU per request then counts wake-ups, not work.
+_BASE_HEADERS = (b"Accept: */*\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\n"
+                 b"User-Agent: pinkybrain-bench\r\n")
+
+
+def _raw_requests(url: str, secret: str | None, credential: str, count: int) -> list[bytes]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    head = f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n".encode() + _BASE_HEADERS
+    if not secret:
+        return [head + b"\r\n"] * count
+    from pinkybrain.skill.signing import signature_headers
+
+    try:  # as the skill sends it: the node answers with the cheaper MAC proof
+        from pinkybrain.skill.signing import CLIENT_KEY_HEADER, ProofKey
+
+        client_key = {CLIENT_KEY_HEADER: ProofKey().public}
+    except ImportError:  # a tree from before the MAC proof (a "before" run): the node signs each answer
+        client_key = {}
+    out = []
+    for _ in range(count):
+        headers = signature_headers(secret, "GET", parts.path, "", b"", credential)
+        headers.update(client_key)
+        out.append(head + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+    return out
+
+
+async def _raw_exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes,
+                        proof: bool) -> bool:
+    """One request; True for a 200 (that carries the node's id proof, when `proof`)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length:
+        await reader.readexactly(length)
+    # A signed answer without its proof would be a cheaper, wrong answer: count it as an error.
+    if not head.startswith(b"HTTP/1.1 200 "):
+        return False
+    lowered = head.lower()
+    return not proof or b"\r\nx-pinkybrain-node-mac:" in lowered or b"\r\nx-pinkybrain-node-sig:" in lowered
+
+
+async def _drive_raw(url: str, secret: str | None, concurrency: int, requests: int, warmup: int,
+                     max_seconds: float, server_pid: int | None, credential: str = "mesh") -> dict:
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    parts = urlsplit(url)
+    server = psutil.Process(server_pid) if server_pid else None
+    warm = _raw_requests(url, secret, credential, warmup + concurrency)
+    measured = _raw_requests(url, secret, credential, requests)
+    conns = [await asyncio.open_connection(parts.hostname, parts.port) for _ in range(concurrency)]
+
+    async def phase(batch: list[bytes], deadline: float, latencies: list[float] | None) -> tuple[int, int]:
+        ok = errors = 0
+        queue = iter(batch)
+
+        async def worker(reader, writer) -> None:
+            nonlocal ok, errors
+            for request in queue:  # one shared iterator: the workers take the next request in turn
+                if time.monotonic() >= deadline:
+                    return
+                start = time.perf_counter()
+                try:
+                    good = await _raw_exchange(reader, writer, request, bool(secret))
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    good = False
+                if good:
+                    ok += 1
+                    if latencies is not None:
+                        latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker(r, w) for r, w in conns))
+        return ok, errors
+
+    def cpu_seconds(proc) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    try:
+        await phase(warm, time.monotonic() + max_seconds, None)
+        latencies: list[float] = []
+        me = psutil.Process()
+        server_cpu0 = cpu_seconds(server) if server else 0.0
+        client_cpu0 = cpu_seconds(me)
+        started = time.perf_counter()
+        ok, errors = await phase(measured, time.monotonic() + max_seconds, latencies)
+        wall = time.perf_counter() - started
+        client_cpu = cpu_seconds(me) - client_cpu0
+        server_cpu = cpu_seconds(server) - server_cpu0 if server else math.nan
+    finally:
+        for _, writer in conns:
+            writer.close()
+    return _load_result(concurrency, requests, ok, errors, wall, latencies, server_cpu, client_cpu)
+
+
 def run_load_worker(args: argparse.Namespace) -> None:
-    result = asyncio.run(
-        _drive(
+    drive = _drive_raw if args.client == "raw" else _drive
+    try:
+        import uvloop  # the raw generator's own cost per request, lowered further
+        run = uvloop.run if drive is _drive_raw else asyncio.run
+    except ImportError:
+        run = asyncio.run
+    result = run(
+        drive(
             args.url,
             os.environ.get(SECRET_ENV),
             args.level,
@@ -221,6 +339,8 @@ def measure(
         str(args.max_seconds),
         "--server-pid",
         str(server_pid),
+        "--client",
+        args.client,
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=_pinned(cpu))
     try:
@@ -619,6 +739,9 @@ def main() -> None:
         help="alternating baseline/node rounds per level; the median round is shown",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                        help="load generator: raw (pre-signed HTTP/1.1 requests, saturates the server like wrk) "
+                             "or httpx (the skill's own client, signing each request as it goes)")
     parser.add_argument("--compare-dashboard", action="store_true",
                         help="also measure status on the same node with dashboard.enabled: false (row no-dash)")
     parser.add_argument("--auth-iterations", type=int, default=3000,

@@ -181,9 +181,12 @@ async def _serve(
 def release_start_up_memory() -> None:
     """Once the API answers, give start-up garbage back to the system: zxcvbn's dictionaries (the secret
     was checked), the temporaries of FastAPI's schema building. gc.collect() frees the cycles (modules are
-    cycles); glibc's malloc_trim returns the freed heap pages, where there is one (not macOS, not musl)."""
+    cycles); glibc's malloc_trim returns the freed heap pages, where there is one (not macOS, not musl).
+    What survives start-up lives as long as the node: gc.freeze() takes it out of the collector's
+    generations, so the collections that every request's garbage triggers no longer walk it."""
     release_estimator()
     gc.collect()
+    gc.freeze()
     try:
         import ctypes
 

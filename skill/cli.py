@@ -32,6 +32,7 @@ from pinkybrain.skill.signing import HmacAuth, NodeIdError, canonical_node_id
 MODES = ("single", "vote", "chain", "fuse", "compare", "specialist")
 PRIVACY_LEVELS = ("private", "peers-only", "public")
 EXPORT_FORMATS = ("json", "markdown")
+SHARE_TIMEOUT = 3600.0  # `models share`: the node reads and hashes the whole file first
 QUERY_TIMEOUT = 600.0  # inference on a modest CPU can take minutes; everything else uses the client default
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the node's JSON answer")]
@@ -641,7 +642,8 @@ def models_share(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Share a model with the mesh."""
-    data, _ = call(url, timeout, "POST", f"/api/models/{name_part(name, 'model name')}/share",
+    # The node hashes the whole file before it signs the share: minutes for a large model.
+    data, _ = call(url, SHARE_TIMEOUT if timeout is None else timeout, "POST", f"/api/models/{name_part(name, 'model name')}/share",
                    params={"force": "true" if force else None})
     entry = (data or {}).get("entry") or {}
     warning = (data or {}).get("cost_warning")

@@ -143,6 +143,8 @@ def split_capability(split: Any) -> str:
     if not split.get("rpc_server"):
         return "cannot lend or borrow: " + str(split.get("lend_refusal") or "llama.cpp's RPC tools are not built")
     lend = "lends" if split.get("can_lend") else f"does not lend ({split.get('lend_refusal')})"
+    if split.get("can_lend") and split.get("lend_public_enabled"):
+        lend += f", also to valid public peers ({split.get('public_price')} credits a tunnel)"
     backends = ", ".join(split.get("backends") or []) or "?"
     return f"{lend}; {size(split.get('free_bytes'))} free; backends {backends}; {split.get('lenders_now', 0)} lender(s) linked"
 

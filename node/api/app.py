@@ -71,12 +71,15 @@ async def status(runtime: RuntimeDep):
 
 
 @router.get("/api/capabilities", summary="Hardware capabilities report")
-async def capabilities(runtime: RuntimeDep):
+async def capabilities(runtime: RuntimeDep, principal: PrincipalDep):
     from pinkybrain.node.services.capabilities import collect_capabilities
 
     report = await asyncio.to_thread(collect_capabilities, runtime.data_dir)
     if runtime.split is not None:
-        report["split"] = await asyncio.to_thread(runtime.split.capabilities)
+        split = report["split"] = await asyncio.to_thread(runtime.split.capabilities)
+        if principal is not Principal.OWNER:  # which public peers borrow here is no private member's business
+            split["public_lending"] = [{k: v for k, v in server.items() if k != "borrower"}
+                                       for server in split["public_lending"]]
     return report
 
 

@@ -121,15 +121,21 @@ class SignedRequestMiddleware:
             await _send_json(send, status, {"error": "body_too_large" if status == 413 else "bad_request",
                                             "detail": detail}, challenge=False)
             return
-        try:
-            body = await read_body(receive, rule.body_limit)
-        except BodyTooLarge:
-            await _send_json(send, 413, {"error": "body_too_large",
-                                         "detail": f"request body over {rule.body_limit} bytes for "
-                                                   f"{rule.method} {rule.path}"}, challenge=False)
-            return
-        if body is None:  # the client went away
-            return
+        if declared in (None, "0") and "transfer-encoding" not in headers:
+            # HTTP/1.1 framing: no length and no chunking means no body (RFC 9112 §6.3); the app reads
+            # the same empty body from the server. Most calls (GETs) skip the read-and-replay.
+            body = b""
+        else:
+            try:
+                body = await read_body(receive, rule.body_limit)
+            except BodyTooLarge:
+                await _send_json(send, 413, {"error": "body_too_large",
+                                             "detail": f"request body over {rule.body_limit} bytes for "
+                                                       f"{rule.method} {rule.path}"}, challenge=False)
+                return
+            if body is None:  # the client went away
+                return
+            receive = replay_body(body, receive)
         if claim is not None:
             try:
                 context = auth.verifier.verify_claim(
@@ -138,7 +144,7 @@ class SignedRequestMiddleware:
                 await self._refuse(scope, send, exc)
                 return
         scope[AUTH_SCOPE_KEY] = context
-        await self.app(scope, replay_body(body, receive), send)
+        await self.app(scope, receive, send)
 
     @staticmethod
     async def _refuse(scope, send, exc: AuthError) -> None:

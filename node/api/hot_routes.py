@@ -8,10 +8,17 @@ authenticated, checked against the principal table and given its proof exactly a
 FastAPI machinery after that is skipped. The FastAPI routes stay (OpenAPI, and any app built without
 these layers) and answer with the same functions, so both paths say the same thing.
 
-The answer is built from values the node keeps up to date in memory (no disk or SQLite read)."""
+The answer is built from values the node keeps up to date in memory (no disk or SQLite read). Under
+load (many monitors polling, a dashboard per user) the status answer is built at most once per
+`STATUS_SNAPSHOT_SECS` and the same bytes go to every caller in that window: building it touches every
+service and is most of a status call's cost. Any request that may change state (every method but GET
+and HEAD) drops the snapshot when it starts, as each part of its answer is sent and when it ends, so a
+caller never reads the past of its own change; what changes inside the node by itself (a peer's link, the resource guard) shows at most that much late,
+well within one network round trip of a remote caller."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from pinkybrain.node.api.responses import dumps
@@ -73,22 +80,53 @@ def status_answer(runtime: NodeRuntime) -> dict:
 
 
 ANSWERS = {"/api/ping": ping_answer, "/api/status": status_answer}
+STATUS_PATH = "/api/status"
+STATUS_SNAPSHOT_SECS = 0.05
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_READS = frozenset(("GET", "HEAD"))
 
 
 class HotRoutes:
     """ASGI: answers GET on the hot routes itself, passes everything else to `app` (FastAPI)."""
 
-    def __init__(self, app, runtime: NodeRuntime):
+    def __init__(self, app, runtime: NodeRuntime, snapshot_secs: float = STATUS_SNAPSHOT_SECS):
         self.app = app
         self.runtime = runtime
+        self.snapshot_secs = snapshot_secs
+        self._status: bytes | None = None
+        self._status_until = 0.0
 
     async def __call__(self, scope, receive, send):
-        answer = ANSWERS.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "GET" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        if method not in _READS:
+            async def send_fresh(message) -> None:
+                # Dropped as each part of the answer leaves: a snapshot built while the request ran (before
+                # its change) is gone before its caller can ask again.
+                self._status = None
+                await send(message)
+
+            self._status = None
+            try:
+                await self.app(scope, receive, send_fresh)
+            finally:
+                self._status = None
+            return
+        path = scope["path"]
+        answer = ANSWERS.get(path) if method == "GET" else None
         if answer is None:
             await self.app(scope, receive, send)
             return
-        body = dumps(answer(self.runtime))
+        body = self._status_body() if path == STATUS_PATH else dumps(answer(self.runtime))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    def _status_body(self) -> bytes:
+        now = time.monotonic()
+        if self._status is None or now >= self._status_until:
+            self._status = dumps(status_answer(self.runtime))
+            self._status_until = now + self.snapshot_secs
+        return self._status

@@ -40,11 +40,13 @@ MAX_SKEW_SECS = 60
 MAX_NONCE_LEN = 128
 
 
+_EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()  # most requests (GETs) have no body
+
+
 def canonical_string(method: str, path: str, query: str, timestamp: str, nonce: str, body: bytes,
                      scheme: str = SCHEME) -> bytes:
-    return "\n".join(
-        (scheme, method.upper(), path, query, timestamp, nonce, hashlib.sha256(body).hexdigest())
-    ).encode()
+    digest = hashlib.sha256(body).hexdigest() if body else _EMPTY_BODY_SHA256
+    return "\n".join((scheme, method.upper(), path, query, timestamp, nonce, digest)).encode()
 
 
 def sign(secret: str, method: str, path: str, query: str, timestamp: str, nonce: str, body: bytes) -> str:

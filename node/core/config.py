@@ -112,6 +112,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("sharing.split", "bool", False, "lend memory and compute to private-mesh peers for split inference "
         "(llama.cpp's rpc-server on loopback, reached only through peer-link tunnels) (ours)"),
     Key("sharing.split_idle_secs", "float", 120.0, "stop a lent rpc-server unused this long (ours)", minimum=1),
+    Key("sharing.split_public", "bool", False, "also lend for splits to public-mesh peers this node's Web of "
+        "Trust finds valid, paid in credits (credit.earn_per_split); needs sharing.split (ours)"),
     Key(
         "resource_guard.cpu_threshold",
         "float",
@@ -139,6 +141,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("resource_guard.sustain_secs", "float", 10.0, "time over a threshold before pausing", minimum=0),
     Key("resource_guard.sample_secs", "float", 2.0, "seconds between CPU/RAM samples", minimum=0.05),
     Key("credit.earn_per_query", "float", 1.0, "credits earned per query served", minimum=0),
+    Key("credit.earn_per_split", "float", 1.0, "credits a public-mesh borrower pays per split.rpc tunnel "
+        "(one rpc-server connection) this node lends it (ours)", minimum=0),
     Key("trust.max_depth", "int", 5, "longest Web of Trust path accepted (ours)", minimum=1, maximum=10),
     Key("trust.marginals_needed", "int", 3, "marginal vouches that make a key valid (ours)", minimum=1,
         maximum=10),

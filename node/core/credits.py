@@ -575,11 +575,12 @@ class Ledger:
 
     def summary(self, now: float) -> dict[str, Any]:
         """For /api/status and `pinkybrain credit`: amounts in credits."""
+        balance, reserved = self.balance(), self.reserved(now)
         return {
             "node_id": self.node_id,
-            "balance": from_micro(self.balance()),
-            "available": from_micro(self.available(now)),
-            "reserved": from_micro(self.reserved(now)),
+            "balance": from_micro(balance),
+            "available": from_micro(balance - reserved),
+            "reserved": from_micro(reserved),
             "initial_balance": from_micro(self.initial_balance),
             "earned": from_micro(self._earned),
             "spent": from_micro(self._spent),

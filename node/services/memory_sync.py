@@ -97,6 +97,11 @@ class _Outbox:
         self.bytes = 0
 
 
+_STATE_COUNTERS = ("local_writes", "pushes_sent", "push_bytes_sent", "pushes_failed", "hints_sent",
+                   "updates_received", "updates_applied", "duplicates", "gaps", "syncs", "sync_bytes_received",
+                   "syncs_failed", "refused", "peers_banned", "equivocations", "diverged_entries")
+
+
 class MemorySync:
     def __init__(
         self,
@@ -129,7 +134,8 @@ class MemorySync:
         frame = getattr(getattr(mesh, "settings", None), "max_frame_bytes", 1024 * 1024)
         self.push_budget = max(1024, frame - FRAME_ROOM)
         self.chunk_bytes = max(1024, min(SYNC_CHUNK, frame // 2))
-        self.stats: Counter = Counter()
+        # Every counter state() shows starts at 0: a missing Counter key costs a Python call per read.
+        self.stats: Counter = Counter(dict.fromkeys(_STATE_COUNTERS, 0))
         self._strikes: Counter = Counter()
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._outboxes: dict[str, _Outbox] = {}

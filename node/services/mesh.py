@@ -196,6 +196,9 @@ class DialTarget:
     task: asyncio.Task | None = None
 
 
+_REJECTED_SHOWN = ("auth", "replay", "malformed", "oversize", "rate_limited")
+
+
 class Mesh:
     def __init__(
         self,
@@ -228,8 +231,10 @@ class Mesh:
         self.status_provider = status_provider
         self.discovery_provider = discovery_provider
         self.tailscale = tailscale
-        self.stats: Counter = Counter()
-        self.rejected: Counter = Counter()
+        # Every counter state() shows starts at 0: a missing Counter key costs a Python call per read.
+        self.stats: Counter = Counter(dict.fromkeys(("bytes_in", "bytes_out", "frames_in", "frames_out", "links_opened",
+                                                     "links_closed", "handshakes_failed"), 0))
+        self.rejected: Counter = Counter(dict.fromkeys(_REJECTED_SHOWN, 0))
         self.handshake_failures: Counter = Counter()
         self._links: dict[str, Link] = {}
         self._targets: dict[str, DialTarget] = {}
@@ -414,7 +419,7 @@ class Mesh:
             "tunnel_bytes_in": self.stats["tunnel_bytes_in"],
             "tunnel_bytes_out": self.stats["tunnel_bytes_out"],
             "frames_rejected": {
-                k: self.rejected[k] for k in ("auth", "replay", "malformed", "oversize", "rate_limited")
+                k: self.rejected[k] for k in _REJECTED_SHOWN
             },
             "links_opened": self.stats["links_opened"],
             "links_closed": self.stats["links_closed"],

@@ -1018,6 +1018,7 @@ class Link:
             return  # a late message for a tunnel that has already ended
         if kind == "tun.ok":
             tunnel._grant(_int(msg.get("w")))
+            tunnel.reply = unpack_payload(msg, body)
             if not tunnel.ready.done():
                 tunnel.ready.set_result(None)
         elif kind == "tun.err":
@@ -1072,7 +1073,7 @@ class Link:
 
     async def _run_tunnel(self, tunnel: Tunnel, handler, ctx: RpcContext, payload) -> None:
         try:
-            reader, writer = await handler(ctx, payload)
+            reader, writer, *extra = await handler(ctx, payload)
         except RpcError as exc:
             self.send_nowait({"t": "tun.err", "id": tunnel.id, "code": exc.code[:64], "message": exc.message[:500]})
             tunnel.close(exc.message, notify=False)
@@ -1085,7 +1086,10 @@ class Link:
         if tunnel.closed:  # the opener gave up (or the link went) while we connected
             writer.close()
             return
-        self.send_nowait({"t": "tun.ok", "id": tunnel.id, "w": tunnel.window})
+        ok = {"t": "tun.ok", "id": tunnel.id, "w": tunnel.window}
+        # A handler may answer the opener with a reply beside the stream (a lend's receipt: node/split).
+        body = pack_payload(ok, extra[0]) if extra and extra[0] is not None else b""
+        self.send_nowait(ok, body)
         await pump(tunnel, reader, writer)
 
     # -- views -------------------------------------------------------------------------------------

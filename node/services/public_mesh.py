@@ -9,7 +9,9 @@ Links. A second `Mesh` with its own route (`/p2p/public`) and a fixed, publicly 
 public peers are authenticated by node id alone. The PSK only keeps the two networks apart: a node with
 the private secret fails a public handshake at message 1, and a public dialler fails on /p2p. The public
 Mesh registers only public handlers: `mesh.echo`, `mesh.info` (load, guard, signed entries of shared
-models), `infer.chat` / `infer.stream`, `trust.exchange`, and the public memory namespace (its own
+models), `infer.chat` / `infer.stream`, `trust.exchange`, the `split.rpc` tunnel only when the owner set
+`sharing.split` and `sharing.split_public` (node/split/public.py: valid peers only, paid in credits, own
+rpc-servers), and the public memory namespace (its own
 store file, memory-public.sqlite3; services/public_memory.py signs what this node writes there and
 shows only what valid writers signed). The private memory, conversations and private mesh are never
 attached to it.
@@ -264,6 +266,10 @@ class PublicMesh:
                     status_provider=self._status, url_path=PUBLIC_PATH, gate=gate)
         mesh.register_handler(TRUST_EXCHANGE, self._serve_trust)
         self.inference = PublicInference(runtime, mesh, self.validity)
+        split = getattr(runtime, "split", None)
+        if split is not None and cfg["sharing.split"] and cfg["sharing.split_public"]:
+            # The owner lends to valid public peers, paid in credits (node/split/public.py).
+            split.attach_public(mesh, self._valid)
         self._unhook = [mesh.on_link_up(self._link_up), mesh.on_link_down(gate.forget)]
         from pinkybrain.node.services.memory_store import MemoryStore
         from pinkybrain.node.services.memory_sync import MemorySync
@@ -334,6 +340,8 @@ class PublicMesh:
             "guard": {"sharing_paused": guard.paused, "reason": guard.reason or None},
             "sharing": runtime.sharing_active,
             "models": runtime.models.shared_entries() if runtime.sharing_active else [],
+            "split": split.public_lend_status() if (split := getattr(runtime, "split", None)) is not None
+            else {"lend": False, "free_bytes": None},
         }
 
     # -- inbound relay circuits ----------------------------------------------------------------------

@@ -3,7 +3,8 @@ protocol's TCP traffic (llama.cpp's RPC, see node/split/) inside the link's auth
 
 Messages (all on the link's frames, so sealed, counted and rate-limited like the rest):
   tun.open  {id, k: kind, w: window, p: payload}   the opener asks for a tunnel of a registered kind
-  tun.ok    {id, w: window}                        the acceptor connected its end; data may flow
+  tun.ok    {id, w: window, p: reply}              the acceptor connected its end; data may flow (the
+                                                   optional reply is the opener's Tunnel.reply)
   tun.err   {id, code, message}                    refused (unknown kind, not trusted, busy, ...)
   tun.data  {id, r} + raw bytes                    at most TUNNEL_CHUNK bytes
   tun.ack   {id, r, n}                             n bytes were consumed: the sender may send n more
@@ -34,8 +35,9 @@ TUNNEL_WINDOW = 4 * 1024 * 1024  # bytes a side may have in flight, unacknowledg
 MAX_TUNNELS = 32  # tunnels a peer may have open to us on one link
 OPEN_TIMEOUT = 60.0
 
-# handler(ctx, payload) -> (reader, writer) of the local end it connected, or raise RpcError to refuse
-TunnelHandler = Callable[[Any, Any], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+# handler(ctx, payload) -> (reader, writer) of the local end it connected, or (reader, writer, reply) to
+# also answer the opener (sent with tun.ok), or raise RpcError to refuse
+TunnelHandler = Callable[[Any, Any], Awaitable[tuple[Any, ...]]]
 
 
 class TunnelClosed(ConnectionError):
@@ -58,6 +60,7 @@ class Tunnel:
         self.closed = False
         self.close_reason: str | None = None
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.reply: Any = None  # what the acceptor's handler sent with tun.ok (opener side)
 
     @property
     def _r(self) -> int:

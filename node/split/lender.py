@@ -58,8 +58,9 @@ class _Server:
 
 class RpcServers:
     def __init__(self, tools: Tools, cache_root: Path, *, idle_secs: float = 120.0, threads: int = 0,
-                 max_servers: int = 4):
+                 max_servers: int = 4, log_level: int = logging.INFO):
         self.tools, self.cache_root = tools, cache_root
+        self.level = log_level  # the public mesh's lends log at debug unless logging.public_mesh is on
         self.idle_secs, self.threads, self.max_servers = idle_secs, threads, max_servers
         self._servers: dict[tuple[str, str], _Server] = {}
         self._lock = asyncio.Lock()
@@ -135,7 +136,7 @@ class RpcServers:
                     await asyncio.sleep(0.05)
                     continue
                 probe.close()  # rpc-server takes the next client once this one hangs up
-                log.info("rpc-server started for %s (model %s) on 127.0.0.1:%d, pid %d",
+                log.log(self.level, "rpc-server started for %s (model %s) on 127.0.0.1:%d, pid %d",
                          borrower[:7], sha256[:12], port, proc.pid)
                 return _Server(borrower, sha256, port, proc)
             last_error = f"exit code {proc.returncode}" if proc.returncode is not None else "no answer"
@@ -159,7 +160,7 @@ class RpcServers:
                     del self._servers[key]
                     await _stop(server.proc)
                     stopped.append(key[1])
-                    log.info("rpc-server for %s stopped (idle)", key[0][:7])
+                    log.log(self.level, "rpc-server for %s stopped (idle)", key[0][:7])
         return stopped
 
     def state(self) -> list[dict]:

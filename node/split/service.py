@@ -1,8 +1,10 @@
 """The node's split service: lends (rpc-server behind `split.rpc` tunnels) and borrows (plans a split
 over the private mesh's lenders and runs it), under the resource guard and `sharing.split`.
 
-Only the private mesh registers the tunnel: its peers all hold the network secret. The public mesh
-never reaches an rpc-server.
+The private mesh's tunnel (`attach`) serves every member, free: its peers all hold the network secret.
+The public mesh's (`attach_public`, split/public.py) serves only peers the Web of Trust finds valid,
+only with `sharing.split_public` on, and only once they have paid; it has its own rpc-servers and weight
+cache. Borrowing plans over the private mesh's lenders only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pinkybrain.node.services.mesh import RpcError
 from pinkybrain.node.split.borrower import TUNNEL_KIND, SplitError, SplitSession
 from pinkybrain.node.split.lender import RpcServers
 from pinkybrain.node.split.plan import RESERVE_BYTES, Offer, PlanError, plan_split
+from pinkybrain.node.split.public import PUBLIC_CACHE, PUBLIC_MAX_SERVERS, PublicLending
 from pinkybrain.node.split.rpc_cache import tensor_infos
 from pinkybrain.node.split.tools import devices, find_tools
 
@@ -61,6 +64,12 @@ class SplitService:
         self.tools = find_tools()
         self.lending = RpcServers(self.tools, runtime.data_dir / "rpc-cache", idle_secs=cfg["sharing.split_idle_secs"],
                                   threads=cfg["inference.n_threads"])
+        # Public borrowers never share a process, a slot or a weight cache with private ones (split/public.py).
+        self.public_lending = RpcServers(
+            self.tools, runtime.data_dir / PUBLIC_CACHE, idle_secs=cfg["sharing.split_idle_secs"],
+            threads=cfg["inference.n_threads"], max_servers=PUBLIC_MAX_SERVERS,
+            log_level=logging.INFO if cfg["logging.public_mesh"] else logging.DEBUG)
+        self.public: PublicLending | None = None
         self.sessions: dict[str, SplitSession] = {}
         self.keep_alive_secs = cfg["inference.keep_alive_secs"]
         self._lock = asyncio.Lock()
@@ -68,7 +77,17 @@ class SplitService:
         self._reaper: asyncio.Task | None = None
 
     def attach(self, mesh) -> None:
+        """The private mesh: every member may borrow, free."""
         mesh.register_tunnel(TUNNEL_KIND, self._open_rpc)
+
+    def attach_public(self, mesh, valid) -> None:
+        """The public mesh: `valid(node_id)` is its Web of Trust check; lends are paid (split/public.py)."""
+        self.public = PublicLending(self, valid)
+        mesh.register_tunnel(TUNNEL_KIND, self.public.open)
+
+    def public_lend_status(self) -> dict:
+        """What public peers see in our link status: lending only when sharing.split_public allows it."""
+        return self.public.status() if self.public is not None else {"lend": False, "free_bytes": None}
 
     # -- lending -----------------------------------------------------------------------------------
     def lend_refusal(self) -> str | None:
@@ -94,10 +113,8 @@ class SplitService:
         """What peers see in our link status: whether we lend now, and how much memory is free."""
         return {"lend": self.lend_refusal() is None, "free_bytes": self.free_bytes()}
 
-    async def _open_rpc(self, ctx, payload):
-        refusal = self.lend_refusal()
-        if refusal is not None:
-            raise RpcError("busy", refusal)
+    def check_request(self, payload) -> str:
+        """The model's sha256 from a split.rpc open, once the share it asks for fits; RpcError if not."""
         if not isinstance(payload, dict) or not isinstance(payload.get("sha256"), str) \
                 or not _SHA256.fullmatch(payload["sha256"]):
             raise RpcError("invalid_request", "a split.rpc tunnel names the model's sha256 (64 hex digits)")
@@ -107,11 +124,18 @@ class SplitService:
             if want + RESERVE_BYTES > free:
                 raise RpcError("busy", f"this node has {free / 2**20:.0f} MiB free, the share needs "
                                        f"{want / 2**20:.0f} MiB")
-        own = self._own_copy(payload["sha256"])
+        return payload["sha256"]
+
+    async def _open_rpc(self, ctx, payload):
+        refusal = self.lend_refusal()
+        if refusal is not None:
+            raise RpcError("busy", refusal)
+        sha256 = self.check_request(payload)
+        own = self._own_copy(sha256)
         if own is not None:
-            await self.lending.prefill(payload["sha256"], own, _layers(payload.get("layers")))
+            await self.lending.prefill(sha256, own, _layers(payload.get("layers")))
         try:
-            return await self.lending.connect(ctx.peer_id, payload["sha256"])
+            return await self.lending.connect(ctx.peer_id, sha256)
         except OSError as exc:
             raise RpcError("busy", f"rpc-server unavailable: {exc}") from None
 
@@ -256,6 +280,10 @@ class SplitService:
             "lenders_now": len(self.offers()),
             "lending": self.lending.state(),
             "cache_prefilled_bytes": self.lending.prefilled_bytes,
+            "lend_public_enabled": bool(self.runtime.cfg["sharing.split_public"]),
+            "can_lend_public": self.public is not None and self.public.refusal() is None,
+            "public_price": float(self.runtime.cfg["credit.earn_per_split"]),
+            "public_lending": self.public_lending.state(),
         }
 
     async def close(self) -> None:
@@ -267,3 +295,4 @@ class SplitService:
                 await session.close()
         self.sessions.clear()
         await self.lending.close()
+        await self.public_lending.close()
