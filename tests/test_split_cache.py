@@ -149,7 +149,8 @@ def test_a_lender_with_the_model_in_shared_models_is_not_sent_its_large_tensors(
 
     # Forget what rpc-server cached from that load; then B shares its own copy of the same file.
     (sha_dir,) = (b.home / "rpc-cache").iterdir()
-    shutil.rmtree(cache_files_folder(sha_dir))
+    (borrower_dir,) = sha_dir.iterdir()  # A's own folder: no other borrower reads or writes it
+    shutil.rmtree(cache_files_folder(borrower_dir))
     r = b.post("/api/models/wide/share")
     assert r.status_code == 200 and r.json()["entry"]["sha256"] == sha_dir.name, r.text
     second, sent_with = load_and_ask(a)
@@ -159,3 +160,18 @@ def test_a_lender_with_the_model_in_shared_models_is_not_sent_its_large_tensors(
     assert b.get("/api/capabilities").json()["split"]["cache_prefilled_bytes"] == large
     print(f"first load sent {sent_without / 2**20:.1f} MiB without the lender's copy, "
           f"{sent_with / 2**20:.1f} MiB with it ({large / 2**20:.1f} MiB of large tensors)")
+
+
+def test_each_borrower_has_its_own_weight_cache(tmp_path):
+    """rpc-server names cached tensors by FNV-1a, which a mesh member can collide on purpose: a folder
+    shared between borrowers would let one plant weights another's load of the same model then uses."""
+    from pinkybrain.node.split.lender import RpcServers
+    from pinkybrain.node.split.tools import find_tools
+
+    servers = RpcServers(find_tools(), tmp_path / "rpc-cache")
+    sha = "ab" * 32
+    one, other = servers.cache_dir("member-one", sha), servers.cache_dir("member-two", sha)
+    assert one != other
+    assert one.parent == other.parent == tmp_path / "rpc-cache" / sha
+    assert servers.cache_dir("member-one", sha) == one  # stable: the second load finds its cache
+    assert not one.is_relative_to(other) and not other.is_relative_to(one)

@@ -133,7 +133,7 @@ class SplitService:
         sha256 = self.check_request(payload)
         own = self._own_copy(sha256)
         if own is not None:
-            await self.lending.prefill(sha256, own, _layers(payload.get("layers")))
+            await self.lending.prefill(ctx.peer_id, sha256, own, _layers(payload.get("layers")))
         try:
             return await self.lending.connect(ctx.peer_id, sha256)
         except OSError as exc:
