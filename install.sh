@@ -207,6 +207,10 @@ if build_rpc_tools "$LLAMA_ARGS"; then
   mkdir -p .venv/libexec/pinkybrain
   cp "$TOOLS/ggml-rpc-server" "$TOOLS/llama-server" .venv/libexec/pinkybrain/
   echo "$LLAMA_VERSION" > .venv/libexec/pinkybrain/VERSION
+  # A lender fills its RPC weight cache from its own copy of a model, naming each tensor by llama.cpp's
+  # FNV-1a hash: a few lines of C (Python would take minutes per gigabyte). Without it, no pre-fill.
+  "${CC:-cc}" -O2 -shared -fPIC -o .venv/libexec/pinkybrain/libfnv1a64.so node/split/fnv1a64.c \
+    || say "no C compiler: lenders will not pre-fill the RPC weight cache from their own models"
 fi
 say "installing PinkyBrain [$EXTRAS]"
 # Developers get an editable install; a node gets a regular one, which `pinkybrain update apply` can

@@ -203,6 +203,9 @@ SCHEMA: tuple[Key, ...] = (
         minimum=0),
     Key("inference.n_threads", "int", 0, "CPU threads for local inference, 0 = all cores (ours)", minimum=0),
     Key("inference.max_loaded_models", "int", 2, "models kept warm at once (ours)", minimum=1),
+    Key("inference.memory_limit_mb", "int", 0, "RAM this node's models may use, MiB (lent split shares "
+        "included); 0 = all free memory. A model needing more is split over lending peers, or refused (ours)",
+        minimum=0),
     Key("inference.default_model", "str", None, "model used when a specialist has no preference (ours)"),
     Key("specialists.profiles", "mapping", {}, "add or override specialist profiles: name -> fields (ours)"),
     Key("cloud.models", "mappings", [],

@@ -80,7 +80,8 @@ class Brain:
                           tensor_split=tuple(cfg["inference.tensor_split"] or ()) or None)
         self.engine = LocalEngine(n_ctx=cfg["inference.n_ctx"], n_threads=cfg["inference.n_threads"],
                                   max_loaded=cfg["inference.max_loaded_models"], gpu=gpu,
-                                  keep_alive_secs=cfg["inference.keep_alive_secs"])
+                                  keep_alive_secs=cfg["inference.keep_alive_secs"],
+                                  memory_limit=cfg["inference.memory_limit_mb"] * 2**20)
         # /v1/embeddings: a separate embedding-mode instance, loaded on first use.
         self.embeddings = EmbeddingEngine(n_ctx=cfg["inference.n_ctx"], n_threads=cfg["inference.n_threads"])
         self.cloud = CloudClient()

@@ -160,6 +160,10 @@ class _Loaded:
     loaded_at: float = field(default_factory=time.time)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def estimate_bytes(file_size: int, facts: dict, n_ctx: int) -> int:
     """Weights (the file, mmapped) + KV cache (f16) + ~10% and 64 MiB of compute buffers."""
     return int(file_size * 1.1 + kv_bytes(facts, n_ctx) + 64 * 2**20)
@@ -167,8 +171,9 @@ def estimate_bytes(file_size: int, facts: dict, n_ctx: int) -> int:
 
 class LocalEngine:
     def __init__(self, *, n_ctx: int = 0, n_threads: int = 0, max_loaded: int = 2, gpu: GpuSettings | None = None,
-                 keep_alive_secs: float = 0):
+                 keep_alive_secs: float = 0, memory_limit: int = 0):
         self.n_ctx = n_ctx  # 0: sized per model (context_size)
+        self.memory_limit = memory_limit  # bytes the loaded models may take together; 0: no limit
         self.n_threads = n_threads or psutil.cpu_count(logical=True) or 1
         self.max_loaded = max_loaded
         self.gpu = gpu or GpuSettings()
@@ -182,6 +187,14 @@ class LocalEngine:
         self._guard = asyncio.Lock()
         self._reaper: asyncio.Task | None = None
         self.backend_error: str | None = None
+
+    def free_bytes(self) -> int:
+        """Memory a model may take now: the free RAM, within the limit less what loaded models hold."""
+        free = psutil.virtual_memory().available
+        if self.memory_limit:
+            used = sum(m.bytes_estimate for m in self._models.values())
+            free = min(free, max(0, self.memory_limit - used))
+        return free
 
     @staticmethod
     def available() -> tuple[bool, str | None]:
@@ -264,11 +277,14 @@ class LocalEngine:
                 evicted = await self._evict_locked()
                 if not evicted:
                     break
-        free = psutil.virtual_memory().available
+        free = self.free_bytes()
         if need > free:
+            limited = self.memory_limit and free < psutil.virtual_memory().available
             raise ModelTooLarge(
-                f"model {name!r} needs about {need / 2**30:.1f} GiB of RAM with a {n_ctx}-token context, "
-                f"but only {free / 2**30:.1f} GiB is free; free memory or lower inference.n_ctx"
+                f"model {name!r} needs about {_size(need)} of RAM with a {n_ctx}-token context, "
+                f"but only {_size(free)} is free"
+                + (f" within inference.memory_limit_mb ({self.memory_limit // 2**20})" if limited else "")
+                + "; free memory, lower inference.n_ctx, or let a private-mesh peer lend (sharing.split)"
             )
         log.info("loading model %s (%s, ~%.0f MiB)", name, path.name, need / 2**20)
 
@@ -303,8 +319,7 @@ class LocalEngine:
         if loaded is not None:
             return loaded.n_ctx
         if name not in self._planned_ctx:
-            self._planned_ctx[name] = context_size(self.n_ctx, facts, path.stat().st_size,
-                                                   psutil.virtual_memory().available)
+            self._planned_ctx[name] = context_size(self.n_ctx, facts, path.stat().st_size, self.free_bytes())
         return self._planned_ctx[name]
 
     def _tokenizer(self, name: str, path: Path):

@@ -415,6 +415,9 @@ class Mesh:
             "bytes_out": self.stats["bytes_out"],
             "frames_in": self.stats["frames_in"],
             "frames_out": self.stats["frames_out"],
+            # what tunnels (split inference's RPC) carried, within the bytes above
+            "tunnel_bytes_in": self.stats["tunnel_bytes_in"],
+            "tunnel_bytes_out": self.stats["tunnel_bytes_out"],
             "frames_rejected": {
                 k: self.rejected[k] for k in _REJECTED_SHOWN
             },

@@ -108,15 +108,18 @@ class SplitSession:
                     out.close()
             await self._wait_ready()
             self.loaded_at = time.time()
+            self.last_used = time.monotonic()  # idle from now, not from before the load
         except BaseException:
             await self.close()
             raise
 
     async def _joined(self, node_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """llama-server connected to a lender's endpoint: carry the connection over a tunnel to it."""
-        share = next((p.bytes for p in self.plan.lenders if p.node_id == node_id), 0)
+        part = next(p for p in self.plan.lenders if p.node_id == node_id)
         try:
-            tunnel = await self.mesh.open_tunnel(node_id, TUNNEL_KIND, {"sha256": self.sha256, "bytes": share})
+            # `layers`: the lender may fill its weight cache for these blocks from its own copy of the model.
+            tunnel = await self.mesh.open_tunnel(node_id, TUNNEL_KIND, {
+                "sha256": self.sha256, "bytes": part.bytes, "layers": [part.first_layer, part.layers]})
         except Exception as exc:  # noqa: BLE001 - told to the caller through `failure`
             self.failure = f"lender {node_id[:7]} refused the split: {exc}"
             log.warning("split of %s: %s", self.name, self.failure)

@@ -5,14 +5,18 @@ rpc-server has no authentication and no encryption; it must never face a network
 tunnel has used it for `idle_secs`, and the only way from another machine to it is a `split.rpc`
 tunnel on an authenticated peer link: the tunnel's far end is always this process's own rpc-server,
 never an address from the request. One rpc-server per (borrower, model): rpc-server serves one client
-at a time, and its weight cache (`-c`) lives in a folder named by the model's SHA-256, so the second
-load of the same model does not resend the large tensors.
+at a time, and its weight cache (`-c`) lives in a folder of its own under the model's SHA-256
+(`cache_dir`: borrowers never share one), so the second load of the same model does not resend the
+large tensors. A lender that has the model itself (shared, so
+its SHA-256 is checked) fills that cache from its own file first (rpc_cache.py): not even the first load
+sends them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -21,11 +25,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pinkybrain.node.split.rpc_cache import load_fnv, prefill
 from pinkybrain.node.split.tools import Tools
 
 log = logging.getLogger("pinkybrain.split")
 
 START_TIMEOUT = 20.0
+# How long a tunnel's opening waits for the cache to be filled (under the mesh's 60 s open timeout); a
+# fill that takes longer goes on, and the tensors it has not written yet are sent this time.
+PREFILL_WAIT = 40.0
 
 
 def _free_loopback_port() -> int:
@@ -59,6 +67,44 @@ class RpcServers:
         self._servers: dict[tuple[str, str], _Server] = {}
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task | None = None
+        self._fnv = load_fnv(tools.folder)
+        self._prefills: dict[tuple, asyncio.Task] = {}
+        self.prefilled_bytes = 0
+
+    def cache_dir(self, borrower: str, sha256: str) -> Path:
+        """The weight cache one borrower's rpc-server uses for one model. One per borrower: rpc-server
+        writes every large tensor it is sent under its FNV-1a hash, which is no defence against a crafted
+        collision, so a shared folder would let one mesh member plant weights that another member's
+        load of the same model then takes from the cache."""
+        # sha256 is checked hex, the borrower an authenticated node id: never a path from a peer.
+        return self.cache_root / sha256 / hashlib.sha256(borrower.encode()).hexdigest()[:32]
+
+    async def prefill(self, borrower: str, sha256: str, own_copy: Path, layers: range | None) -> None:
+        """Fill `borrower`'s weight cache for `sha256` from this node's own copy of the model (once per
+        borrower, model and layers); waits at most PREFILL_WAIT."""
+        if self._fnv is None:
+            return
+        key = (borrower, sha256, *((layers.start, layers.stop) if layers is not None else ()))
+        task = self._prefills.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            cache = self.cache_dir(borrower, sha256)
+            task = self._prefills[key] = asyncio.create_task(
+                asyncio.to_thread(prefill, own_copy, cache, self._fnv, layers), name=f"rpc-prefill-{sha256[:12]}")
+            task.add_done_callback(self._prefilled)
+        with contextlib.suppress(Exception):  # timed out, or failed (logged): the link carries them
+            await asyncio.wait_for(asyncio.shield(task), PREFILL_WAIT)
+
+    def _prefilled(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("filling the RPC weight cache failed: %s", task.exception())
+            return
+        done = task.result()
+        self.prefilled_bytes += done["bytes"]
+        if done["written"]:
+            log.info("RPC weight cache: %d tensor(s), %.0f MiB written from this node's own copy",
+                     done["written"], done["bytes"] / 2**20)
 
     async def connect(self, borrower: str, sha256: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the rpc-server for this borrower and model (started if need be)."""
@@ -80,7 +126,7 @@ class RpcServers:
         return reader, writer
 
     async def _start(self, borrower: str, sha256: str) -> _Server:
-        cache = self.cache_root / sha256  # sha256 is checked hex: never a path from a peer
+        cache = self.cache_dir(borrower, sha256)
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         threads = self.threads or max(1, (os.cpu_count() or 2) // 2)
         last_error = "no attempt"
@@ -145,6 +191,8 @@ class RpcServers:
 
     def forget_cache(self, sha256: str) -> None:
         shutil.rmtree(self.cache_root / sha256, ignore_errors=True)
+        for key in [k for k in self._prefills if k[1] == sha256]:
+            self._prefills.pop(key)
 
     async def close(self) -> None:
         if self._reaper is not None:

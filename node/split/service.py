@@ -23,6 +23,7 @@ from pinkybrain.node.split.borrower import TUNNEL_KIND, SplitError, SplitSession
 from pinkybrain.node.split.lender import RpcServers
 from pinkybrain.node.split.plan import RESERVE_BYTES, Offer, PlanError, plan_split
 from pinkybrain.node.split.public import PUBLIC_CACHE, PUBLIC_MAX_SERVERS, PublicLending
+from pinkybrain.node.split.rpc_cache import tensor_infos
 from pinkybrain.node.split.tools import devices, find_tools
 
 log = logging.getLogger("pinkybrain.split")
@@ -33,18 +34,27 @@ DEFAULT_SPLIT_CTX = 4096
 
 def block_sizes(path: Path) -> tuple[list[int], int]:
     """Bytes of each transformer block (blk.N.*) and of everything else (embeddings, output, norms)."""
-    from gguf import GGUFReader
+    import mmap
 
-    reader = GGUFReader(str(path), "r")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        infos = tensor_infos(buf)  # not gguf's GGUFReader: it parses the whole vocabulary, tens of seconds
     blocks: dict[int, int] = {}
     other = 0
-    for tensor in reader.tensors:
-        match = re.match(r"blk\.(\d+)\.", tensor.name)
+    for name, _offset, size in infos:
+        match = re.match(r"blk\.(\d+)\.", name)
         if match:
-            blocks[int(match.group(1))] = blocks.get(int(match.group(1)), 0) + int(tensor.n_bytes)
+            blocks[int(match.group(1))] = blocks.get(int(match.group(1)), 0) + size
         else:
-            other += int(tensor.n_bytes)
+            other += size
     return [blocks[i] for i in sorted(blocks)], other
+
+
+def _layers(value) -> range | None:
+    """The blocks a borrower says this lender holds, [first, count]; None (all) when it does not say."""
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          and 0 <= v < 100_000 for v in value):
+        return range(value[0], value[0] + value[1])
+    return None
 
 
 class SplitService:
@@ -92,9 +102,16 @@ class SplitService:
             return self.tools.problem
         return None
 
+    def free_bytes(self) -> int:
+        """Free memory for a share (lent or held here): the free RAM, within inference.memory_limit_mb."""
+        free = psutil.virtual_memory().available
+        limit = self.runtime.cfg["inference.memory_limit_mb"] * 2**20
+        # A plan keeps RESERVE_BYTES free beyond each node's share; the limit is the share itself.
+        return min(free, limit + RESERVE_BYTES) if limit else free
+
     def lend_status(self) -> dict:
         """What peers see in our link status: whether we lend now, and how much memory is free."""
-        return {"lend": self.lend_refusal() is None, "free_bytes": psutil.virtual_memory().available}
+        return {"lend": self.lend_refusal() is None, "free_bytes": self.free_bytes()}
 
     def check_request(self, payload) -> str:
         """The model's sha256 from a split.rpc open, once the share it asks for fits; RpcError if not."""
@@ -103,7 +120,7 @@ class SplitService:
             raise RpcError("invalid_request", "a split.rpc tunnel names the model's sha256 (64 hex digits)")
         want = payload.get("bytes")
         if isinstance(want, int) and not isinstance(want, bool) and want > 0:
-            free = psutil.virtual_memory().available
+            free = self.free_bytes()
             if want + RESERVE_BYTES > free:
                 raise RpcError("busy", f"this node has {free / 2**20:.0f} MiB free, the share needs "
                                        f"{want / 2**20:.0f} MiB")
@@ -114,10 +131,25 @@ class SplitService:
         if refusal is not None:
             raise RpcError("busy", refusal)
         sha256 = self.check_request(payload)
+        own = self._own_copy(sha256)
+        if own is not None:
+            await self.lending.prefill(ctx.peer_id, sha256, own, _layers(payload.get("layers")))
         try:
             return await self.lending.connect(ctx.peer_id, sha256)
         except OSError as exc:
             raise RpcError("busy", f"rpc-server unavailable: {exc}") from None
+
+    def _own_copy(self, sha256: str) -> Path | None:
+        """This node's file of the model with that SHA-256: a shared one (its hash checked), in shared_models/."""
+        from pinkybrain.node.services.models import ModelNotFound
+
+        for entry in self.runtime.models.shared_entries():
+            if entry.get("sha256") == sha256 and entry.get("kind") != "cloud":
+                try:
+                    return self.runtime.models.served_path(entry["name"])
+                except (ModelNotFound, KeyError):
+                    continue
+        return None
 
     # -- borrowing ---------------------------------------------------------------------------------
     def offers(self) -> list[Offer]:
@@ -155,8 +187,7 @@ class SplitService:
     async def plan(self, path: Path, *, force_all: bool):
         sizes, other = await asyncio.to_thread(block_sizes, path)
         per_layer = max(sizes) if sizes else 1
-        local = Offer(self.runtime.identity.node_id, self.runtime.cfg.node_name,
-                      psutil.virtual_memory().available, local=True)
+        local = Offer(self.runtime.identity.node_id, self.runtime.cfg.node_name, self.free_bytes(), local=True)
         plan = plan_split(len(sizes), per_layer, local, self.offers(), local_fixed_bytes=other,
                           force_all=force_all)
         # Exact bytes per part, from the blocks each holds.
@@ -241,13 +272,14 @@ class SplitService:
             "llama_server": str(self.tools.llama_server) if self.tools.llama_server else None,
             "tools_version": self.tools.version,
             "backends": devices(self.tools) if self.tools.usable else [],
-            "free_bytes": psutil.virtual_memory().available,
+            "free_bytes": self.free_bytes(),
             "lend_enabled": bool(self.runtime.cfg["sharing.split"]),
             "can_lend": refusal is None,
             "lend_refusal": refusal,
             "can_borrow": self.tools.usable,
             "lenders_now": len(self.offers()),
             "lending": self.lending.state(),
+            "cache_prefilled_bytes": self.lending.prefilled_bytes,
             "lend_public_enabled": bool(self.runtime.cfg["sharing.split_public"]),
             "can_lend_public": self.public is not None and self.public.refusal() is None,
             "public_price": float(self.runtime.cfg["credit.earn_per_split"]),
