@@ -9,7 +9,9 @@ split over llama.cpp's plain RPC on loopback (the engine's own baseline), in one
   plain-3/2  the same llama-server arguments and layer plan, its --rpc pointing straight at rpc-servers on
              loopback (no node, no encryption): what the engine costs without us
 
-Every configuration runs the same greedy query `--runs` times after one unmeasured warm-up (the load).
+Every configuration runs the same greedy query `--runs` times after one unmeasured warm-up (the load);
+ours-N and plain-N are up side by side and asked in turn (ABAB.., then BABA..), so load from elsewhere on
+the machine, which drifts over minutes, weighs on both alike.
 tokens/s and prompt time come from llama-server's own timings (the same clock for every row); time to
 first token is measured by this script at the HTTP stream it reads (through node A for ours, straight
 from llama-server for plain and whole). Bytes per token: what A's peer links carried (frames, sealed)
@@ -199,30 +201,43 @@ def run_bench(args) -> int:
         return plan_split(len(sizes), max(sizes), Offer("a", "a", big, local=True),
                           [Offer(f"l{i}", f"l{i}", big, 1.0) for i in range(n - 1)], force_all=True)
 
-    def measure(name: str, ask) -> None:
-        ask()  # warm-up: the load, and the first query
-        runs = [ask() for _ in range(args.runs)]
-        results.append(summarize(name, runs))
-        print(f"  {name}: done", file=sys.stderr)
+    def measure(*pairs) -> None:
+        """(name, ask) pairs, their runs interleaved (ABAB.., then BABA..) so that load from elsewhere on
+        the machine, which drifts over minutes, hits each configuration alike."""
+        for _, ask in pairs:
+            ask()  # warm-up: the load, and the first query
+        runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
+        for i in range(args.runs):
+            for name, ask in pairs if i % 2 == 0 else pairs[::-1]:
+                runs[name].append(ask())
+        for name, _ in pairs:
+            results.append(summarize(name, runs[name]))
+            print(f"  {name}: done", file=sys.stderr)
+
+    def start_plain(n: int) -> int:
+        """llama-server with rpc-servers for n - 1 lenders on loopback (n == 1: the whole model); its port."""
+        rpc_ports = [free_port() for _ in range(n - 1)]
+        for i, port in enumerate(rpc_ports):
+            procs[f"rpc{i}"] = start_exe([str(tools.rpc_server), "--host", "127.0.0.1", "--port", str(port),
+                                          "--threads", str(args.threads)], root / f"rpc{i}.log")
+            wait_port(port)
+        http = free_port()
+        argv = llama_server_argv(tools, model, http, [f"127.0.0.1:{p}" for p in rpc_ports],
+                                 plan_for(n) if n > 1 else None, n_ctx=args.n_ctx, threads=args.threads)
+        procs["llama"] = start_exe(argv, root / f"llama-{n}.log")
+        wait_http(f"http://127.0.0.1:{http}/health", procs["llama"])
+        return http
+
+    def stop_plain() -> None:
+        for key in [k for k in procs if k == "llama" or k.startswith("rpc")]:
+            _stop(procs.pop(key), key)
 
     try:
-        # whole, and plain llama.cpp RPC on loopback
-        for n in (1, 3, 2):
-            rpc_ports = [free_port() for _ in range(n - 1)]
-            for i, port in enumerate(rpc_ports):
-                procs[f"rpc{i}"] = start_exe([str(tools.rpc_server), "--host", "127.0.0.1", "--port", str(port),
-                                              "--threads", str(args.threads)], root / f"rpc{i}.log")
-                wait_port(port)
-            http = free_port()
-            argv = llama_server_argv(tools, model, http, [f"127.0.0.1:{p}" for p in rpc_ports],
-                                     plan_for(n) if n > 1 else None, n_ctx=args.n_ctx, threads=args.threads)
-            procs["llama"] = start_exe(argv, root / f"llama-{n}.log")
-            wait_http(f"http://127.0.0.1:{http}/health", procs["llama"])
-            measure("whole" if n == 1 else f"plain-{n}", lambda http=http: ask_llama(http, args))
-            for key in [k for k in procs if k == "llama" or k.startswith("rpc")]:
-                _stop(procs.pop(key), key)
+        http = start_plain(1)
+        measure(("whole", lambda: ask_llama(http, args)))
+        stop_plain()
 
-        # ours: three real nodes
+        # ours: three real nodes, up beside plain llama.cpp RPC with as many nodes, asked in turn
         secret = secrets.token_urlsafe(32)
         ports = {n: free_port() for n in "abc"}
         base = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
@@ -244,14 +259,17 @@ def run_bench(args) -> int:
                 if time.monotonic() > deadline:
                     raise NotReady("node A did not see two lenders")
                 time.sleep(0.5)
-            measure("ours-3", lambda: ask_node(client, base["a"], args))
+            http = start_plain(3)
+            measure(("plain-3", lambda: ask_llama(http, args)), ("ours-3", lambda: ask_node(client, base["a"], args)))
+            stop_plain()
             _stop(procs.pop("c"), "c")
             deadline = time.monotonic() + 60
             while lenders() != 1:
                 if time.monotonic() > deadline:
                     raise NotReady("node A still sees node C lending")
                 time.sleep(0.5)
-            measure("ours-2", lambda: ask_node(client, base["a"], args))
+            http = start_plain(2)
+            measure(("plain-2", lambda: ask_llama(http, args)), ("ours-2", lambda: ask_node(client, base["a"], args)))
     except NotReady as exc:
         print(f"split_inference: {exc} (logs in {root})", file=sys.stderr)
         return 2
@@ -267,6 +285,7 @@ def run_bench(args) -> int:
 
 def report(results: list[dict], args) -> int:
     by = {r["config"]: r for r in results}
+    results = [by[name] for name in ("whole", "plain-3", "plain-2", "ours-3", "ours-2") if name in by]
     if args.json:
         print(json.dumps({"results": results}, indent=2))
     else:
