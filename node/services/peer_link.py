@@ -633,6 +633,18 @@ class Link:
         self._outq.put_nowait((*self._encode(msg, body), fut))
         return fut
 
+    def post(self, msg: dict, body: bytes = b"") -> None:
+        """Queue a message without waiting for it to reach the wire (PeerGone once the link is closing): for
+        a producer that bounds its own backlog (a tunnel: by its credit, and by `backlog`)."""
+        if self._closing.is_set() or not self._room():
+            raise PeerGone(f"peer {self.short} went away: {self.close_reason}")
+        self._outq.put_nowait((*self._encode(msg, body), None))
+
+    @property
+    def backlog(self) -> int:
+        """Messages queued for the writer."""
+        return self._outq.qsize()
+
     def _room(self) -> bool:
         if self._outq.qsize() < MAX_QUEUED:
             return True
