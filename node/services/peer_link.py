@@ -607,8 +607,8 @@ class Link:
         self.finished.set()
 
     # -- sending -----------------------------------------------------------------------------------
-    def _encode(self, msg: dict, body: bytes) -> tuple[bytes, bytes]:
-        head = encode_head(msg)
+    def _encode(self, msg: dict | bytes, body: bytes) -> tuple[bytes, bytes]:
+        head = msg if isinstance(msg, bytes) else encode_head(msg)
         body = bytes(body)  # no copy for bytes; a caller's bytearray cannot change while it waits
         size = len(head) + len(body)
         if size > self.settings.max_frame:
@@ -633,9 +633,10 @@ class Link:
         self._outq.put_nowait((*self._encode(msg, body), fut))
         return fut
 
-    def post(self, msg: dict, body: bytes = b"") -> None:
+    def post(self, msg: dict | bytes, body: bytes = b"") -> None:
         """Queue a message without waiting for it to reach the wire (PeerGone once the link is closing): for
-        a producer that bounds its own backlog (a tunnel: by its credit, and by `backlog`)."""
+        a producer that bounds its own backlog (a tunnel: by its credit, and by `backlog`). `msg` may be
+        encode_head()'s bytes, for a producer that sends the same header over and over."""
         if self._closing.is_set() or not self._room():
             raise PeerGone(f"peer {self.short} went away: {self.close_reason}")
         self._outq.put_nowait((*self._encode(msg, body), None))

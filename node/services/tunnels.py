@@ -74,6 +74,7 @@ class Tunnel:
         self.ready: asyncio.Future = loop.create_future()
         self.ended: asyncio.Future = loop.create_future()  # done once closed, by either side
         self.reply: Any = None  # what the acceptor's handler sent with tun.ok (opener side)
+        self._data_head: bytes | None = None  # every tun.data header of ours is the same: encoded once
 
     @property
     def _r(self) -> int:
@@ -95,7 +96,11 @@ class Tunnel:
             chunk = data if n == len(data) and isinstance(data, bytes) else bytes(view[:n])
             msg = {"t": "tun.data", "id": self.id, "r": self._r}
             if self.link.backlog < POST_BACKLOG:
-                self.link.post(msg, chunk)  # no wait for the writer task: the next read starts at once
+                if self._data_head is None:
+                    from pinkybrain.node.services.peer_link import encode_head  # peer_link imports us
+
+                    self._data_head = encode_head(msg)
+                self.link.post(self._data_head, chunk)  # no wait for the wire: the next read starts at once
             else:
                 await self.link.send(msg, chunk)
             self.bytes_out += n
