@@ -1079,12 +1079,14 @@ class Link:
         tunnel._grant(min(window, 64 * TUNNEL_WINDOW) if window is not None else TUNNEL_WINDOW)
         self._tunnels_theirs[tid] = tunnel
         ctx = RpcContext(peer_id=self.peer_id, peer_name=self.name, method=f"tunnel:{kind}")
-        task = asyncio.create_task(self._run_tunnel(tunnel, handler, ctx, unpack_payload(msg, body)),
+        framing = self.mesh._tunnel_framings.get(kind)
+        task = asyncio.create_task(self._run_tunnel(tunnel, handler, ctx, unpack_payload(msg, body),
+                                                    framing() if framing else None),
                                    name=f"tunnel-{kind[:32]}-{self.short}")
         self._tunnel_tasks.add(task)
         task.add_done_callback(self._tunnel_tasks.discard)
 
-    async def _run_tunnel(self, tunnel: Tunnel, handler, ctx: RpcContext, payload) -> None:
+    async def _run_tunnel(self, tunnel: Tunnel, handler, ctx: RpcContext, payload, framing=None) -> None:
         try:
             reader, writer, *extra = await handler(ctx, payload)
         except RpcError as exc:
@@ -1103,7 +1105,7 @@ class Link:
         # A handler may answer the opener with a reply beside the stream (a lend's receipt: node/split).
         body = pack_payload(ok, extra[0]) if extra and extra[0] is not None else b""
         self.send_nowait(ok, body)
-        await pump(tunnel, reader, writer)
+        await pump(tunnel, reader, writer, framing)
 
     # -- views -------------------------------------------------------------------------------------
     def describe(self) -> dict:

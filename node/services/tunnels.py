@@ -19,7 +19,10 @@ Carried protocols such as llama.cpp's RPC are request/response, so every message
 therefore takes no extra task hop per message: what arrives is written to the local socket from the
 link's reader (`attach`), and the local side's bytes are queued on the link without waiting for them to
 reach the wire while the link's queue is short (`Link.post`); both bounds still hold (the window, and a
-wait for the wire once the link has a backlog).
+wait for the wire once the link has a backlog). A protocol that writes one message in several sends
+(llama.cpp's RPC: command, size, body) would cost a tunnel message per send; given its `Framing`, pump
+holds a partial message until the rest arrives (never longer than HOLD_SECS: a stream that is not what
+the framing expects is then forwarded as it comes).
 
 The acceptor side never takes an address from the request: a kind's handler (`mesh.register_tunnel`)
 decides what its end connects to.
@@ -32,7 +35,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("pinkybrain.mesh")
 
@@ -43,10 +46,19 @@ POST_BACKLOG = 16
 TUNNEL_WINDOW = 4 * 1024 * 1024  # bytes a side may have in flight, unacknowledged
 MAX_TUNNELS = 32  # tunnels a peer may have open to us on one link
 OPEN_TIMEOUT = 60.0
+# The longest pump holds a partial message for its rest: the sends of one message follow each other at
+# once, so a wait this long means the stream does not frame as expected.
+HOLD_SECS = 0.05
 
 # handler(ctx, payload) -> (reader, writer) of the local end it connected, or (reader, writer, reply) to
 # also answer the opener (sent with tun.ok), or raise RpcError to refuse
 TunnelHandler = Callable[[Any, Any], Awaitable[tuple[Any, ...]]]
+
+
+class Framing(Protocol):
+    def feed(self, data: bytes) -> bool:
+        """Take the stream's next bytes; True when they end at a message boundary."""
+        ...
 
 
 class TunnelClosed(ConnectionError):
@@ -202,12 +214,33 @@ class Tunnel:
         self.link._tunnel_gone(self)
 
 
-async def pump(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+async def pump(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               framing: Framing | None = None) -> str:
     """Copy between a local socket and a tunnel, both ways, until either side ends; then close both.
-    Returns which side ended first: "local" (the socket) or "remote" (the tunnel)."""
+    Returns which side ended first: "local" (the socket) or "remote" (the tunnel). `framing`: the local
+    end's message boundaries, so that each message crosses as one tunnel message."""
 
     async def up() -> None:
+        nonlocal framing
         while data := await reader.read(TUNNEL_CHUNK):
+            if framing is not None and not framing.feed(data):
+                parts, size = [data], len(data)
+                while size < TUNNEL_CHUNK:  # the rest of the message is on its way: take it too
+                    try:
+                        async with asyncio.timeout(HOLD_SECS):
+                            more = await reader.read(TUNNEL_CHUNK - size)
+                    except TimeoutError:
+                        log.debug("tunnel %d: the stream does not frame as expected; forwarding as it comes",
+                                  tunnel.id)
+                        framing = None
+                        break
+                    if not more:
+                        break
+                    parts.append(more)
+                    size += len(more)
+                    if framing.feed(more):
+                        break
+                data = b"".join(parts) if len(parts) > 1 else data
             await tunnel.write(data)
 
     tunnel.attach(writer)  # the other way needs no task: the tunnel writes to the socket as data arrives
