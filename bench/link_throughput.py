@@ -9,7 +9,16 @@ so each mode pays for both ends alike):
   link     two full meshes (handshake, message layer, writer queue, heartbeats running): what the node
            actually does per message
 
+With --rtt N, round trips instead (what a split's llama.cpp RPC pays per message, node/split/): N
+request/response exchanges of a small and a graph-sized message with an echo server on loopback,
+on the node's event loop (uvloop where installed):
+
+  tcp      straight to the echo server over loopback TCP: the baseline (plain llama.cpp RPC)
+  tunnel   through a loopback listener of one mesh, a tunnel on the encrypted link to a second mesh, and
+           that mesh's connection to the echo server (the `split.rpc` path: borrower.py, tunnels.py)
+
     python bench/link_throughput.py [--small 20000] [--large 2000] [--rounds 3] [--max-seconds 20] [--json]
+    python bench/link_throughput.py --rtt 2000 [--rounds 3] [--json]
 
 Exit status 0 when every mode delivered every message, 1 otherwise.
 """
@@ -190,6 +199,112 @@ async def _drive(receiver: Receiver, max_seconds: float, send_one, count: int, f
 
 MODES = {"plain": run_plain, "channel": run_channel, "link": run_link}
 
+RTT_SIZES = {"small": 64, "graph": 24 * 1024}  # a graph_compute message of the default model is ~20-40 KB
+
+
+async def _echo_server():
+    async def echo(reader, writer):
+        while data := await reader.read(256 * 1024):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(echo, "127.0.0.1", 0)
+
+
+async def _ping_pong(port: int, payload: bytes, count: int) -> dict:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    times = []
+    cpu_started = time.process_time()
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            writer.write(payload)
+            await reader.readexactly(len(payload))
+            times.append(time.perf_counter() - started)
+    finally:
+        writer.close()
+    return {"round_trips": count, "cpu_seconds": time.process_time() - cpu_started,
+            "median_us": statistics.median(times) * 1e6,
+            "p90_us": sorted(times)[int(len(times) * 0.9)] * 1e6}
+
+
+async def run_rtt_tcp(payload: bytes, count: int) -> dict:
+    server = await _echo_server()
+    async with server:
+        return await _ping_pong(server.sockets[0].getsockname()[1], payload, count)
+
+
+async def run_rtt_tunnel(payload: bytes, count: int) -> dict:
+    from pinkybrain.node.services.tunnels import pump
+
+    echo = await _echo_server()
+    echo_port = echo.sockets[0].getsockname()[1]
+    settings = MeshSettings(max_frame_bytes=MAX_WS, rate_frames_per_sec=1e9, rate_bytes_per_sec=1e12)
+    secret = secrets.token_urlsafe(32)
+    borrower, lender = (Mesh(Identity.generate(), secret, name=n, version="bench", listen_host="127.0.0.1",
+                             listen_port=1, settings=settings) for n in ("borrower", "lender"))
+
+    async def connect_echo(ctx, payload):
+        return await asyncio.open_connection("127.0.0.1", echo_port)
+
+    lender.register_tunnel("bench.echo", connect_echo)
+    pumps: set[asyncio.Task] = set()
+
+    async def joined(reader, writer):  # as SplitSession._joined: each connection gets its own tunnel
+        tunnel = await borrower.open_tunnel(lender.node_id, "bench.echo")
+        pumps.add(asyncio.current_task())
+        await pump(tunnel, reader, writer)
+
+    async def handler(ws):
+        await lender.accept(WebsocketsTransport(ws, lender.stats))
+
+    async with echo, websockets.serve(handler, "127.0.0.1", 0, compression=None, max_size=MAX_WS) as server:
+        for mesh in (borrower, lender):
+            await mesh.start()
+        listener = await asyncio.start_server(joined, "127.0.0.1", 0)
+        try:
+            await borrower.connect(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/p2p")
+            return await _ping_pong(listener.sockets[0].getsockname()[1], payload, count)
+        finally:
+            listener.close()
+            for mesh in (borrower, lender):
+                await mesh.stop()
+
+
+RTT_MODES = {"tcp": run_rtt_tcp, "tunnel": run_rtt_tunnel}
+
+
+async def bench_rtt(args) -> list[dict]:
+    rows = []
+    for size_name, size in RTT_SIZES.items():
+        payload = os.urandom(size)
+        rounds: dict[str, list[dict]] = {m: [] for m in RTT_MODES}
+        for _ in range(args.rounds):
+            for mode, fn in RTT_MODES.items():  # interleaved, so background noise hits both alike
+                rounds[mode].append(await fn(payload, args.rtt))
+        base = None
+        for mode in RTT_MODES:
+            results = rounds[mode]
+            median = statistics.median(r["median_us"] for r in results)
+            row = {"size": size_name, "bytes": size, "mode": mode,
+                   **min(results, key=lambda r: abs(r["median_us"] - median))}
+            row["cpu_us_per_rtt"] = row["cpu_seconds"] / row["round_trips"] * 1e6
+            base = base or row
+            row["ratio"] = row["median_us"] / base["median_us"]
+            row["added_us"] = row["median_us"] - base["median_us"]
+            rows.append(row)
+    return rows
+
+
+def render_rtt(rows: list[dict]) -> str:
+    lines = [f"{'size':>6} {'mode':>7} {'round trips':>11} {'median us':>9} {'p90 us':>8} {'cpu us/rtt':>10} "
+             f"{'added us':>8} {'vs tcp':>7}"]
+    for r in rows:
+        lines.append(f"{r['bytes']:>6} {r['mode']:>7} {r['round_trips']:>11} {r['median_us']:>9.0f} "
+                     f"{r['p90_us']:>8.0f} {r['cpu_us_per_rtt']:>10.0f} {r['added_us']:>8.0f} {r['ratio']:>6.2f}x")
+    return "\n".join(lines)
+
 
 async def bench(args) -> list[dict]:
     rows = []
@@ -235,8 +350,17 @@ def main(argv=None) -> int:
     parser.add_argument("--large", type=int, default=2000, help="64 KiB messages per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode; the median is shown")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="cap per run")
+    parser.add_argument("--rtt", type=int, default=0, metavar="N",
+                        help="measure N round trips through a tunnel vs plain TCP instead of throughput")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
+    if args.rtt:
+        from pinkybrain.node.server import event_loop_factory
+
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # the loop the node serves on
+            rows = runner.run(bench_rtt(args))
+        print(json.dumps(rows, indent=2) if args.json else render_rtt(rows))
+        return 0
     rows = asyncio.run(bench(args))
     print(json.dumps(rows, indent=2) if args.json else render(rows))
     return 0 if all(r["all_complete"] for r in rows) else 1

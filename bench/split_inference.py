@@ -9,11 +9,14 @@ split over llama.cpp's plain RPC on loopback (the engine's own baseline), in one
   plain-3/2  the same llama-server arguments and layer plan, its --rpc pointing straight at rpc-servers on
              loopback (no node, no encryption): what the engine costs without us
 
-Every configuration runs the same greedy query `--runs` times after one unmeasured warm-up (the load).
+Every configuration runs the same greedy query `--runs` times after one unmeasured warm-up (the load);
+ours-N and plain-N are up side by side and asked in turn (ABAB.., then BABA..), so load from elsewhere on
+the machine, which drifts over minutes, weighs on both alike; "vs plain" is the median of each ours run's
+tokens/s over that of the plain run next to it.
 tokens/s and prompt time come from llama-server's own timings (the same clock for every row); time to
 first token is measured by this script at the HTTP stream it reads (through node A for ours, straight
-from llama-server for plain and whole). Bytes per token: what A's peer links carried (frames, sealed)
-during the measured runs, over the tokens generated. All nodes and servers share this machine's cores,
+from llama-server for plain and whole). Bytes and frames per token: what A's peer links carried (sealed,
+both ways, heartbeats included) during the measured runs, over the tokens generated. All nodes and servers share this machine's cores,
 so a split here shows the cost of the links, never a speed-up.
 
     .venv/bin/python bench/split_inference.py [--runs 3] [--max-tokens 64] [--threads 1] [--json]
@@ -139,10 +142,14 @@ def ask_llama(port: int, args) -> dict:
                     first = (time.perf_counter() - start) * 1000
                 pieces.append(piece)
             timings = chunk.get("timings") or timings
-    return {"first_ms": first, "text": "".join(pieces).strip(), "timings": timings, "bytes": math.nan}
+    return {"first_ms": first, "text": "".join(pieces).strip(), "timings": timings, "bytes": math.nan,
+            "frames": math.nan}
 
-def link_bytes(client: httpx.Client, base: str) -> int:
-    return sum(p["bytes_in"] + p["bytes_out"] for p in client.get(f"{base}/api/peers").json()["peers"])
+
+def link_bytes(client: httpx.Client, base: str) -> tuple[int, int]:
+    """Bytes and frames A's peer links carried so far, both ways."""
+    peers = client.get(f"{base}/api/peers").json()["peers"]
+    return (sum(p["bytes_in"] + p["bytes_out"] for p in peers), sum(p["frames_in"] + p["frames_out"] for p in peers))
 
 
 def ask_node(client: httpx.Client, base: str, args) -> dict:
@@ -166,9 +173,9 @@ def ask_node(client: httpx.Client, base: str, args) -> dict:
                     end = data
     if end is None or not end.get("split"):
         raise RuntimeError("node A's answer was not split")
-    moved = link_bytes(client, base) - before
+    after = link_bytes(client, base)
     return {"first_ms": first, "text": end["answer"], "timings": end.get("engine_timings") or {},
-            "bytes": moved, "parts": len(end["split"])}
+            "bytes": after[0] - before[0], "frames": after[1] - before[1], "parts": len(end["split"])}
 
 
 def summarize(name: str, runs: list[dict]) -> dict:
@@ -176,9 +183,11 @@ def summarize(name: str, runs: list[dict]) -> dict:
     prompt_ms = [r["timings"].get("prompt_ms") or math.nan for r in runs]
     tokens = [r["timings"].get("predicted_n") or 0 for r in runs]
     per_token = [r["bytes"] / t for r, t in zip(runs, tokens, strict=True) if t and not math.isnan(r["bytes"])]
-    return {"config": name, "runs": len(runs), "tokens_per_sec": statistics.median(tps),
+    frames = [r["frames"] / t for r, t in zip(runs, tokens, strict=True) if t and not math.isnan(r["frames"])]
+    return {"config": name, "runs": len(runs), "tokens_per_sec": statistics.median(tps), "tps_runs": tps,
             "prompt_ms": statistics.median(prompt_ms), "ttft_ms": statistics.median(r["first_ms"] for r in runs),
             "tokens": statistics.median(tokens), "bytes_per_token": statistics.median(per_token) if per_token else None,
+            "frames_per_token": statistics.median(frames) if frames else None,
             "text": runs[-1]["text"]}
 
 
@@ -199,30 +208,43 @@ def run_bench(args) -> int:
         return plan_split(len(sizes), max(sizes), Offer("a", "a", big, local=True),
                           [Offer(f"l{i}", f"l{i}", big, 1.0) for i in range(n - 1)], force_all=True)
 
-    def measure(name: str, ask) -> None:
-        ask()  # warm-up: the load, and the first query
-        runs = [ask() for _ in range(args.runs)]
-        results.append(summarize(name, runs))
-        print(f"  {name}: done", file=sys.stderr)
+    def measure(*pairs) -> None:
+        """(name, ask) pairs, their runs interleaved (ABAB.., then BABA..) so that load from elsewhere on
+        the machine, which drifts over minutes, hits each configuration alike."""
+        for _, ask in pairs:
+            ask()  # warm-up: the load, and the first query
+        runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
+        for i in range(args.runs):
+            for name, ask in pairs if i % 2 == 0 else pairs[::-1]:
+                runs[name].append(ask())
+        for name, _ in pairs:
+            results.append(summarize(name, runs[name]))
+            print(f"  {name}: done", file=sys.stderr)
+
+    def start_plain(n: int) -> int:
+        """llama-server with rpc-servers for n - 1 lenders on loopback (n == 1: the whole model); its port."""
+        rpc_ports = [free_port() for _ in range(n - 1)]
+        for i, port in enumerate(rpc_ports):
+            procs[f"rpc{i}"] = start_exe([str(tools.rpc_server), "--host", "127.0.0.1", "--port", str(port),
+                                          "--threads", str(args.threads)], root / f"rpc{i}.log")
+            wait_port(port)
+        http = free_port()
+        argv = llama_server_argv(tools, model, http, [f"127.0.0.1:{p}" for p in rpc_ports],
+                                 plan_for(n) if n > 1 else None, n_ctx=args.n_ctx, threads=args.threads)
+        procs["llama"] = start_exe(argv, root / f"llama-{n}.log")
+        wait_http(f"http://127.0.0.1:{http}/health", procs["llama"])
+        return http
+
+    def stop_plain() -> None:
+        for key in [k for k in procs if k == "llama" or k.startswith("rpc")]:
+            _stop(procs.pop(key), key)
 
     try:
-        # whole, and plain llama.cpp RPC on loopback
-        for n in (1, 3, 2):
-            rpc_ports = [free_port() for _ in range(n - 1)]
-            for i, port in enumerate(rpc_ports):
-                procs[f"rpc{i}"] = start_exe([str(tools.rpc_server), "--host", "127.0.0.1", "--port", str(port),
-                                              "--threads", str(args.threads)], root / f"rpc{i}.log")
-                wait_port(port)
-            http = free_port()
-            argv = llama_server_argv(tools, model, http, [f"127.0.0.1:{p}" for p in rpc_ports],
-                                     plan_for(n) if n > 1 else None, n_ctx=args.n_ctx, threads=args.threads)
-            procs["llama"] = start_exe(argv, root / f"llama-{n}.log")
-            wait_http(f"http://127.0.0.1:{http}/health", procs["llama"])
-            measure("whole" if n == 1 else f"plain-{n}", lambda http=http: ask_llama(http, args))
-            for key in [k for k in procs if k == "llama" or k.startswith("rpc")]:
-                _stop(procs.pop(key), key)
+        http = start_plain(1)
+        measure(("whole", lambda: ask_llama(http, args)))
+        stop_plain()
 
-        # ours: three real nodes
+        # ours: three real nodes, up beside plain llama.cpp RPC with as many nodes, asked in turn
         secret = secrets.token_urlsafe(32)
         ports = {n: free_port() for n in "abc"}
         base = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
@@ -244,14 +266,17 @@ def run_bench(args) -> int:
                 if time.monotonic() > deadline:
                     raise NotReady("node A did not see two lenders")
                 time.sleep(0.5)
-            measure("ours-3", lambda: ask_node(client, base["a"], args))
+            http = start_plain(3)
+            measure(("plain-3", lambda: ask_llama(http, args)), ("ours-3", lambda: ask_node(client, base["a"], args)))
+            stop_plain()
             _stop(procs.pop("c"), "c")
             deadline = time.monotonic() + 60
             while lenders() != 1:
                 if time.monotonic() > deadline:
                     raise NotReady("node A still sees node C lending")
                 time.sleep(0.5)
-            measure("ours-2", lambda: ask_node(client, base["a"], args))
+            http = start_plain(2)
+            measure(("plain-2", lambda: ask_llama(http, args)), ("ours-2", lambda: ask_node(client, base["a"], args)))
     except NotReady as exc:
         print(f"split_inference: {exc} (logs in {root})", file=sys.stderr)
         return 2
@@ -267,17 +292,23 @@ def run_bench(args) -> int:
 
 def report(results: list[dict], args) -> int:
     by = {r["config"]: r for r in results}
+    results = [by[name] for name in ("whole", "plain-3", "plain-2", "ours-3", "ours-2") if name in by]
+    for r in results:
+        plain = by.get(f"plain-{r['config'].split('-')[-1]}") if r["config"].startswith("ours") else None
+        if plain:  # the median of each run over the plain run next to it: slow drift in load cancels out
+            r["vs_plain"] = statistics.median(o / p for o, p in zip(r["tps_runs"], plain["tps_runs"], strict=True))
     if args.json:
         print(json.dumps({"results": results}, indent=2))
     else:
         whole = by["whole"]["tokens_per_sec"]
         print(f"{'config':<8} {'tok/s':>7} {'vs whole':>8} {'vs plain':>8} {'prompt ms':>9} {'TTFT ms':>8} "
-              f"{'link B/token':>12}")
+              f"{'link B/token':>12} {'frames/token':>12}")
         for r in results:
             n = r["config"].split("-")[-1]
-            plain = by.get(f"plain-{n}", {}).get("tokens_per_sec") if r["config"].startswith("ours") else None
-            vs_plain = f"{r['tokens_per_sec'] / plain:>7.3f}x" if plain else f"{'':>8}"
+            plain = by.get(f"plain-{n}") if r["config"].startswith("ours") else None
+            vs_plain = f"{r['vs_plain']:>7.3f}x" if plain else f"{'':>8}"
             bpt = f"{r['bytes_per_token']:>12.0f}" if r["bytes_per_token"] else f"{'-':>12}"
+            bpt += f" {r['frames_per_token']:>12.1f}" if r["frames_per_token"] else f" {'-':>12}"
             print(f"{r['config']:<8} {r['tokens_per_sec']:>7.1f} {r['tokens_per_sec'] / whole:>7.3f}x {vs_plain} "
                   f"{r['prompt_ms']:>9.1f} {r['ttft_ms']:>8.1f} {bpt}")
         print(f"\n{args.runs} runs each, {args.max_tokens} tokens max, greedy, {args.threads} thread(s) per process, "

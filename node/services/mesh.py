@@ -242,6 +242,7 @@ class Mesh:
         self._self_urls: set[str] = set()
         self._handlers: dict[str, Callable] = {}
         self._tunnel_handlers: dict[str, Callable] = {}
+        self._tunnel_framings: dict[str, Callable] = {}
         self._tasks: list[asyncio.Task] = []
         self._link_tasks: set[asyncio.Task] = set()
         self._all_links: set[Link] = set()
@@ -307,12 +308,15 @@ class Mesh:
     def unregister_handler(self, name: str) -> None:
         self._handlers.pop(name, None)
 
-    def register_tunnel(self, kind: str, handler: Callable) -> None:
+    def register_tunnel(self, kind: str, handler: Callable, *, framing: Callable | None = None) -> None:
         """`async def handler(ctx, payload) -> (reader, writer)`: the local end a peer's tunnel of this kind
-        is joined to (services/tunnels.py). Raise RpcError(code, message) to refuse."""
+        is joined to (services/tunnels.py). Raise RpcError(code, message) to refuse. `framing()`: a new
+        tunnels.Framing for each tunnel, the message boundaries of what the local end sends."""
         if not kind or len(kind) > 128:
             raise ValueError("tunnel kinds are 1-128 characters")
         self._tunnel_handlers[kind] = handler
+        if framing is not None:
+            self._tunnel_framings[kind] = framing
 
     async def open_tunnel(self, node_id: str, kind: str, payload: Any = None, *, timeout: float = 60.0):
         """A byte stream (services.tunnels.Tunnel) to the peer's handler for `kind`."""

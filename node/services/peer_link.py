@@ -607,8 +607,8 @@ class Link:
         self.finished.set()
 
     # -- sending -----------------------------------------------------------------------------------
-    def _encode(self, msg: dict, body: bytes) -> tuple[bytes, bytes]:
-        head = encode_head(msg)
+    def _encode(self, msg: dict | bytes, body: bytes) -> tuple[bytes, bytes]:
+        head = msg if isinstance(msg, bytes) else encode_head(msg)
         body = bytes(body)  # no copy for bytes; a caller's bytearray cannot change while it waits
         size = len(head) + len(body)
         if size > self.settings.max_frame:
@@ -632,6 +632,19 @@ class Link:
         fut = asyncio.get_running_loop().create_future()
         self._outq.put_nowait((*self._encode(msg, body), fut))
         return fut
+
+    def post(self, msg: dict | bytes, body: bytes = b"") -> None:
+        """Queue a message without waiting for it to reach the wire (PeerGone once the link is closing): for
+        a producer that bounds its own backlog (a tunnel: by its credit, and by `backlog`). `msg` may be
+        encode_head()'s bytes, for a producer that sends the same header over and over."""
+        if self._closing.is_set() or not self._room():
+            raise PeerGone(f"peer {self.short} went away: {self.close_reason}")
+        self._outq.put_nowait((*self._encode(msg, body), None))
+
+    @property
+    def backlog(self) -> int:
+        """Messages queued for the writer."""
+        return self._outq.qsize()
 
     def _room(self) -> bool:
         if self._outq.qsize() < MAX_QUEUED:
@@ -1066,12 +1079,14 @@ class Link:
         tunnel._grant(min(window, 64 * TUNNEL_WINDOW) if window is not None else TUNNEL_WINDOW)
         self._tunnels_theirs[tid] = tunnel
         ctx = RpcContext(peer_id=self.peer_id, peer_name=self.name, method=f"tunnel:{kind}")
-        task = asyncio.create_task(self._run_tunnel(tunnel, handler, ctx, unpack_payload(msg, body)),
+        framing = self.mesh._tunnel_framings.get(kind)
+        task = asyncio.create_task(self._run_tunnel(tunnel, handler, ctx, unpack_payload(msg, body),
+                                                    framing() if framing else None),
                                    name=f"tunnel-{kind[:32]}-{self.short}")
         self._tunnel_tasks.add(task)
         task.add_done_callback(self._tunnel_tasks.discard)
 
-    async def _run_tunnel(self, tunnel: Tunnel, handler, ctx: RpcContext, payload) -> None:
+    async def _run_tunnel(self, tunnel: Tunnel, handler, ctx: RpcContext, payload, framing=None) -> None:
         try:
             reader, writer, *extra = await handler(ctx, payload)
         except RpcError as exc:
@@ -1090,7 +1105,7 @@ class Link:
         # A handler may answer the opener with a reply beside the stream (a lend's receipt: node/split).
         body = pack_payload(ok, extra[0]) if extra and extra[0] is not None else b""
         self.send_nowait(ok, body)
-        await pump(tunnel, reader, writer)
+        await pump(tunnel, reader, writer, framing)
 
     # -- views -------------------------------------------------------------------------------------
     def describe(self) -> dict:

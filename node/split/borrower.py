@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, InferenceError, transcript_prompt
 from pinkybrain.node.services.tunnels import pump
+from pinkybrain.node.split.framing import RpcFraming
 from pinkybrain.node.split.plan import SplitPlan
 from pinkybrain.node.split.tools import Tools
 
@@ -128,7 +129,7 @@ class SplitSession:
         self.tunnels.append(tunnel)
         ended = "remote"
         try:
-            ended = await pump(tunnel, reader, writer)
+            ended = await pump(tunnel, reader, writer, RpcFraming(commands=True))
         finally:
             # llama-server opens and closes RPC connections as it likes (it probes each server while it
             # starts); the lender's end closing one is what a lender (or its link) going away looks like,

@@ -20,6 +20,7 @@ import psutil
 
 from pinkybrain.node.services.mesh import RpcError
 from pinkybrain.node.split.borrower import TUNNEL_KIND, SplitError, SplitSession
+from pinkybrain.node.split.framing import RpcFraming
 from pinkybrain.node.split.lender import RpcServers
 from pinkybrain.node.split.plan import RESERVE_BYTES, Offer, PlanError, plan_split
 from pinkybrain.node.split.public import PUBLIC_CACHE, PUBLIC_MAX_SERVERS, PublicLending
@@ -78,12 +79,12 @@ class SplitService:
 
     def attach(self, mesh) -> None:
         """The private mesh: every member may borrow, free."""
-        mesh.register_tunnel(TUNNEL_KIND, self._open_rpc)
+        mesh.register_tunnel(TUNNEL_KIND, self._open_rpc, framing=lambda: RpcFraming(commands=False))
 
     def attach_public(self, mesh, valid) -> None:
         """The public mesh: `valid(node_id)` is its Web of Trust check; lends are paid (split/public.py)."""
         self.public = PublicLending(self, valid)
-        mesh.register_tunnel(TUNNEL_KIND, self.public.open)
+        mesh.register_tunnel(TUNNEL_KIND, self.public.open, framing=lambda: RpcFraming(commands=False))
 
     def public_lend_status(self) -> dict:
         """What public peers see in our link status: lending only when sharing.split_public allows it."""
