@@ -554,8 +554,9 @@ def _write_config(home: Path, secret: str, port: int, dashboard: bool = True) ->
         "p2p": {"secret": secret, "listen": f"127.0.0.1:{port}", "mdns": False},
         "mesh": {"public": False, "stealth": True},
         "logging": {"level": "warning"},
-        "dashboard": {"enabled": dashboard},
     }
+    if not dashboard:  # only when off: a tree from before the key (a "before" run) refuses unknown keys
+        config["dashboard"] = {"enabled": False}
     path = home / "pinkybrain.yaml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
