@@ -88,14 +88,16 @@ async def _serve(
     from pinkybrain.node.services.runtime import NodeRuntime
 
     runtime = NodeRuntime(cfg, identity, bind_host=host, port=port, extra_peers=peers)
-    # Stores and services start before the server, so a damaged store stops the node with its own
-    # message (what is wrong, how to recover) instead of a lifespan traceback.
+    # The credentials the front checks requests against are read before the port is bound; the stores, the
+    # mesh and the rest start once it is (a ping answers meanwhile; other requests wait: api/front.py). A
+    # damaged store still stops the node with its own message (what is wrong, how to recover).
     try:
-        await runtime.start(discovery=False)  # mDNS and the tracker join start once the API answers
+        await runtime.start_front()
     except Exception as exc:
         log.debug("start-up failed", exc_info=True)
         await runtime.stop()
         raise StartupError(f"refusing to start: {exc}") from None
+
     def build_api():
         from pinkybrain.node.api.app import create_app
 
@@ -145,11 +147,22 @@ async def _serve(
 
     loop.add_signal_handler(RESTART_SIGNAL, request_restart)
 
-    async def announce_ready() -> None:
+    failed: list[BaseException] = []
+
+    async def start_services() -> None:
         while not server.started:
-            if server.should_exit:
-                return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
+        try:
+            await runtime.start_services()
+        except Exception as exc:
+            log.debug("start-up failed", exc_info=True)
+            failed.append(exc)
+            server.should_exit = True
+
+    async def announce_ready() -> None:
+        await asyncio.shield(services_task)  # cancelling this task leaves a services start to finish
+        if failed:
+            return
         log.info("node %s (%s) listening on %s:%d", identity.node_id, cfg.node_name, host, port)
         from pinkybrain.node.services.updater import confirm_running  # imported once the API answers
 
@@ -162,6 +175,7 @@ async def _serve(
         except Exception as exc:  # noqa: BLE001 - the API is up and keeps serving; say why discovery is off
             log.error("discovery did not start (%s: %s); peers are found by address only", type(exc).__name__, exc)
 
+    services_task = asyncio.create_task(start_services())
     ready_task = asyncio.create_task(announce_ready())
     tls_task = asyncio.create_task(_serve_tls(tls_server, cfg["api.tls_port"])) if tls_server is not None else None
     try:
@@ -169,10 +183,17 @@ async def _serve(
     finally:
         sd_notify("STOPPING=1")
         ready_task.cancel()
+        if server.started and not services_task.done():
+            # The stores are opening: let them (bounded), so stop() closes everything that was opened.
+            await asyncio.wait({services_task}, timeout=30)
+        services_task.cancel()
+        await asyncio.gather(ready_task, services_task, return_exceptions=True)
         if tls_task is not None:
             tls_server.should_exit = True
             await asyncio.gather(tls_task, return_exceptions=True)
         await runtime.stop()
+    if failed:
+        raise StartupError(f"refusing to start: {failed[0]}")
     if not server.started:
         raise StartupError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
     return RESTART_EXIT_CODE if restart["requested"] else 0
