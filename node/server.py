@@ -84,7 +84,7 @@ async def _serve(
     cfg: Config, identity: Identity, host: str, port: int, config_source: str | None, peers: tuple[str, ...] = ()
 ) -> int:
     from pinkybrain.node.api.front import NodeFront
-    from pinkybrain.node.services.http_guard import ConnectionLimits, guarded_protocol
+    from pinkybrain.node.services.http_guard import ConnectionLimits, guarded_protocol, websocket_protocol
     from pinkybrain.node.services.runtime import NodeRuntime
 
     runtime = NodeRuntime(cfg, identity, bind_host=host, port=port, extra_peers=peers)
@@ -122,6 +122,7 @@ async def _serve(
             limit_concurrency=cfg["http.max_connections"],
             # Peer links (/p2p): a frame is at most p2p.max_frame_bytes plus a small header, and ciphertext
             # does not compress.
+            ws=websocket_protocol,  # websockets is imported at the first peer link
             ws_max_size=cfg["p2p.max_frame_bytes"] + 1024,
             ws_per_message_deflate=False,
         )

@@ -228,3 +228,15 @@ async def test_a_request_gets_a_503_starting_when_the_services_take_too_long(tmp
         assert answer.status_code == 503 and answer.json()["error"] == "starting"
         assert answer.headers["retry-after"] == "2"
         assert (await client.get("/api/ping")).status_code == 200
+
+
+def test_websockets_load_at_the_first_peer_link_not_when_the_server_starts():
+    code = (
+        "import json, sys, uvicorn\n"
+        "from pinkybrain.node.services.http_guard import websocket_protocol\n"
+        "async def app(scope, receive, send): pass\n"
+        "config = uvicorn.Config(app, ws=websocket_protocol, lifespan='off'); config.load()\n"
+        "print(json.dumps('websockets' in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout) is False  # the mesh tests show peer links still connect through it
