@@ -12,7 +12,8 @@ The server binds its port once the runtime's front part has started (owner key, 
 stores and starts the mesh after that (NodeRuntime.start_services). `StartGate` lets a ping through at
 once (fully authenticated as ever: it needs only the secret or the owner key, and the node's identity);
 every other request, and a ping signed by a public peer (whose standing is in the trust store), waits
-until the services have started, or gets a 503 saying the node is starting (or failed to).
+until the services have started, or gets a 503 saying the node is starting (or failed to: the reason
+goes to the node's log and its exit message, never to a caller not yet authenticated).
 """
 
 from __future__ import annotations
@@ -90,10 +91,11 @@ def _needs_only_the_front(scope) -> bool:
     """A ping signed with the secret or the owner key: answerable before the stores are open."""
     if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] != "/api/ping":
         return False
+    credential = b""
     for name, value in scope["headers"]:
         if name.lower() == _CREDENTIAL:
-            return value.strip().lower() != b"peer"
-    return True
+            credential = value  # the last one, as the auth layer reads them
+    return credential.strip().lower() != b"peer"
 
 
 class StartGate:
@@ -113,8 +115,10 @@ class StartGate:
         except TimeoutError:
             await _unavailable(scope, send, "starting", "the node is still starting; retry in a few seconds")
             return
-        except Exception as exc:  # noqa: BLE001 - the server logs it and stops; the client hears why
-            await _unavailable(scope, send, "start_failed", f"the node could not start ({exc}) and is stopping")
+        except Exception:  # noqa: BLE001 - the server prints why and stops
+            # Not why: this answer comes before authentication, and the reason names files on this machine.
+            await _unavailable(scope, send, "start_failed",
+                               "the node could not start and is stopping; its log says why")
             return
         await self.app(scope, receive, send)
 
