@@ -41,9 +41,14 @@ class NodeServer(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
-def prepare(cfg: Config) -> Identity:
+def prepare(cfg: Config, secret_check=None) -> Identity:
+    """The start-up checks, then the identity. `secret_check`: a services.secret_check.SecretCheck already
+    running for cfg's secret (its verdict is awaited here); without one the secret is checked here."""
     try:
-        check_secret(cfg["p2p.secret"])
+        if secret_check is not None:
+            secret_check.result()
+        else:
+            check_secret(cfg["p2p.secret"])
     except WeakSecretError as exc:
         raise StartupError(f"refusing to start: {exc}") from None
     exposed = cfg.secret_file_problem()
@@ -291,6 +296,17 @@ def foreground_args(args: list[str]) -> tuple[str | None, str | None, int | None
     return values.get("--config"), values.get("--host"), int(port) if port else None, tuple(peers)
 
 
+def _import_serve_path() -> None:
+    """What _serve() imports before the port is bound, imported while the secret check runs beside it
+    (imports only: nothing is created or opened before the check's verdict)."""
+    import pinkybrain.node.api.front  # noqa: F401
+    import pinkybrain.node.services.credentials  # noqa: F401
+    import pinkybrain.node.services.http_guard  # noqa: F401
+    import pinkybrain.node.services.runtime  # noqa: F401
+
+    event_loop_factory()  # imports uvloop where installed
+
+
 def serve(config_source: str | None, host: str | None, port: int | None, peers: tuple[str, ...] = ()) -> int:
     """Run a node in the foreground until SIGTERM/SIGINT; returns the exit status."""
     try:
@@ -298,7 +314,11 @@ def serve(config_source: str | None, host: str | None, port: int | None, peers: 
         bind_host, bind_port = cfg.listen_address()
         host, port = host or bind_host, port or bind_port
         configure_logging(cfg)
-        identity = prepare(cfg)
+        from pinkybrain.node.services.secret_check import SecretCheck
+
+        secret_check = SecretCheck.start(cfg["p2p.secret"])  # on the other core while the imports run
+        _import_serve_path()
+        identity = prepare(cfg, secret_check)
         pid_file = PidFile(cfg.home / "pinkybrain.pid")
         pid_file.acquire()
     except (ConfigError, StartupError, AlreadyRunning, IdentityError) as exc:

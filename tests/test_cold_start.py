@@ -240,3 +240,43 @@ def test_websockets_load_at_the_first_peer_link_not_when_the_server_starts():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout) is False  # the mesh tests show peer links still connect through it
+
+
+def test_the_forked_secret_check_gives_the_verdicts_of_the_check_itself_and_leaves_zxcvbn_out():
+    code = (
+        "import json, sys\n"
+        "from pinkybrain.node.services.secret_check import SecretCheck\n"
+        "from pinkybrain.node.core.secrets import WeakSecretError\n"
+        "out = []\n"
+        "for secret in (sys.argv[1], 'password12345678901234567890123456', 'short', None):\n"
+        "    try:\n"
+        "        SecretCheck.start(secret).result(); out.append('ok')\n"
+        "    except WeakSecretError as exc:\n"
+        "        out.append(str(exc))\n"
+        "out.append(any(m == 'zxcvbn' or m.startswith('zxcvbn.') for m in sys.modules))\n"
+        "print(json.dumps(out))\n"
+    )
+    strong = secrets.token_urlsafe(32)
+    out = subprocess.run([sys.executable, "-c", code, strong], capture_output=True, text=True, timeout=120,
+                         check=True)
+    verdicts = json.loads(out.stdout)
+    expected = []
+    for secret in (strong, "password12345678901234567890123456", "short", None):
+        try:
+            check_secret(secret)
+            expected.append("ok")
+        except WeakSecretError as exc:
+            expected.append(str(exc))
+    assert verdicts[:4] == expected and expected[0] == "ok" and "guessable" in expected[1]
+    if sys.platform == "linux":
+        assert verdicts[4] is False  # the estimator ran in the children only
+
+
+def test_without_a_verdict_from_the_child_the_check_runs_in_the_node(monkeypatch):
+    from pinkybrain.node.services import secret_check
+
+    monkeypatch.setattr(secret_check.threading, "active_count", lambda: 2)  # as if a thread ran: no fork
+    check = secret_check.SecretCheck.start("password12345678901234567890123456")
+    assert check._fd is None
+    with pytest.raises(WeakSecretError, match="guessable"):
+        check.result()
