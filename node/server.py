@@ -170,9 +170,9 @@ async def _serve(
         if failed:
             return
         log.info("node %s (%s) listening on %s:%d", identity.node_id, cfg.node_name, host, port)
-        from pinkybrain.node.services.updater import confirm_running  # imported once the API answers
-
-        confirm_running(cfg.home, runtime.version)  # an update that restarted into this version is settled
+        # An update that restarted into this version is settled. In a thread, with the updater's imports:
+        # the requests that waited for the services are answered meanwhile, not after them.
+        await asyncio.to_thread(_confirm_update, cfg.home, runtime.version)
         sd_notify("READY=1\nSTATUS=serving")
         # Only now: what the first requests do not need.
         release_start_up_memory()
@@ -203,6 +203,12 @@ async def _serve(
     if not server.started:
         raise StartupError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
     return RESTART_EXIT_CODE if restart["requested"] else 0
+
+
+def _confirm_update(home, version: str) -> None:
+    from pinkybrain.node.services.updater import confirm_running  # imported once the node has started
+
+    confirm_running(home, version)
 
 
 def release_start_up_memory() -> None:
