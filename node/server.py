@@ -41,9 +41,14 @@ class NodeServer(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
-def prepare(cfg: Config) -> Identity:
+def prepare(cfg: Config, secret_check=None) -> Identity:
+    """The start-up checks, then the identity. `secret_check`: a services.secret_check.SecretCheck already
+    running for cfg's secret (its verdict is awaited here); without one the secret is checked here."""
     try:
-        check_secret(cfg["p2p.secret"])
+        if secret_check is not None:
+            secret_check.result()
+        else:
+            check_secret(cfg["p2p.secret"])
     except WeakSecretError as exc:
         raise StartupError(f"refusing to start: {exc}") from None
     exposed = cfg.secret_file_problem()
@@ -84,18 +89,20 @@ async def _serve(
     cfg: Config, identity: Identity, host: str, port: int, config_source: str | None, peers: tuple[str, ...] = ()
 ) -> int:
     from pinkybrain.node.api.front import NodeFront
-    from pinkybrain.node.services.http_guard import ConnectionLimits, guarded_protocol
+    from pinkybrain.node.services.http_guard import ConnectionLimits, guarded_protocol, websocket_protocol
     from pinkybrain.node.services.runtime import NodeRuntime
 
     runtime = NodeRuntime(cfg, identity, bind_host=host, port=port, extra_peers=peers)
-    # Stores and services start before the server, so a damaged store stops the node with its own
-    # message (what is wrong, how to recover) instead of a lifespan traceback.
+    # The credentials the front checks requests against are read before the port is bound; the stores, the
+    # mesh and the rest start once it is (a ping answers meanwhile; other requests wait: api/front.py). A
+    # damaged store still stops the node with its own message (what is wrong, how to recover).
     try:
-        await runtime.start(discovery=False)  # mDNS and the tracker join start once the API answers
+        await runtime.start_front()
     except Exception as exc:
         log.debug("start-up failed", exc_info=True)
         await runtime.stop()
         raise StartupError(f"refusing to start: {exc}") from None
+
     def build_api():
         from pinkybrain.node.api.app import create_app
 
@@ -120,6 +127,7 @@ async def _serve(
             limit_concurrency=cfg["http.max_connections"],
             # Peer links (/p2p): a frame is at most p2p.max_frame_bytes plus a small header, and ciphertext
             # does not compress.
+            ws=websocket_protocol,  # websockets is imported at the first peer link
             ws_max_size=cfg["p2p.max_frame_bytes"] + 1024,
             ws_per_message_deflate=False,
         )
@@ -145,15 +153,26 @@ async def _serve(
 
     loop.add_signal_handler(RESTART_SIGNAL, request_restart)
 
-    async def announce_ready() -> None:
-        while not server.started:
-            if server.should_exit:
-                return
-            await asyncio.sleep(0.05)
-        log.info("node %s (%s) listening on %s:%d", identity.node_id, cfg.node_name, host, port)
-        from pinkybrain.node.services.updater import confirm_running  # imported once the API answers
+    failed: list[BaseException] = []
 
-        confirm_running(cfg.home, runtime.version)  # an update that restarted into this version is settled
+    async def start_services() -> None:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            await runtime.start_services()
+        except Exception as exc:
+            log.debug("start-up failed", exc_info=True)
+            failed.append(exc)
+            server.should_exit = True
+
+    async def announce_ready() -> None:
+        await asyncio.shield(services_task)  # cancelling this task leaves a services start to finish
+        if failed:
+            return
+        log.info("node %s (%s) listening on %s:%d", identity.node_id, cfg.node_name, host, port)
+        # An update that restarted into this version is settled. In a thread, with the updater's imports:
+        # the requests that waited for the services are answered meanwhile, not after them.
+        await asyncio.to_thread(_confirm_update, cfg.home, runtime.version)
         sd_notify("READY=1\nSTATUS=serving")
         # Only now: what the first requests do not need.
         release_start_up_memory()
@@ -162,6 +181,7 @@ async def _serve(
         except Exception as exc:  # noqa: BLE001 - the API is up and keeps serving; say why discovery is off
             log.error("discovery did not start (%s: %s); peers are found by address only", type(exc).__name__, exc)
 
+    services_task = asyncio.create_task(start_services())
     ready_task = asyncio.create_task(announce_ready())
     tls_task = asyncio.create_task(_serve_tls(tls_server, cfg["api.tls_port"])) if tls_server is not None else None
     try:
@@ -169,13 +189,26 @@ async def _serve(
     finally:
         sd_notify("STOPPING=1")
         ready_task.cancel()
+        if server.started and not services_task.done():
+            # The stores are opening: let them (bounded), so stop() closes everything that was opened.
+            await asyncio.wait({services_task}, timeout=30)
+        services_task.cancel()
+        await asyncio.gather(ready_task, services_task, return_exceptions=True)
         if tls_task is not None:
             tls_server.should_exit = True
             await asyncio.gather(tls_task, return_exceptions=True)
         await runtime.stop()
+    if failed:
+        raise StartupError(f"refusing to start: {failed[0]}")
     if not server.started:
         raise StartupError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
     return RESTART_EXIT_CODE if restart["requested"] else 0
+
+
+def _confirm_update(home, version: str) -> None:
+    from pinkybrain.node.services.updater import confirm_running  # imported once the node has started
+
+    confirm_running(home, version)
 
 
 def release_start_up_memory() -> None:
@@ -272,6 +305,17 @@ def foreground_args(args: list[str]) -> tuple[str | None, str | None, int | None
     return values.get("--config"), values.get("--host"), int(port) if port else None, tuple(peers)
 
 
+def _import_serve_path() -> None:
+    """What _serve() imports before the port is bound, imported while the secret check runs beside it
+    (imports only: nothing is created or opened before the check's verdict)."""
+    import pinkybrain.node.api.front  # noqa: F401
+    import pinkybrain.node.services.credentials  # noqa: F401
+    import pinkybrain.node.services.http_guard  # noqa: F401
+    import pinkybrain.node.services.runtime  # noqa: F401
+
+    event_loop_factory()  # imports uvloop where installed
+
+
 def serve(config_source: str | None, host: str | None, port: int | None, peers: tuple[str, ...] = ()) -> int:
     """Run a node in the foreground until SIGTERM/SIGINT; returns the exit status."""
     try:
@@ -279,7 +323,11 @@ def serve(config_source: str | None, host: str | None, port: int | None, peers: 
         bind_host, bind_port = cfg.listen_address()
         host, port = host or bind_host, port or bind_port
         configure_logging(cfg)
-        identity = prepare(cfg)
+        from pinkybrain.node.services.secret_check import SecretCheck
+
+        secret_check = SecretCheck.start(cfg["p2p.secret"])  # on the other core while the imports run
+        _import_serve_path()
+        identity = prepare(cfg, secret_check)
         pid_file = PidFile(cfg.home / "pinkybrain.pid")
         pid_file.acquire()
     except (ConfigError, StartupError, AlreadyRunning, IdentityError) as exc:

@@ -15,12 +15,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-
-from starlette.requests import Request
+from typing import TYPE_CHECKING
 
 from pinkybrain.node.core.auth import SIG_HEADER, AuthError, RequestVerifier
 from pinkybrain.node.core.principals import AUTH_SCOPE_KEY, AuthContext, Principal, RouteTable, refusal
 from pinkybrain.node.dashboard.sessions import cookie_principal, is_dashboard_page
+
+if TYPE_CHECKING:
+    from starlette.requests import Request  # starlette loads with FastAPI, after the first ping
 
 log = logging.getLogger("pinkybrain.auth")
 BEARER_PRINCIPAL = {"owner": Principal.OWNER, "query": Principal.MEMBER}

@@ -7,21 +7,31 @@ FastAPI app the first time a request needs it (any other route, or a peer's WebS
 worker thread so the event loop keeps answering meanwhile. A node thus answers its first pings
 (discovery, readiness checks) without loading what an idle node may never need; the first other request
 waits for the build once.
+
+The server binds its port once the runtime's front part has started (owner key, API keys) and opens the
+stores and starts the mesh after that (NodeRuntime.start_services). `StartGate` lets a ping through at
+once (fully authenticated as ever: it needs only the secret or the owner key, and the node's identity);
+every other request, and a ping signed by a public peer (whose standing is in the trust store), waits
+until the services have started, or gets a 503 saying the node is starting (or failed to: the reason
+goes to the node's log and its exit message, never to a caller not yet authenticated).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
 from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware
 from pinkybrain.node.api.hot_routes import HotRoutes
 from pinkybrain.node.api.sealing import SkillLinkMiddleware
-from pinkybrain.node.core.auth import NonceCache, RequestVerifier
+from pinkybrain.node.core.auth import CREDENTIAL_HEADER, NonceCache, RequestVerifier
 from pinkybrain.node.core.skill_link import SkillLink
 
 log = logging.getLogger("pinkybrain.node")
+STARTING_WAIT_SECS = 30.0  # how long a request waits for the services before a 503 "starting"
+_CREDENTIAL = CREDENTIAL_HEADER.encode()
 
 
 def authenticator_for(runtime):
@@ -77,15 +87,62 @@ class LazyApp:
         return app
 
 
+def _needs_only_the_front(scope) -> bool:
+    """A ping signed with the secret or the owner key: answerable before the stores are open."""
+    if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] != "/api/ping":
+        return False
+    credential = b""
+    for name, value in scope["headers"]:
+        if name.lower() == _CREDENTIAL:
+            credential = value  # the last one, as the auth layer reads them
+    return credential.strip().lower() != b"peer"
+
+
+class StartGate:
+    """ASGI, outermost: holds every request but a ping until the runtime's services have started."""
+
+    def __init__(self, app, runtime, wait_secs: float | None = None):
+        self.app = app
+        self.runtime = runtime
+        self.wait_secs = STARTING_WAIT_SECS if wait_secs is None else wait_secs
+
+    async def __call__(self, scope, receive, send):
+        if self.runtime.services_started or scope["type"] == "lifespan" or _needs_only_the_front(scope):
+            await self.app(scope, receive, send)
+            return
+        try:
+            await asyncio.wait_for(self.runtime.wait_started(), self.wait_secs)
+        except TimeoutError:
+            await _unavailable(scope, send, "starting", "the node is still starting; retry in a few seconds")
+            return
+        except Exception:  # noqa: BLE001 - the server prints why and stops
+            # Not why: this answer comes before authentication, and the reason names files on this machine.
+            await _unavailable(scope, send, "start_failed",
+                               "the node could not start and is stopping; its log says why")
+            return
+        await self.app(scope, receive, send)
+
+
+async def _unavailable(scope, send, code: str, detail: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1013})  # "try again later"
+        return
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", b"2")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class NodeFront:
-    """The app the server runs: `node_layers` around a LazyApp of the full API."""
+    """The app the server runs: a StartGate and `node_layers` around a LazyApp of the full API."""
 
     def __init__(self, runtime, build: Callable):
         self.lazy = LazyApp(build)
         app = self.lazy
         for layer in reversed(node_layers(runtime)):
             app = layer(app)
-        self._app = app
+        self._app = StartGate(app, runtime)
 
     async def __call__(self, scope, receive, send):
         if self.lazy.app is not None and scope["type"] != "lifespan":

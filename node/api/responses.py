@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from starlette.responses import JSONResponse
 
 # Non-string keys (ints in a few views) need OPT_NON_STR_KEYS, which makes orjson take a slow path for
 # every dict (2.5 times the time for the status answer): tried only when the fast path refuses.
@@ -28,8 +27,18 @@ def dumps(content: Any) -> bytes:
         return orjson.dumps(content, default=_fallback, option=_NON_STR_KEYS)
 
 
-class FastJSONResponse(JSONResponse):
-    """A JSONResponse rendered by orjson (compact, UTF-8; NaN and infinities become null)."""
+def __getattr__(name: str) -> Any:
+    # FastJSONResponse is made on first use: starlette loads with FastAPI, after the hot routes have
+    # answered (node/api/front.py), and this module is imported by them.
+    if name != "FastJSONResponse":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from starlette.responses import JSONResponse
 
-    def render(self, content: Any) -> bytes:
-        return dumps(content)
+    class FastJSONResponse(JSONResponse):
+        """A JSONResponse rendered by orjson (compact, UTF-8; NaN and infinities become null)."""
+
+        def render(self, content: Any) -> bytes:
+            return dumps(content)
+
+    globals()[name] = FastJSONResponse
+    return FastJSONResponse

@@ -17,12 +17,14 @@ import re
 import signal
 from dataclasses import asdict, dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
-from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-from packaging.version import InvalidVersion, Version
+
+if TYPE_CHECKING:
+    from packaging.version import Version
 
 PACKAGE = "pinkybrain"
 MANIFEST_FORMAT = "pinkybrain-release/1"
@@ -140,6 +142,10 @@ def parse_private_key(text: str) -> SigningKey:
 
 # -- versions --------------------------------------------------------------------------------------
 def parse_version(text: str) -> Version:
+    # packaging is imported where versions are read, not by the node's start (server.py needs only
+    # RESTART_EXIT_CODE and RESTART_SIGNAL from here).
+    from packaging.version import InvalidVersion, Version
+
     try:
         return Version(str(text))
     except InvalidVersion:
@@ -178,6 +184,8 @@ def validate_manifest(data: object) -> Manifest:
         raise ManifestError(
             f"unknown release manifest format {data.get('format')!r} (this node reads {MANIFEST_FORMAT})"
         )
+    from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
     name = field("name", str)
     if canonicalize_name(name) != PACKAGE:
         raise ManifestError(f"the manifest is for package {name!r}, not {PACKAGE}")

@@ -23,16 +23,16 @@ class DaemonError(RuntimeError):
     pass
 
 
-def _signed_ping(url: str, secret: str, timeout: float) -> httpx.Response:
+def _signed_get(url: str, path: str, secret: str, timeout: float) -> httpx.Response:
     import httpx  # here, not at the top: `serve` in the foreground imports this module and never pings
 
     ts, nonce = f"{time.time():.3f}", secrets.token_hex(16)
     headers = {
-        SIG_HEADER: sign(secret, "GET", "/api/ping", "", ts, nonce, b""),
+        SIG_HEADER: sign(secret, "GET", path, "", ts, nonce, b""),
         TS_HEADER: ts,
         NONCE_HEADER: nonce,
     }
-    return httpx.get(f"{url}/api/ping", headers=headers, timeout=timeout)
+    return httpx.get(f"{url}{path}", headers=headers, timeout=timeout)
 
 
 def local_url(host: str, port: int) -> str:
@@ -93,7 +93,9 @@ def start_daemon(
             tail = _tail(log_file)
             raise DaemonError(f"the node exited with status {code} during start-up: {tail}")
         try:
-            if _signed_ping(url, cfg["p2p.secret"], 1.0).status_code == 200:
+            # Status, not ping: a ping answers while the stores still open (api/front.py); status answers
+            # once everything has started, so a store that stops the node is reported here.
+            if _signed_get(url, "/api/status", cfg["p2p.secret"], 5.0).status_code == 200:
                 return {"pid": proc.pid, "url": url, "log_file": str(log_file), "pid_file": str(pid_file)}
         except httpx.HTTPError:
             pass

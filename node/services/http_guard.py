@@ -81,6 +81,15 @@ class CoalescingTransport:
         return getattr(self.transport, name)
 
 
+def websocket_protocol(**kwargs) -> asyncio.Protocol:
+    """uvicorn's WebSocket protocol (what ws="auto" picks), imported at the first upgrade (a peer link)
+    rather than when the server starts: websockets' import is 25-55 ms of a node's start on the 2-core
+    development VM, before any peer needs it. uvicorn calls it as it would the class."""
+    from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
+
+    return AutoWebSocketsProtocol(**kwargs)
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     header_secs: float = 10.0

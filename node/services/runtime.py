@@ -9,8 +9,6 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-import psutil
-
 from pinkybrain import __version__
 from pinkybrain.node.core.config import Config
 from pinkybrain.node.core.guard import GuardSettings, ResourceGuard
@@ -21,6 +19,28 @@ if TYPE_CHECKING:
     from pinkybrain.node.services.discovery import MdnsService
 
 log = logging.getLogger("pinkybrain.node")
+
+# What start_services() imports: in a worker thread before it runs, so the event loop is not blocked.
+SERVICE_MODULES = (
+    "psutil",
+    "pinkybrain.node.services.memory_store",
+    "pinkybrain.node.services.conversations",
+    "pinkybrain.node.services.ledger_store",
+    "pinkybrain.node.services.trust_store",
+    "pinkybrain.node.services.brain",
+    "pinkybrain.node.split.service",
+    "pinkybrain.node.services.mesh",
+    "pinkybrain.node.services.memory_sync",
+    "pinkybrain.node.services.remote",
+    "pinkybrain.node.services.public_mesh",
+)
+
+
+def _import_services() -> None:
+    import importlib
+
+    for name in SERVICE_MODULES:
+        importlib.import_module(name)
 
 
 def guard_settings(cfg: Config) -> GuardSettings:
@@ -77,18 +97,64 @@ class NodeRuntime:
         self.public = None  # the public mesh (services.public_mesh.PublicMesh): tracker, WoT, credits
         self.extra_peers = tuple(extra_peers)  # `serve --peer URL`, on top of p2p.peers
         self._tasks: list[asyncio.Task] = []
-        self._process = psutil.Process()
+        self._process = None  # psutil.Process(), once the services start
+        self._started: asyncio.Future | None = None  # start_services()' outcome
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self, *, discovery: bool = True) -> None:
         """Open the stores and start the services. `discovery=False` leaves the tracker join and mDNS to
         start_discovery(), which the server calls once its API answers: they are not needed to serve the
         first request, and mDNS (zeroconf) costs start-up time and memory."""
+        await self.start_front()
+        await self.start_services()
+        if discovery:
+            await self.start_discovery()
+
+    async def start_front(self) -> None:
+        """What the API's front (node/api/front.py) needs to authenticate a request and answer a ping: the
+        owner key and the /v1 API keys. The server binds its port after this and before start_services(),
+        so a ping answers while the stores open; every other request waits for wait_started()."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         from pinkybrain.node.services.credentials import ApiKeyStore, ensure_owner_key
 
         self.owner_key = await asyncio.to_thread(ensure_owner_key, self.home, self.identity.node_id)
         self.api_keys = await asyncio.to_thread(ApiKeyStore.open, self.home)
+
+    async def start_services(self) -> None:
+        """Open the stores, start the mesh and the rest; wait_started() returns (or raises what failed here)
+        once this is done."""
+        started = self._started_future()
+        try:
+            await self._start_services()
+        except BaseException as exc:
+            if not started.done():
+                # A cancelled start (the node stopping) is a failure to the requests waiting on it.
+                started.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the node is stopping"))
+                started.exception()  # retrieved: a failure nobody waited for is not logged as unhandled
+            raise
+        if not started.done():
+            started.set_result(None)
+
+    def _started_future(self) -> asyncio.Future:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+        return self._started
+
+    async def wait_started(self) -> None:
+        """Return once start_services() has finished; raise what stopped it if it failed."""
+        await asyncio.shield(self._started_future())
+
+    @property
+    def services_started(self) -> bool:
+        return self._started is not None and self._started.done() and self._started.exception() is None
+
+    async def _start_services(self) -> None:
+        # The modules below are most of a node's imports (~1 s on the 2-core development VM): imported in a
+        # worker thread, so the event loop keeps answering pings meanwhile.
+        await asyncio.to_thread(_import_services)
+        import psutil
+
+        self._process = psutil.Process()
         from pinkybrain.node.services.memory_store import MemoryStore
 
         self.memory = await asyncio.to_thread(
@@ -134,8 +200,7 @@ class NodeRuntime:
         from pinkybrain.node.services.public_mesh import PublicMesh
 
         self.public = PublicMesh(self)
-        if discovery:
-            await self.start_discovery()
+
 
     async def start_discovery(self) -> None:
         """Join the public mesh (in the background) and start mDNS, if configured."""
@@ -252,6 +317,8 @@ class NodeRuntime:
         )
 
     async def _sample_loop(self) -> None:
+        import psutil
+
         while True:
             cpu = psutil.cpu_percent(None)
             ram = psutil.virtual_memory().percent

@@ -651,17 +651,20 @@ def spawn_worker(plan_path: Path, lock_fd: int, home: Path) -> int:
 
 
 # -- apply: the worker -----------------------------------------------------------------------------
-def signed_ping(url: str, secret: str, timeout: float = 2.0) -> dict | None:
+def signed_status(url: str, secret: str, timeout: float = 5.0) -> dict | None:
+    """The node's signed status, or None. Status rather than ping: a ping answers while the node's stores
+    still open (api/front.py); status answers once everything has started, so a release whose start
+    fails after its port is bound is not taken as healthy."""
     ts, nonce = f"{time.time():.3f}", secrets.token_hex(16)
     headers = {
-        SIG_HEADER: sign(secret, "GET", "/api/ping", "", ts, nonce, b""),
+        SIG_HEADER: sign(secret, "GET", "/api/status", "", ts, nonce, b""),
         TS_HEADER: ts,
         NONCE_HEADER: nonce,
     }
     import httpx
 
     try:
-        r = httpx.get(f"{url}/api/ping", headers=headers, timeout=timeout)
+        r = httpx.get(f"{url}/api/status", headers=headers, timeout=timeout)
         answer = r.json() if r.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
@@ -669,10 +672,10 @@ def signed_ping(url: str, secret: str, timeout: float = 2.0) -> dict | None:
 
 
 def wait_for_version(url: str, secret: str, expected: str, deadline: float) -> str | None:
-    """Poll the signed ping until it reports `expected`; returns the last version seen otherwise."""
+    """Poll the signed status until it reports `expected`; returns the last version seen otherwise."""
     seen = None
     while True:
-        answer = signed_ping(url, secret)
+        answer = signed_status(url, secret)
         if answer is not None:
             seen = str(answer.get("version"))
             with contextlib.suppress(ValueError):
