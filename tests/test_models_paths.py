@@ -238,8 +238,9 @@ def test_a_same_size_swap_is_never_served_and_withdraws_the_share(layout, tmp_pa
         with pytest.raises(ShareChanged):
             reg.served_path("tiny")  # noticed before it is served again
         assert _wait_until(lambda: not reg.shared_entries())  # the re-hash withdraws it
+        # ...and says so in the log, a moment after the entry is gone (the re-hash's thread writes both).
+        assert _wait_until(lambda: any("unshared model tiny" in r.getMessage() for r in caplog.records))
     assert reg.problems[-1]["model"] == "tiny" and "SHA-256" in reg.problems[-1]["reason"]
-    assert any("unshared model tiny" in r.getMessage() for r in caplog.records)
     with pytest.raises(ModelNotFound):
         reg.served_path("tiny")
     assert ModelRegistry(models, tmp_path / "shares.json", reg.identity).shared_entries() == []
