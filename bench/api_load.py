@@ -139,24 +139,32 @@ async def _drive(
         await asyncio.gather(*(worker(c) for c in clients))
         return ok, errors
 
-    def cpu_seconds(proc) -> float:
-        times = proc.cpu_times()
-        return times.user + times.system
-
     try:
-        # Warm-up opens the connections and warms caches; it is not measured.
-        await phase(warmup, time.monotonic() + max_seconds, None)
-        latencies: list[float] = []
-        me = psutil.Process()
-        server_cpu0 = cpu_seconds(server) if server else 0.0
-        client_cpu0 = cpu_seconds(me)
-        started = time.perf_counter()
-        ok, errors = await phase(requests, time.monotonic() + max_seconds, latencies)
-        wall = time.perf_counter() - started
-        client_cpu = cpu_seconds(me) - client_cpu0
-        server_cpu = cpu_seconds(server) - server_cpu0 if server else math.nan
+        return await _measured(phase, warmup, requests, max_seconds, server, concurrency, requests)
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
+
+
+def _cpu_seconds(proc) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+async def _measured(phase, warmup, measured, max_seconds: float, server, concurrency: int, requests: int) -> dict:
+    """`phase(warmup)` unmeasured (it opens connections and warms caches), then `phase(measured)` with the
+    server's and this process's CPU time counted; `phase(what, deadline, latencies)` -> (ok, errors)."""
+    import psutil
+
+    await phase(warmup, time.monotonic() + max_seconds, None)
+    latencies: list[float] = []
+    me = psutil.Process()
+    server_cpu0 = _cpu_seconds(server) if server else 0.0
+    client_cpu0 = _cpu_seconds(me)
+    started = time.perf_counter()
+    ok, errors = await phase(measured, time.monotonic() + max_seconds, latencies)
+    wall = time.perf_counter() - started
+    client_cpu = _cpu_seconds(me) - client_cpu0
+    server_cpu = _cpu_seconds(server) - server_cpu0 if server else math.nan
     return _load_result(concurrency, requests, ok, errors, wall, latencies, server_cpu, client_cpu)
 
 
@@ -267,25 +275,11 @@ async def _drive_raw(url: str, secret: str | None, concurrency: int, requests: i
         await asyncio.gather(*(worker(r, w) for r, w in conns))
         return ok, errors
 
-    def cpu_seconds(proc) -> float:
-        times = proc.cpu_times()
-        return times.user + times.system
-
     try:
-        await phase(warm, time.monotonic() + max_seconds, None)
-        latencies: list[float] = []
-        me = psutil.Process()
-        server_cpu0 = cpu_seconds(server) if server else 0.0
-        client_cpu0 = cpu_seconds(me)
-        started = time.perf_counter()
-        ok, errors = await phase(measured, time.monotonic() + max_seconds, latencies)
-        wall = time.perf_counter() - started
-        client_cpu = cpu_seconds(me) - client_cpu0
-        server_cpu = cpu_seconds(server) - server_cpu0 if server else math.nan
+        return await _measured(phase, warm, measured, max_seconds, server, concurrency, requests)
     finally:
         for _, writer in conns:
             writer.close()
-    return _load_result(concurrency, requests, ok, errors, wall, latencies, server_cpu, client_cpu)
 
 
 def run_load_worker(args: argparse.Namespace) -> None:
