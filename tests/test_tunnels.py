@@ -34,6 +34,28 @@ async def _echo_server():
     return server, server.sockets[0].getsockname()[1], seen
 
 
+async def _tunnel_kind(a, b, port: int, kind: str = "echo"):
+    """B joins every tunnel of `kind` to 127.0.0.1:`port`; A links to B. Returns A's link."""
+    async def join(ctx, payload):
+        return await asyncio.open_connection("127.0.0.1", port)
+
+    b.mesh.register_tunnel(kind, join)
+    return await a.mesh.connect(b.url)
+
+
+async def _pumped_listener(a, b, framing=None):
+    """A loopback listener on A whose every connection is pumped through a new `echo` tunnel to B, as the
+    split borrower joins llama-server's connections. Returns the listener and a queue of its tunnels."""
+    tunnels: asyncio.Queue = asyncio.Queue()
+
+    async def joined(reader, writer):
+        tunnel = await a.mesh.open_tunnel(b.id, "echo")
+        tunnels.put_nowait(tunnel)
+        await pump(tunnel, reader, writer, framing)
+
+    return await asyncio.start_server(joined, "127.0.0.1", 0), tunnels
+
+
 def test_tunnel_carries_bytes_both_ways_and_refuses_what_it_should():
     async def scenario():
         server, port, _ = await _echo_server()
@@ -83,11 +105,7 @@ def test_a_far_end_that_stops_reading_stops_the_writer():
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with Node("a") as a, Node("b") as b:
-            async def open_sink(ctx, payload):
-                return await asyncio.open_connection("127.0.0.1", port)
-
-            b.mesh.register_tunnel("sink", open_sink)
-            await a.mesh.connect(b.url)
+            await _tunnel_kind(a, b, port, "sink")
             tunnel = await a.mesh.open_tunnel(b.id, "sink")
             writer = asyncio.create_task(tunnel.write(bytes(16 * TUNNEL_WINDOW)))
             await asyncio.sleep(2)
@@ -120,36 +138,26 @@ def test_pumped_on_both_ends_a_stalled_local_reader_holds_the_stream_then_it_res
         server = await asyncio.start_server(slow_echo, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with Node("a") as a, Node("b") as b:
-            async def open_echo(ctx, payload):
-                return await asyncio.open_connection("127.0.0.1", port)
-
-            b.mesh.register_tunnel("echo", open_echo)
-            await a.mesh.connect(b.url)
-            tunnels = []
-
-            async def joined(reader, writer):  # as the split borrower joins llama-server's connection
-                tunnel = await a.mesh.open_tunnel(b.id, "echo")
-                tunnels.append(tunnel)
-                await pump(tunnel, reader, writer)
-
-            listener = await asyncio.start_server(joined, "127.0.0.1", 0)
+            await _tunnel_kind(a, b, port)
+            listener, tunnels = await _pumped_listener(a, b)
             reader, writer = await asyncio.open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
             blob = os.urandom(6 * TUNNEL_WINDOW + 4321)
             sending = asyncio.create_task(writer.drain())
             writer.write(blob)
-            await eventually(lambda: tunnels and tunnels[0].bytes_out > 0)
+            tunnel = await asyncio.wait_for(tunnels.get(), 10)
+            await eventually(lambda: tunnel.bytes_out > 0)
             await asyncio.sleep(1.5)
-            held = tunnels[0].bytes_out
+            held = tunnel.bytes_out
             # The acceptor wrote into a socket nobody reads: its credit stopped, so the opener did too.
             assert held < 5 * TUNNEL_WINDOW
             await asyncio.sleep(0.3)
-            assert tunnels[0].bytes_out == held
+            assert tunnel.bytes_out == held
             reading.set()
             got = await asyncio.wait_for(reader.readexactly(len(blob)), 30)
             assert hashlib.sha256(got).digest() == hashlib.sha256(blob).digest()
             await sending
             writer.close()
-            await eventually(lambda: tunnels[0].closed)  # the local end closing ends the tunnel
+            await eventually(lambda: tunnel.closed)  # the local end closing ends the tunnel
             await eventually(lambda: not b.mesh._links[a.id]._tunnels_theirs)
             listener.close()
         server.close()
@@ -161,11 +169,7 @@ def test_bytes_that_arrive_before_the_pump_starts_reach_its_socket_first():
     async def scenario():
         server, port, _ = await _echo_server()
         async with Node("a") as a, Node("b") as b:
-            async def open_echo(ctx, payload):
-                return await asyncio.open_connection("127.0.0.1", port)
-
-            b.mesh.register_tunnel("echo", open_echo)
-            await a.mesh.connect(b.url)
+            await _tunnel_kind(a, b, port)
             tunnel = await a.mesh.open_tunnel(b.id, "echo")
             await tunnel.write(b"early ")
             await eventually(lambda: tunnel.bytes_in == 6)  # echoed, waiting in the tunnel: nobody read it
@@ -188,11 +192,7 @@ def test_many_small_writes_wait_for_the_wire_once_the_link_has_a_backlog():
     async def scenario():
         server, port, _ = await _echo_server()
         async with Node("a") as a, Node("b") as b:
-            async def open_echo(ctx, payload):
-                return await asyncio.open_connection("127.0.0.1", port)
-
-            b.mesh.register_tunnel("echo", open_echo)
-            link = await a.mesh.connect(b.url)
+            link = await _tunnel_kind(a, b, port)
             tunnel = await a.mesh.open_tunnel(b.id, "echo")
             peak, count = 0, MAX_QUEUED + 1000  # more messages than a link may queue
             for i in range(count):
@@ -232,19 +232,8 @@ def test_an_rpc_command_sent_in_pieces_crosses_as_one_message_and_a_stream_that_
     async def scenario():
         server, port, seen = await _echo_server()
         async with Node("a") as a, Node("b") as b:
-            async def open_echo(ctx, payload):
-                return await asyncio.open_connection("127.0.0.1", port)
-
-            b.mesh.register_tunnel("echo", open_echo)
-            await a.mesh.connect(b.url)
-            accepted: asyncio.Queue = asyncio.Queue()
-
-            async def joined(reader, writer):
-                tunnel = await a.mesh.open_tunnel(b.id, "echo")
-                accepted.put_nowait(tunnel)
-                await pump(tunnel, reader, writer, RpcFraming(commands=True))
-
-            listener = await asyncio.start_server(joined, "127.0.0.1", 0)
+            await _tunnel_kind(a, b, port)
+            listener, accepted = await _pumped_listener(a, b, RpcFraming(commands=True))
             reader, writer = await asyncio.open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
             tunnel = None
             for body in (b"graph" * 100, b""):
