@@ -61,15 +61,18 @@ def test_the_cli_still_reports_errors_the_fast_path_leaves_to_it(tmp_path):
     assert "--port" in bad_port.stderr
 
 
-def test_the_serve_path_imports_nothing_its_first_request_does_not_need():
-    code = (
-        "import json, sys\n"
-        "import pinkybrain.node.server, pinkybrain.node.api.front, pinkybrain.node.services.runtime\n"
-        "import pinkybrain.node.services.mesh, pinkybrain.node.services.discovery, pinkybrain.node.split.service\n"
-        f"print(json.dumps(sorted(m for m in {NOT_AT_START!r} if m in sys.modules)))\n"
-    )
+def loaded_after(imports: tuple[str, ...], watched: tuple[str, ...]) -> list[str]:
+    """Which of `watched` a fresh interpreter has loaded once it imported `imports`."""
+    code = (f"import json, sys\nimport {', '.join(imports)}\n"
+            f"print(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert json.loads(out.stdout) == []
+    return json.loads(out.stdout)
+
+
+def test_the_serve_path_imports_nothing_its_first_request_does_not_need():
+    assert loaded_after(("pinkybrain.node.server", "pinkybrain.node.api.front", "pinkybrain.node.services.runtime",
+                         "pinkybrain.node.services.mesh", "pinkybrain.node.services.discovery",
+                         "pinkybrain.node.split.service"), NOT_AT_START) == []
 
 
 def test_the_secret_check_works_after_its_dictionaries_are_released():
@@ -108,14 +111,9 @@ NOT_BEFORE_BIND = (
 
 
 def test_the_port_is_bound_before_the_stores_and_the_mesh_are_imported():
-    code = (
-        "import json, sys\n"
-        "import pinkybrain.node.server, pinkybrain.node.api.front, pinkybrain.node.services.runtime\n"
-        "import pinkybrain.node.services.credentials, pinkybrain.node.services.http_guard\n"
-        f"print(json.dumps(sorted(m for m in {NOT_BEFORE_BIND!r} if m in sys.modules)))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert json.loads(out.stdout) == []
+    assert loaded_after(("pinkybrain.node.server", "pinkybrain.node.api.front", "pinkybrain.node.services.runtime",
+                         "pinkybrain.node.services.credentials", "pinkybrain.node.services.http_guard"),
+                        NOT_BEFORE_BIND) == []
 
 
 def test_the_version_is_read_without_importlib_metadata():
