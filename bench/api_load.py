@@ -592,22 +592,31 @@ def format_row(name: str, r: dict, ratios: dict) -> str:
     )
 
 
-def _start_node(home: Path, secret: str, port: int, dashboard: bool, cpu: int | None
-                ) -> tuple[subprocess.Popen, Path]:
-    home.mkdir(parents=True, exist_ok=True)
-    config = _write_config(home, secret, port, dashboard)
+def spawn_node(home: Path, config: Path, *, init_identity: bool = False, serve_args: tuple[str, ...] = (),
+               cpu: int | None = None) -> tuple[subprocess.Popen, Path]:
+    """`python -m pinkybrain.node serve` for a benchmark (the other bench scripts use it too): in its own
+    session (so stopping it stops its children), its output in home/node.log, pinned to `cpu` if given."""
     env = _bench_env(home)
     node_cmd = [sys.executable, "-m", "pinkybrain.node"]
-    subprocess.run([*node_cmd, "identity", "init", "--config", str(config)], env=env, cwd=home, check=True,
-                   stdout=subprocess.DEVNULL, timeout=120)
+    if init_identity:
+        subprocess.run([*node_cmd, "identity", "init", "--config", str(config)], env=env, cwd=home, check=True,
+                       stdout=subprocess.DEVNULL, timeout=120)
     log = home / "node.log"
     with log.open("wb") as log_fh:
         proc = subprocess.Popen(
-            [*node_cmd, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+            [*node_cmd, "serve", "--config", str(config), *serve_args],
             env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_pinned(cpu),
         )
     return proc, log
+
+
+def _start_node(home: Path, secret: str, port: int, dashboard: bool, cpu: int | None
+                ) -> tuple[subprocess.Popen, Path]:
+    home.mkdir(parents=True, exist_ok=True)
+    config = _write_config(home, secret, port, dashboard)
+    return spawn_node(home, config, init_identity=True, serve_args=("--host", "127.0.0.1", "--port", str(port)),
+                      cpu=cpu)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ from pathlib import Path
 import httpx
 
 # The sibling benchmark already has the node start/stop plumbing; run as a script, bench/ is on sys.path.
-from api_load import NotReady, _bench_env, _stop, _wait_ready, free_port, percentile
+from api_load import NotReady, _stop, _wait_ready, free_port, percentile, spawn_node
 
 from pinkybrain.node.services.brain import EMBEDDED_DEFAULT
 
@@ -242,17 +242,8 @@ def run_bench(args: argparse.Namespace) -> int:
         secret = secrets.token_urlsafe(32)
         port = free_port()
         config = write_config(home, secret, port, name, args)
-        env = _bench_env(home)
-        node_cmd = [sys.executable, "-m", "pinkybrain.node"]
-        subprocess.run([*node_cmd, "identity", "init", "--config", str(config)], env=env, cwd=home, check=True,
-                       stdout=subprocess.DEVNULL, timeout=120)
-        node_log = home / "node.log"
-        with node_log.open("wb") as log_fh:
-            node = subprocess.Popen(
-                [*node_cmd, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        node, node_log = spawn_node(home, config, init_identity=True,
+                                    serve_args=("--host", "127.0.0.1", "--port", str(port)))
         base_url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(node, f"{base_url}/api/status", secret, "node", node_log)

@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 
 # Sibling benchmarks hold the node plumbing and the bench profile; run as a script, bench/ is on sys.path.
-from api_load import NotReady, _bench_env, _stop, _wait_ready, free_port, percentile
+from api_load import NotReady, _stop, _wait_ready, free_port, percentile, spawn_node
 from query_overhead import PROFILE, default_model_file, profile
 
 from pinkybrain.node.services.brain import EMBEDDED_DEFAULT
@@ -74,13 +74,7 @@ def write_config(home: Path, secret: str, port: int, args: argparse.Namespace, p
 
 
 def start(home: Path, config: Path, port: int, secret: str) -> subprocess.Popen:
-    log = home / "node.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pinkybrain.node", "serve", "--config", str(config)],
-            env=_bench_env(home), cwd=home, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, log = spawn_node(home, config)
     _wait_ready(proc, f"http://127.0.0.1:{port}/api/status", secret, home.name, log)
     return proc
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import httpx
-from api_load import NotReady, _bench_env, _stop, _wait_ready, free_port
+from api_load import NotReady, _stop, _wait_ready, free_port, spawn_node
 from query_overhead import default_model_file
 
 from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, transcript_prompt
@@ -81,11 +81,7 @@ def write_config(home: Path, secret: str, port: int, args, peers: list[str], len
 
 
 def start_node(home: Path, config: Path, port: int, secret: str) -> subprocess.Popen:
-    log = home / "node.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "pinkybrain.node", "serve", "--config", str(config)],
-                                env=_bench_env(home), cwd=home, stdin=subprocess.DEVNULL, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc, log = spawn_node(home, config)
     _wait_ready(proc, f"http://127.0.0.1:{port}/api/status", secret, home.name, log)
     return proc
 
