@@ -208,3 +208,21 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def query_events(node: RunningNode, body: dict, on_event=None, timeout: float = 180) -> list[tuple[str, dict]]:
+    """The server-sent events of a streamed POST /api/query, as (event, data); `on_event(event, data)` is
+    called as each arrives. A read waits `timeout` at most, so a hang fails."""
+    events, event = [], None
+    with node.client() as c:
+        c.timeout = timeout
+        with c.stream("POST", "/api/query", json={**body, "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    events.append((event, json.loads(line[5:])))
+                    if on_event:
+                        on_event(event, events[-1][1])
+    return events

@@ -12,7 +12,6 @@ last peer dies ends with a clear error event.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from model import DEFAULT_NAME, place_default_model, write_tiny_gguf
-from nodes import free_port, start_node, strong_secret
+from nodes import free_port, query_events, start_node, strong_secret
 from pinkybrain.node.core.identity import Identity
 from pinkybrain.node.core.sealed import CHUNK, REPLY, REQUEST, ReplayGuard, Sealer, SealError, new_query_id
 from pinkybrain.node.services.mesh import Mesh, MeshSettings, RemoteError
@@ -361,23 +360,6 @@ def query(node, prompt: str, **kw):
         return c.post("/api/query", json={"prompt": prompt, "mode": "single", **kw})
 
 
-def sse(node, body: dict, on_event=None) -> list[tuple[str, dict]]:
-    events = []
-    with node.client() as c:
-        c.timeout = 180
-        with c.stream("POST", "/api/query", json={**body, "stream": True}) as r:
-            assert r.status_code == 200, r.read()
-            event = None
-            for line in r.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((event, json.loads(line[5:])))
-                    if on_event:
-                        on_event(event)
-    return events
-
-
 def test_a_query_on_a_is_served_by_c_and_says_so(net):
     a, b, c = (net["nodes"][n] for n in "abc")
     ids = net["ids"]
@@ -403,7 +385,7 @@ def test_a_query_on_a_is_served_by_c_and_says_so(net):
 
 def test_streaming_through_a(net):
     a = net["nodes"]["a"]
-    events = sse(a, {"prompt": f"{MARKER} Count from 1 to 20, separated by commas.", "mode": "single", "max_tokens": 12})
+    events = query_events(a, {"prompt": f"{MARKER} Count from 1 to 20, separated by commas.", "mode": "single", "max_tokens": 12})
     kinds = [e for e, _ in events]
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("token") >= 2, events
     start, end = events[0][1], events[-1][1]
@@ -543,12 +525,12 @@ def test_a_stream_whose_last_peer_dies_ends_with_a_clear_error(net):
     survivor = net["nodes"]["c" if net.get("killed") == "b" else "b"]
     killed = {}
 
-    def on_event(event):
+    def on_event(event, _data):
         if event == "token" and not killed:
             killed["at"] = time.monotonic()
             survivor.stop(signal.SIGKILL)
 
-    events = sse(a, {"prompt": LONG_PROMPT, "specialist": "counter"}, on_event)
+    events = query_events(a, {"prompt": LONG_PROMPT, "specialist": "counter"}, on_event)
     assert killed, "no token arrived before the stream ended"
     assert time.monotonic() - killed["at"] < BOUND_SECS
     kind, data = events[-1]

@@ -14,7 +14,7 @@ import pytest
 from test_remote_inference import wait_for
 
 from model import default_model_file, write_wide_model
-from nodes import free_port, start_node, strong_secret
+from nodes import free_port, query_events, start_node, strong_secret
 from pinkybrain.node.split.rpc_cache import (
     FNV_OFFSET,
     HASH_THRESHOLD,
@@ -114,18 +114,9 @@ def load_and_ask(a) -> tuple[dict, int]:
     wait_for(lambda: not [m for m in a.get("/api/models/ps").json()["models"] if m.get("split")], 60,
              "the previous split to unload")
     before = a.get("/api/status").json()["mesh"]["private"]["tunnel_bytes_out"]
-    events, event = [], None
-    with a.client() as c:
-        c.timeout = 600
-        body = {"prompt": "Name a colour.", "model": "wide", "mode": "specialist", "specialist": "greedy",
-                "split": True, "stream": True}
-        with c.stream("POST", "/api/query", json=body) as r:
-            assert r.status_code == 200, r.read()
-            for line in r.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((event, json.loads(line[5:])))
+    body = {"prompt": "Name a colour.", "model": "wide", "mode": "specialist", "specialist": "greedy",
+            "split": True}
+    events = query_events(a, body, timeout=600)
     assert not [d for e, d in events if e == "error"], events
     sent = a.get("/api/status").json()["mesh"]["private"]["tunnel_bytes_out"] - before
     return next(d for e, d in events if e == "end"), sent

@@ -11,7 +11,6 @@ The tests run in order and share the nodes (model runs are slow on a small machi
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 
@@ -20,7 +19,7 @@ import pytest
 from test_remote_inference import BOUND_SECS, FAST, wait_for
 
 from model import DEFAULT_NAME, place_default_model
-from nodes import free_port, start_node, strong_secret
+from nodes import free_port, query_events, start_node, strong_secret
 from pinkybrain.node.split.tools import find_tools
 
 pytestmark = pytest.mark.timeout(1200)  # split loads take minutes on a loaded machine
@@ -66,21 +65,9 @@ def net(tmp_path_factory):
 
 
 def events_of(node, body: dict, on_event=None) -> list[tuple[str, dict]]:
-    """The server-sent events of a streamed query (a hang fails: a read waits ten minutes at most, for a
-    split's first load on a loaded machine)."""
-    events, event = [], None
-    with node.client() as c:
-        c.timeout = 600
-        with c.stream("POST", "/api/query", json={**body, "stream": True}) as r:
-            assert r.status_code == 200, r.read()
-            for line in r.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((event, json.loads(line[5:])))
-                    if on_event:
-                        on_event(event, events[-1][1])
-    return events
+    """A streamed query's events (a read waits ten minutes at most, for a split's first load on a loaded
+    machine)."""
+    return query_events(node, body, on_event, timeout=600)
 
 
 def split_entry(node) -> dict | None:

@@ -8,7 +8,6 @@ no rpc-server. A node with `sharing.split` off refuses a member's tunnel.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import struct
 import subprocess
@@ -20,7 +19,7 @@ import websockets
 from test_remote_inference import FAST, wait_for
 
 from model import DEFAULT_NAME, place_default_model
-from nodes import free_port, start_node, strong_secret
+from nodes import free_port, query_events, start_node, strong_secret
 from pinkybrain.node.core.identity import Identity
 from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, transcript_prompt
 from pinkybrain.node.services.mesh import Mesh, MeshSettings, RemoteError
@@ -63,21 +62,14 @@ def net(tmp_path_factory):
 
 def ask(node, **extra) -> dict:
     """A query's result; streamed, the `end` event (with `split`: who held which layers)."""
-    with node.client() as c:
-        c.timeout = 600
-        body = {"prompt": PROMPT, **GREEDY, **extra}
-        if not extra.get("stream"):
+    body = {"prompt": PROMPT, **GREEDY, **extra}
+    if not extra.get("stream"):
+        with node.client() as c:
+            c.timeout = 600
             r = c.post("/api/query", json=body)
-            assert r.status_code == 200, r.text
-            return r.json()
-        events, event = [], None
-        with c.stream("POST", "/api/query", json=body) as r:
-            assert r.status_code == 200, r.read()
-            for line in r.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((event, json.loads(line[5:])))
+        assert r.status_code == 200, r.text
+        return r.json()
+    events = query_events(node, body, timeout=600)
     assert not [d for e, d in events if e == "error"], events
     return next(d for e, d in events if e == "end")
 
