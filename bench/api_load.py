@@ -611,6 +611,24 @@ def spawn_node(home: Path, config: Path, *, init_identity: bool = False, serve_a
     return proc, log
 
 
+def save_node_config(home: Path, config: dict) -> Path:
+    """A benchmark node's pinkybrain.yaml (owner-only: it holds the secret), with its shared_models/."""
+    import yaml
+
+    (home / "shared_models").mkdir(parents=True, exist_ok=True)
+    path = home / "pinkybrain.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def start_ready(home: Path, config: Path, port: int, secret: str) -> subprocess.Popen:
+    """spawn_node, then wait until a signed status answers (NotReady, with the log's tail, if it does not)."""
+    proc, log = spawn_node(home, config)
+    _wait_ready(proc, f"http://127.0.0.1:{port}/api/status", secret, home.name, log)
+    return proc
+
+
 def _start_node(home: Path, secret: str, port: int, dashboard: bool, cpu: int | None
                 ) -> tuple[subprocess.Popen, Path]:
     home.mkdir(parents=True, exist_ok=True)

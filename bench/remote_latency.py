@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 
 # Sibling benchmarks hold the node plumbing and the bench profile; run as a script, bench/ is on sys.path.
-from api_load import NotReady, _stop, _wait_ready, free_port, percentile, spawn_node
+from api_load import NotReady, _stop, free_port, percentile, save_node_config, start_ready
 from query_overhead import PROFILE, default_model_file, profile
 
 from pinkybrain.node.services.brain import EMBEDDED_DEFAULT
@@ -53,8 +53,6 @@ LINK_TIMEOUT = 60.0
 
 
 def write_config(home: Path, secret: str, port: int, args: argparse.Namespace, peers: list[str]) -> Path:
-    import yaml
-
     config = {
         "node": {"name": f"bench-{home.name}"},
         "p2p": {"secret": secret, "listen": f"127.0.0.1:{port}", "mdns": False, "peers": peers},
@@ -66,17 +64,7 @@ def write_config(home: Path, secret: str, port: int, args: argparse.Namespace, p
         "inference": {"n_ctx": args.n_ctx, "n_threads": args.threads, "max_loaded_models": 1},
         "specialists": {"profiles": {PROFILE: profile(args.max_tokens)}},
     }
-    (home / "shared_models").mkdir(parents=True, exist_ok=True)
-    path = home / "pinkybrain.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    path.chmod(0o600)
-    return path
-
-
-def start(home: Path, config: Path, port: int, secret: str) -> subprocess.Popen:
-    proc, log = spawn_node(home, config)
-    _wait_ready(proc, f"http://127.0.0.1:{port}/api/status", secret, home.name, log)
-    return proc
+    return save_node_config(home, config)
 
 
 def body(args: argparse.Namespace, stream: bool) -> dict:
@@ -182,8 +170,8 @@ def run_bench(args: argparse.Namespace) -> int:
         shutil.copyfile(source, home_b / "shared_models" / f"{name}.gguf")
         config_a = write_config(home_a, secret, port["a"], args, [base["b"]])
         try:
-            procs["b"] = start(home_b, config_b, port["b"], secret)
-            procs["a"] = start(home_a, config_a, port["a"], secret)
+            procs["b"] = start_ready(home_b, config_b, port["b"], secret)
+            procs["a"] = start_ready(home_a, config_a, port["a"], secret)
         except NotReady as exc:
             print(f"remote_latency: {exc}", file=sys.stderr)
             return 2

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import httpx
-from api_load import NotReady, _stop, _wait_ready, free_port, spawn_node
+from api_load import NotReady, _stop, free_port, save_node_config, start_ready
 from query_overhead import default_model_file
 
 from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, transcript_prompt
@@ -61,8 +61,6 @@ NAME = "gemma3-270m-q4-k-m"
 
 
 def write_config(home: Path, secret: str, port: int, args, peers: list[str], lend: bool) -> Path:
-    import yaml
-
     config = {
         "node": {"name": f"bench-{home.name}"},
         "p2p": {"secret": secret, "listen": f"127.0.0.1:{port}", "mdns": False, "peers": peers},
@@ -73,17 +71,7 @@ def write_config(home: Path, secret: str, port: int, args, peers: list[str], len
         "inference": {"n_ctx": args.n_ctx, "n_threads": args.threads},
         "specialists": {"profiles": PROFILE},
     }
-    (home / "shared_models").mkdir(parents=True, exist_ok=True)
-    path = home / "pinkybrain.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    path.chmod(0o600)
-    return path
-
-
-def start_node(home: Path, config: Path, port: int, secret: str) -> subprocess.Popen:
-    proc, log = spawn_node(home, config)
-    _wait_ready(proc, f"http://127.0.0.1:{port}/api/status", secret, home.name, log)
-    return proc
+    return save_node_config(home, config)
 
 
 def start_exe(argv: list[str], log: Path) -> subprocess.Popen:
@@ -246,10 +234,10 @@ def run_bench(args) -> int:
         base = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
         homes = {n: root / n for n in "abc"}
         for n in "bc":
-            procs[n] = start_node(homes[n], write_config(homes[n], secret, ports[n], args, [], True), ports[n], secret)
+            procs[n] = start_ready(homes[n], write_config(homes[n], secret, ports[n], args, [], True), ports[n], secret)
         config_a = write_config(homes["a"], secret, ports["a"], args, [base["b"], base["c"]], False)
         shutil.copyfile(model, homes["a"] / "shared_models" / f"{NAME}.gguf")
-        procs["a"] = start_node(homes["a"], config_a, ports["a"], secret)
+        procs["a"] = start_ready(homes["a"], config_a, ports["a"], secret)
         from pinkybrain.skill.signing import HmacAuth
 
         auth = HmacAuth(json.loads((homes["a"] / "owner.key").read_text())["key"], credential="owner")
