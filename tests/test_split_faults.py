@@ -16,11 +16,11 @@ import time
 
 import psutil
 import pytest
-from test_remote_inference import BOUND_SECS, FAST, wait_for
+from test_remote_inference import BOUND_SECS, wait_for
+from test_split_inference import three_split_nodes
 
-from model import DEFAULT_NAME, place_default_model
-from nodes import free_port, query_events, start_node, strong_secret
-from pinkybrain.node.split.tools import find_tools
+from model import DEFAULT_NAME
+from nodes import query_events, start_node
 
 pytestmark = pytest.mark.timeout(1200)  # split loads take minutes on a loaded machine
 LIMIT_MB = 200  # the default model needs ~330 MiB whole; its embeddings (~170 MiB) and a few blocks fit
@@ -33,14 +33,7 @@ SHORT = {"prompt": "Say hello.", "model": DEFAULT_NAME, "mode": "specialist", "s
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    tools = find_tools()
-    if not tools.usable:  # a failure, never a skip: install.sh builds the tools
-        pytest.fail(f"split inference needs llama.cpp's RPC tools: {tools.problem}")
-    secret = strong_secret()
-    ports = {name: free_port() for name in "abc"}
-    homes = {name: tmp_path_factory.mktemp(f"splitfault-{name}") for name in "abc"}
-    common = {**FAST, "inference.n_ctx": 1024, "inference.n_threads": 1, "specialists.profiles": PROFILE}
-    place_default_model(homes["a"] / "shared_models")
+    secret, ports, homes, common = three_split_nodes(tmp_path_factory, "splitfault", PROFILE)
     nodes, rpc_pids = {}, set()
     try:
         for name in "bc":

@@ -33,17 +33,24 @@ PROFILE = {"greedy": {"description": "Greedy, for comparing engines.", "system_p
 GREEDY = {"temperature": 0.0, "max_tokens": 48, "model": DEFAULT_NAME, "mode": "specialist", "specialist": "greedy"}
 
 
+def three_split_nodes(tmp_path_factory, prefix: str, profiles: dict) -> tuple[str, dict, dict, dict]:
+    """For a test of nodes a (the borrower, holding the default model), b and c: the secret, their ports and
+    homes, and the settings they share. The RPC tools must be there: a failure, never a skip (install.sh
+    builds them)."""
+    tools = find_tools()
+    if not tools.usable:
+        pytest.fail(f"split inference needs llama.cpp's RPC tools: {tools.problem}")
+    ports = {name: free_port() for name in "abc"}
+    homes = {name: tmp_path_factory.mktemp(f"{prefix}-{name}") for name in "abc"}
+    common = {**FAST, "inference.n_ctx": 1024, "inference.n_threads": 1, "specialists.profiles": profiles}
+    place_default_model(homes["a"] / "shared_models")
+    return strong_secret(), ports, homes, common
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    tools = find_tools()
-    if not tools.usable:  # a failure, never a skip: install.sh builds the tools
-        pytest.fail(f"split inference needs llama.cpp's RPC tools: {tools.problem}")
-    secret = strong_secret()
-    ports = {name: free_port() for name in "abc"}
+    secret, ports, homes, common = three_split_nodes(tmp_path_factory, "split", PROFILE)
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    homes = {name: tmp_path_factory.mktemp(f"split-{name}") for name in "abc"}
-    common = {**FAST, "inference.n_ctx": 1024, "inference.n_threads": 1, "specialists.profiles": PROFILE}
-    place_default_model(homes["a"] / "shared_models")
     nodes = {}
     try:
         for name in "bc":
