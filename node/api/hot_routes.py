@@ -79,8 +79,6 @@ def status_answer(runtime: NodeRuntime) -> dict:
     }
 
 
-ANSWERS = {"/api/ping": ping_answer, "/api/status": status_answer}
-STATUS_PATH = "/api/status"
 STATUS_SNAPSHOT_SECS = 0.05
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _READS = frozenset(("GET", "HEAD"))
@@ -95,6 +93,7 @@ class HotRoutes:
         self.snapshot_secs = snapshot_secs
         self._status: bytes | None = None
         self._status_until = 0.0
+        self._bodies = {"/api/ping": self._ping_body, "/api/status": self._status_body}  # GET path -> answer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -114,15 +113,17 @@ class HotRoutes:
             finally:
                 self._status = None
             return
-        path = scope["path"]
-        answer = ANSWERS.get(path) if method == "GET" else None
+        answer = self._bodies.get(scope["path"]) if method == "GET" else None
         if answer is None:
             await self.app(scope, receive, send)
             return
-        body = self._status_body() if path == STATUS_PATH else dumps(answer(self.runtime))
+        body = answer()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    def _ping_body(self) -> bytes:
+        return dumps(ping_answer(self.runtime))
 
     def _status_body(self) -> bytes:
         now = time.monotonic()
