@@ -9,6 +9,11 @@ so each mode pays for both ends alike):
   link     two full meshes (handshake, message layer, writer queue, heartbeats running): what the node
            actually does per message
 
+and a computed row, `floor`: plain's time per message plus one seal and one open of the message
+(ChaCha20-Poly1305, timed in the same run without sockets). A link that seals each message in a frame of
+its own cannot beat it in this one-process setup (small messages can, by sharing frames), so it shows how
+much of a gap to plain is the cipher's own cost on this CPU and how much is ours.
+
 With --rtt N, round trips instead (what a split's llama.cpp RPC pays per message, node/split/): N
 request/response exchanges of a small and a graph-sized message with an echo server on loopback,
 on the node's event loop (uvloop where installed):
@@ -199,6 +204,16 @@ async def _drive(receiver: Receiver, max_seconds: float, send_one, count: int, f
 
 MODES = {"plain": run_plain, "channel": run_channel, "link": run_link}
 
+
+def aead_seconds(payload: bytes, count: int) -> float:
+    """Seconds per message for one seal and one open on a channel, without sockets: the cipher's floor."""
+    key_a, key_b = os.urandom(32), os.urandom(32)
+    ours, theirs = Channel(key_a, key_b, max_frame=MAX_WS), Channel(key_b, key_a, max_frame=MAX_WS)
+    started = time.perf_counter()
+    for _ in range(count):
+        theirs.open(ours.seal(payload))
+    return (time.perf_counter() - started) / count
+
 RTT_SIZES = {"small": 64, "graph": 24 * 1024}  # a graph_compute message of the default model is ~20-40 KB
 
 
@@ -311,9 +326,11 @@ async def bench(args) -> list[dict]:
     for size_name, count in (("small", args.small), ("large", args.large)):
         payload = os.urandom(SIZES[size_name])
         rounds: dict[str, list[dict]] = {m: [] for m in MODES}
+        floors: list[float] = []
         for _ in range(args.rounds):
             for mode, fn in MODES.items():  # interleaved, so background noise hits every mode alike
                 rounds[mode].append(await fn(payload, count, args.max_seconds))
+            floors.append(aead_seconds(payload, min(count, 2000)))
         base = None
         for mode in MODES:
             results = rounds[mode]
@@ -325,6 +342,11 @@ async def bench(args) -> list[dict]:
             base = base or row
             row["ratio"] = row["msgs_per_sec"] / base["msgs_per_sec"]
             rows.append(row)
+        aead = statistics.median(floors)
+        rate = 1 / (1 / base["msgs_per_sec"] + aead)
+        rows.append({"size": size_name, "bytes": SIZES[size_name], "mode": "floor", "computed": True,
+                     "aead_us": aead * 1e6, "msgs_per_sec": rate, "mb_per_sec": rate * SIZES[size_name] / 1e6,
+                     "all_complete": True, "capped": False, "ratio": rate / base["msgs_per_sec"]})
     return rows
 
 
@@ -337,6 +359,11 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         flag = "" if r["all_complete"] else "  (incomplete)"
         flag += "  (time cap hit)" if r["capped"] else ""
+        if r.get("computed"):  # the floor: plain's time per message plus the cipher's, not a run
+            lines.append(f"{r['bytes']:>6} {r['mode']:>8} {'-':>9} {r['msgs_per_sec']:>10.0f} "
+                         f"{r['mb_per_sec']:>9.1f} {'-':>11} {r['ratio']:>8.2f}x  (plain + "
+                         f"{r['aead_us']:.1f} us seal+open)")
+            continue
         lines.append(
             f"{r['bytes']:>6} {r['mode']:>8} {r['messages']:>9} {r['msgs_per_sec']:>10.0f} "
             f"{r['mb_per_sec']:>9.1f} {r['us_per_msg_cpu']:>11.1f} {r['ratio']:>8.2f}x{flag}"
