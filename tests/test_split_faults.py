@@ -49,12 +49,19 @@ def net(tmp_path_factory):
     finally:
         for node in nodes.values():
             node.stop()
-        # A node killed with SIGKILL cannot stop its rpc-server: the test does.
+        # Should an rpc-server outlive its SIGKILLed lender (the test would have failed), do not leave it.
         for pid in rpc_pids:
             try:
                 psutil.Process(pid).kill()
             except psutil.Error:
                 pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def events_of(node, body: dict, on_event=None) -> list[tuple[str, dict]]:
@@ -92,7 +99,9 @@ def test_a_lender_killed_mid_answer_ends_it_with_a_clear_error_and_the_next_quer
         entry = split_entry(a)
     lender = next(name for name in "bc" if ids[name] in {p["node"] for p in entry["parts"] if not p["local"]})
     survivor = "c" if lender == "b" else "b"
-    net["rpc_pids"].update(s["pid"] for s in nodes[lender].get("/api/capabilities").json()["split"]["lending"])
+    lent_pids = {s["pid"] for s in nodes[lender].get("/api/capabilities").json()["split"]["lending"]}
+    assert lent_pids
+    net["rpc_pids"].update(lent_pids)
     killed = {}
 
     def on_event(event, data):
@@ -108,6 +117,8 @@ def test_a_lender_killed_mid_answer_ends_it_with_a_clear_error_and_the_next_quer
     assert f"lender {ids[lender][:7]} went away" in data["detail"], data
     assert not [d for e, d in events if e == "end"]
     assert a.get("/api/ping").status_code == 200  # the borrower is fine
+    # The kernel stops a SIGKILLed lender's rpc-servers (PR_SET_PDEATHSIG): none is left holding the model.
+    wait_for(lambda: not any(_running(pid) for pid in lent_pids), 30, "the lender's rpc-servers to die with it")
     wait_for(lambda: a.get("/api/capabilities").json()["split"]["lenders_now"] == 1, 60, "a to see the lender gone")
     assert split_entry(a) is None  # the broken split is unloaded
     again = events_of(a, SHORT)

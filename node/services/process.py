@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import socket
+import sys
 from pathlib import Path
 
 
@@ -91,3 +93,26 @@ def sd_notify(message: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def die_with_parent():
+    """A preexec_fn that has the kernel SIGKILL a helper (rpc-server, llama-server) when the node that
+    started it dies, even by SIGKILL, which leaves no chance to stop it. Linux only (prctl
+    PR_SET_PDEATHSIG); None elsewhere. The signal follows the thread that forked the child: the node
+    forks its helpers from its event-loop thread, which lives as long as the node."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the node died before the line above took effect
+            os._exit(1)
+
+    return preexec
+
+
+_PR_SET_PDEATHSIG = 1

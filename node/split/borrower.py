@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from pinkybrain.node.services.inference import TRANSCRIPT_STOPS, InferenceError, transcript_prompt
+from pinkybrain.node.services.process import die_with_parent
 from pinkybrain.node.services.tunnels import pump
 from pinkybrain.node.split.framing import RpcFraming
 from pinkybrain.node.split.plan import SplitPlan
@@ -103,7 +104,8 @@ class SplitSession:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out or asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.STDOUT if out else asyncio.subprocess.DEVNULL)
+                    stderr=asyncio.subprocess.STDOUT if out else asyncio.subprocess.DEVNULL,
+                    preexec_fn=die_with_parent())
             finally:
                 if out:
                     out.close()

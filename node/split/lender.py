@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pinkybrain.node.services.process import die_with_parent
 from pinkybrain.node.split.rpc_cache import load_fnv, prefill
 from pinkybrain.node.split.tools import Tools
 
@@ -137,6 +138,7 @@ class RpcServers:
                 "--threads", str(threads),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "LLAMA_CACHE": str(cache)},
+                preexec_fn=die_with_parent(),
             )
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and proc.returncode is None:
