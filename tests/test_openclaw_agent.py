@@ -46,7 +46,11 @@ def openclaw_command() -> Path:
 
 def openclaw_config(base_url: str, api_key: str) -> dict:
     return {
-        "agents": {"defaults": {"model": {"primary": f"pinkybrain/{DEFAULT_NAME}"}, "timeoutSeconds": 1800}},
+        # Greedy decoding (OpenClaw's per-model `params`): sampled at the node's default temperature, the
+        # 270M model sometimes calls the same tool again and again until OpenClaw's loop guard aborts the
+        # turn, 15-20 minutes later; greedy, the turn is the same on every run.
+        "agents": {"defaults": {"model": {"primary": f"pinkybrain/{DEFAULT_NAME}"}, "timeoutSeconds": 1800,
+                                "models": {f"pinkybrain/{DEFAULT_NAME}": {"params": {"temperature": 0}}}}},
         # OpenClaw's own smallest tool profile (it still sends tools): its first prompt is then ~7k tokens
         # instead of ~13k, which a 2-core CI machine evaluates in minutes, not tens of minutes.
         "tools": {"profile": "minimal"},
@@ -92,7 +96,7 @@ def test_an_openclaw_agent_turn_completes_with_the_node_as_its_provider(tmp_path
     assert all(r["status"] == 200 for r in chats), [r["status"] for r in chats]
     first = chats[0]["body"]
     # What the issue saw OpenClaw send, now all accepted rather than dropped or refused:
-    assert first["model"] == DEFAULT_NAME and first.get("stream") is True
+    assert first["model"] == DEFAULT_NAME and first.get("stream") is True and first.get("temperature") == 0
     assert first.get("tools") and first.get("stream_options", {}).get("include_usage") is True
     result = json.loads(run.stdout)
     assert json.dumps(result)  # the turn's JSON result was written
