@@ -197,11 +197,14 @@ _BASE_HEADERS = (b"Accept: */*\r\nAccept-Encoding: gzip, deflate\r\nConnection: 
                  b"User-Agent: pinkybrain-bench\r\n")
 
 
-def _raw_requests(url: str, secret: str | None, credential: str, count: int) -> list[bytes]:
+def _raw_requests(url: str, secret: str | None, credential: str, count: int,
+                  bodies: list[bytes] | None = None) -> list[bytes]:
+    """`count` GETs of `url`, or with `bodies` one POST of JSON per body, each signed ahead of time."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    head = f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n".encode() + _BASE_HEADERS
+    method = "GET" if bodies is None else "POST"
+    head = f"{method} {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n".encode() + _BASE_HEADERS
     if not secret:
         return [head + b"\r\n"] * count
     from pinkybrain.skill.signing import signature_headers
@@ -213,10 +216,12 @@ def _raw_requests(url: str, secret: str | None, credential: str, count: int) -> 
     except ImportError:  # a tree from before the MAC proof (a "before" run): the node signs each answer
         client_key = {}
     out = []
-    for _ in range(count):
-        headers = signature_headers(secret, "GET", parts.path, "", b"", credential)
+    for body in bodies if bodies is not None else [b""] * count:
+        headers = signature_headers(secret, method, parts.path, "", body, credential)
         headers.update(client_key)
-        out.append(head + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+        if bodies is not None:
+            headers.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+        out.append(head + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n" + body)
     return out
 
 

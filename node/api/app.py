@@ -22,6 +22,7 @@ from pinkybrain.node.api.deps import PrincipalDep, RuntimeDep
 from pinkybrain.node.api.errors import COMMON_ERRORS, api_error, errors
 from pinkybrain.node.api.front import node_layers
 from pinkybrain.node.api.hot_routes import ping_answer, status_answer
+from pinkybrain.node.api.hot_writes import memory_refusal as refusal_of_memory
 from pinkybrain.node.api.keys import router as keys_router
 from pinkybrain.node.api.query import router as query_router
 from pinkybrain.node.api.responses import FastJSONResponse
@@ -187,19 +188,13 @@ async def mesh_leave(runtime: RuntimeDep):
 
 # -- memory -------------------------------------------------------------------------------------
 def memory_refusal(exc: Exception, key: str | None) -> HTTPException | None:
-    """The HTTP error for a refused memory read or write, or None for an unexpected failure."""
-    from pinkybrain.node.core.memory_doc import MemoryLimitError
-    from pinkybrain.node.core.memory_values import MemoryValueError
-
-    if isinstance(exc, MemoryLimitError):
-        return error(413, "too_large", str(exc))
-    if isinstance(exc, MemoryValueError):  # not storable JSON (or, read back, a value an older version let in)
-        return error(400, "bad_value", str(exc))
-    if isinstance(exc, KeyError):
-        return error(404, "not_found", f"no memory key {key!r}" if key is not None else str(exc))
-    if isinstance(exc, ValueError):
-        return error(400, "bad_key", str(exc))
-    return None
+    """The HTTP error for a refused memory read or write, or None for an unexpected failure (the mapping is
+    hot_writes.memory_refusal, which the fast write path answers with too)."""
+    refused = refusal_of_memory(exc, key)
+    if refused is None:
+        return None
+    status, body = refused
+    return error(status, body["error"], body["detail"])
 
 
 def memory_call(fn, *args):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from pinkybrain.node.api.auth import Authenticator, SignedRequestMiddleware
 from pinkybrain.node.api.hot_routes import HotRoutes
+from pinkybrain.node.api.hot_writes import HotMemoryWrites
 from pinkybrain.node.api.sealing import SkillLinkMiddleware
 from pinkybrain.node.core.auth import CREDENTIAL_HEADER, NonceCache, RequestVerifier
 from pinkybrain.node.core.skill_link import SkillLink
@@ -53,11 +54,12 @@ def authenticator_for(runtime):
 
 def node_layers(runtime) -> tuple[Callable, ...]:
     """The node's own ASGI layers, outermost first, each a function of the app it wraps: auth, then the
-    skill link's proof and sealing, then the hot routes."""
+    skill link's proof and sealing, then the hot routes, then the hot memory write."""
     return (
         lambda inner: SignedRequestMiddleware(inner, authenticator_factory=authenticator_for(runtime)),
         lambda inner: SkillLinkMiddleware(inner, link=SkillLink(runtime.identity)),
         lambda inner: HotRoutes(inner, runtime),
+        lambda inner: HotMemoryWrites(inner, runtime),
     )
 
 
