@@ -69,6 +69,9 @@ class CoalescingTransport:
         if pending and not self.transport.is_closing():
             self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
+    def is_closing(self) -> bool:  # asked several times per request: not through __getattr__
+        return self.transport.is_closing()
+
     def close(self) -> None:
         self.flush()  # a close after the last write (Connection: close) sends that write first
         self.transport.close()
