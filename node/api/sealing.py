@@ -35,12 +35,8 @@ class SkillLinkMiddleware:
         if auth is None or not auth.nonce:
             await self.app(scope, receive, send)
             return
-        seal_header = client_key = None
-        for name, value in scope["headers"]:
-            if name == _SEAL:
-                seal_header = value
-            elif name == _CLIENT_KEY:
-                client_key = value
+        headers = dict(scope["headers"])  # the last of a repeated header counts, as in the auth layer
+        seal_header, client_key = headers.get(_SEAL), headers.get(_CLIENT_KEY)
         proof = self.link.proof_headers(auth.credential, auth.nonce, client_key)
         if seal_header is None:
             await self.app(scope, receive, _with_headers(send, proof))

@@ -131,8 +131,8 @@ def guarded_protocol(limits: ConnectionLimits, base: type | None = None) -> type
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            waiting = self.cycle is None or self.cycle.response_complete
             cycle_before = self.cycle
+            waiting = cycle_before is None or cycle_before.response_complete
             super().data_received(data)
             if waiting and self.cycle is cycle_before and not self._guard_done:  # still no complete headers
                 self._guard_header_bytes += len(data)
@@ -143,14 +143,14 @@ def guarded_protocol(limits: ConnectionLimits, base: type | None = None) -> type
                     return
             else:
                 self._guard_header_bytes = 0
-            self._guard_watch(bytes_arrived=bool(data))
+            self._guard_watch(bool(data))
 
         def on_response_complete(self) -> None:
             self._guard_cancel()
             super().on_response_complete()  # may start a pipelined request already buffered
-            self._guard_watch(bytes_arrived=False)
+            self._guard_watch(False)
 
-        def _guard_watch(self, *, bytes_arrived: bool) -> None:
+        def _guard_watch(self, bytes_arrived: bool) -> None:
             if self._guard_done or self.transport.is_closing():
                 return
             cycle = self.cycle
