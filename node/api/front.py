@@ -145,8 +145,8 @@ class NodeFront:
             app = layer(app)
         self._layers = app
         self._gate = StartGate(app, runtime)
-        self._open = False  # the services have started: the gate has nothing left to hold (they never stop
-        # and start again within one server)
+        # Set once the services have started: the gate has nothing left to hold (a server starts them once).
+        self._open = False
 
     async def __call__(self, scope, receive, send):
         if self.lazy.app is not None and scope["type"] != "lifespan":

@@ -19,8 +19,9 @@ Closing is an abort: a client that does not read cannot keep the socket open thr
 
 It also writes each answer in one piece: uvicorn writes a response's status line and headers, then its
 body, each at once, so a small answer costs two send() calls and two TCP segments. `CoalescingTransport`
-holds what is written during one step of the event loop and sends it together at the end of that step
-(a streamed answer's chunks still leave as they come, one loop step later). Measured on the bare
+holds what is written during one step of the event loop and sends it together when the answer is
+complete, or else at the end of that step (a streamed answer's chunks still leave as they come, one loop
+step later). Measured on the bare
 baseline of bench/api_load.py, this alone takes about 15 % off the server's CPU per request.
 """
 
@@ -119,7 +120,8 @@ def guarded_protocol(limits: ConnectionLimits, base: type | None = None) -> type
             self._guard_cycle = None
             self._guard_done = False  # upgraded to a WebSocket: the connection is no longer ours
             self._guard_header_bytes = 0  # bytes of a request whose headers are not complete yet
-            super().connection_made(CoalescingTransport(transport, asyncio.get_running_loop()))
+            self._guard_out = CoalescingTransport(transport, asyncio.get_running_loop())
+            super().connection_made(self._guard_out)
             host = address_bucket(self.client[0]) if self.client else None
             if host is not None and _held_by(self.connections, host) > limits.per_address:
                 self._guard_close()
@@ -146,6 +148,9 @@ def guarded_protocol(limits: ConnectionLimits, base: type | None = None) -> type
             self._guard_watch(bool(data))
 
         def on_response_complete(self) -> None:
+            # The whole answer is written: it leaves now, not a loop step later (a step that, with few
+            # connections, is an extra turn of the loop per request).
+            self._guard_out.flush()
             self._guard_cancel()
             super().on_response_complete()  # may start a pipelined request already buffered
             self._guard_watch(False)
