@@ -103,6 +103,15 @@ class HotRoutes:
         self._ping_until = 0.0
         self._answers = {"/api/ping": self._ping_answer, "/api/status": self._status_answer}  # GET path -> answer
 
+    def direct_answer(self, scope) -> Answer | None:
+        """The answer to an HTTP request if it is one of ours (a GET of a hot route), else None. A layer
+        around this one may send it itself, adding its own headers, rather than call through ASGI."""
+        if scope["method"] == "GET":
+            answer = self._answers.get(scope["path"])
+            if answer is not None:
+                return answer()
+        return None
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
