@@ -170,7 +170,8 @@ def test_every_signed_answer_carries_the_node_proof_and_bad_seals_are_refused(no
     node_id = node.get("/api/ping").json()["node_id"]
     api_key = node.post("/api/keys", json={"name": "proof-test", "scope": "query"}).json()["api_key"]
     with node.client(node.secret) as signed:  # a mesh member: the proof is made with the network secret
-        for method, path in [("GET", "/api/status"), ("GET", "/api/memory/no-such-key"), ("POST", "/api/memory/set")]:
+        for method, path in [("GET", "/api/status"), ("GET", "/api/ping"), ("GET", "/api/memory/no-such-key"),
+                             ("POST", "/api/memory/set")]:
             answer = signed.request(method, path, json={"bad": 1} if method == "POST" else None)
             nonce = answer.request.headers["x-pinkybrain-nonce"]
             assert check_proof(node.secret, nonce, answer.headers, expected_node=node_id,

@@ -139,3 +139,30 @@ def test_head_goes_to_the_app_and_builds_no_snapshot(world):
 
     asyncio.run(main())
     assert world.builds == 0 and world.value == 1
+
+
+def test_ping_follows_a_reload_and_the_host_name(monkeypatch):
+    from types import SimpleNamespace
+
+    class Cfg:
+        def __init__(self, name):
+            self.node_name = name
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(hot_routes, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    runtime = SimpleNamespace(cfg=Cfg("first"), identity=SimpleNamespace(node_id="pb-node"), version="1.2.3")
+    routes = HotRoutes(None, runtime=runtime)
+
+    def ping() -> dict:
+        status, body = asyncio.run(call(routes, "GET", "/api/ping"))
+        assert status == 200
+        return json.loads(body)
+
+    assert ping() == {"pong": True, "node_id": "pb-node", "name": "first", "version": "1.2.3"}
+    runtime.cfg = Cfg("renamed")  # a reload builds a new configuration: the next ping says so
+    assert ping()["name"] == "renamed"
+    runtime.cfg.node_name = "new-host-name"  # an unnamed node's host name changed: shown once the snapshot ends
+    clock.now += hot_routes.PING_SNAPSHOT_SECS / 2
+    assert ping()["name"] == "renamed"
+    clock.now += hot_routes.PING_SNAPSHOT_SECS
+    assert ping()["name"] == "new-host-name"

@@ -17,7 +17,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pinkybrain.node.core.auth import SIG_HEADER, AuthError, RequestVerifier
+from pinkybrain.node.core.auth import (
+    CREDENTIAL_HEADER,
+    NONCE_HEADER,
+    PEER_HEADER,
+    SIG_HEADER,
+    TS_HEADER,
+    AuthError,
+    RequestVerifier,
+)
 from pinkybrain.node.core.principals import AUTH_SCOPE_KEY, AuthContext, Principal, RouteTable, refusal
 from pinkybrain.node.dashboard.sessions import cookie_principal, is_dashboard_page
 
@@ -26,6 +34,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pinkybrain.auth")
 BEARER_PRINCIPAL = {"owner": Principal.OWNER, "query": Principal.MEMBER}
+_SIG, _TS, _NONCE, _CREDENTIAL, _PEER = (h.encode() for h in (SIG_HEADER, TS_HEADER, NONCE_HEADER, CREDENTIAL_HEADER,
+                                                             PEER_HEADER))
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+def _texts(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw.items()}
 
 
 async def _send_json(send, status: int, payload: dict, *, challenge: bool = True) -> None:
@@ -87,25 +105,30 @@ class SignedRequestMiddleware:
         auth: Authenticator = self.authenticator_factory()
         method, path = scope["method"], scope["path"]
         rule = auth.table.rule(method, path)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        # Names stay bytes (the server gives them lower-cased, ASGI); the last of a repeated header counts.
+        # Only the values a check reads are decoded.
+        raw = dict(scope["headers"])
+        sig = raw.get(_SIG)
         openai = path.startswith("/v1/")
         claim = context = None
-        if openai and SIG_HEADER not in headers:
+        if openai and sig is None:
             # OpenAI clients cannot sign: /v1 also takes an API key the owner issued (`pinkybrain keys`).
-            context = auth.bearer(headers.get("authorization"))
+            context = auth.bearer(_text(raw.get(b"authorization")))
             if context is None:
                 await _send_json(send, 401, _openai_error(
                     "invalid or missing API key (the owner issues them: `pinkybrain openai-key` or "
                     "`pinkybrain keys create NAME`)", "invalid_api_key"))
                 return
             principal = context.principal
-        elif SIG_HEADER not in headers and cookie_principal(scope.get("app"), headers):
+        elif sig is None and cookie_principal(scope.get("app"), _texts(raw)):
             # The owner's dashboard page: its session cookie plus the session's CSRF token.
             context = AuthContext(principal=Principal.OWNER, credential=b"", nonce=None, key_name="dashboard")
             principal = Principal.OWNER
         else:
             try:
-                claim = auth.verifier.check_headers(headers, now := time.time())
+                claim = auth.verifier.check_values(
+                    _text(sig), _text(raw.get(_TS)), _text(raw.get(_NONCE)), _text(raw.get(_CREDENTIAL)),
+                    _text(raw.get(_PEER)), now := time.time())
             except AuthError as exc:
                 await self._refuse(scope, send, exc)
                 return
@@ -116,14 +139,14 @@ class SignedRequestMiddleware:
             await _send_json(send, 403, payload, challenge=False)
             return
 
-        declared = headers.get("content-length")
+        declared = raw.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > rule.body_limit):
             status, detail = (413, f"request body over {rule.body_limit} bytes for {rule.method} {rule.path}") \
                 if declared.isdigit() else (400, "Content-Length is not a number")
             await _send_json(send, status, {"error": "body_too_large" if status == 413 else "bad_request",
                                             "detail": detail}, challenge=False)
             return
-        if declared in (None, "0") and "transfer-encoding" not in headers:
+        if declared in (None, b"0") and b"transfer-encoding" not in raw:
             # HTTP/1.1 framing: no length and no chunking means no body (RFC 9112 §6.3); the app reads
             # the same empty body from the server. Most calls (GETs) skip the read-and-replay.
             body = b""

@@ -140,16 +140,25 @@ class NodeFront:
     """The app the server runs: a StartGate and `node_layers` around a LazyApp of the full API."""
 
     def __init__(self, runtime, build: Callable):
+        self.runtime = runtime
         self.lazy = LazyApp(build)
         app = self.lazy
         for layer in reversed(node_layers(runtime)):
             app = layer(app)
-        self._app = StartGate(app, runtime)
+        self._layers = app
+        self._gate = StartGate(app, runtime)
+        # Set once the services have started: the gate has nothing left to hold (a server starts them once).
+        self._open = False
 
     async def __call__(self, scope, receive, send):
         if self.lazy.app is not None and scope["type"] != "lifespan":
             scope["app"] = self.lazy.app  # what the auth layer's dashboard-cookie check reads
-        await self._app(scope, receive, send)
+        if not self._open:
+            self._open = self.runtime.services_started
+            if not self._open:
+                await self._gate(scope, receive, send)
+                return
+        await self._layers(scope, receive, send)
 
 
 async def _lifespan(receive, send) -> None:

@@ -80,8 +80,13 @@ def status_answer(runtime: NodeRuntime) -> dict:
 
 
 STATUS_SNAPSHOT_SECS = 0.05
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+PING_SNAPSHOT_SECS = 1.0  # an unnamed node is called by its host name, which may change (macOS renames on DHCP)
 _READS = frozenset(("GET", "HEAD"))
+Answer = tuple[list[tuple[bytes, bytes]], bytes]  # the answer's headers and its body
+
+
+def _answer(body: bytes) -> Answer:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
 
 
 class HotRoutes:
@@ -91,16 +96,35 @@ class HotRoutes:
         self.app = app
         self.runtime = runtime
         self.snapshot_secs = snapshot_secs
-        self._status: bytes | None = None
+        self._status: Answer | None = None
         self._status_until = 0.0
-        self._bodies = {"/api/ping": self._ping_body, "/api/status": self._status_body}  # GET path -> answer
+        self._ping: Answer | None = None
+        self._ping_cfg = None  # the configuration _ping was built from (a reload may rename the node)
+        self._ping_until = 0.0
+        self._answers = {"/api/ping": self._ping_answer, "/api/status": self._status_answer}  # GET path -> answer
+
+    def direct_answer(self, scope) -> Answer | None:
+        """The answer to an HTTP request if it is one of ours (a GET of a hot route), else None. A layer
+        around this one may send it itself, adding its own headers, rather than call through ASGI."""
+        if scope["method"] == "GET":
+            answer = self._answers.get(scope["path"])
+            if answer is not None:
+                return answer()
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         method = scope["method"]
-        if method not in _READS:
+        if method == "GET":
+            answer = self._answers.get(scope["path"])
+            if answer is not None:
+                headers, body = answer()
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        elif method not in _READS:
             async def send_fresh(message) -> None:
                 # Dropped as each part of the answer leaves: a snapshot built while the request ran (before
                 # its change) is gone before its caller can ask again.
@@ -113,21 +137,20 @@ class HotRoutes:
             finally:
                 self._status = None
             return
-        answer = self._bodies.get(scope["path"]) if method == "GET" else None
-        if answer is None:
-            await self.app(scope, receive, send)
-            return
-        body = answer()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await self.app(scope, receive, send)
 
-    def _ping_body(self) -> bytes:
-        return dumps(ping_answer(self.runtime))
+    def _ping_answer(self) -> Answer:
+        # Node id, name and version: the same bytes for every ping until the configuration is reloaded, or
+        # at most PING_SNAPSHOT_SECS (the host name).
+        cfg, now = self.runtime.cfg, time.monotonic()
+        if self._ping is None or self._ping_cfg is not cfg or now >= self._ping_until:
+            self._ping, self._ping_cfg = _answer(dumps(ping_answer(self.runtime))), cfg
+            self._ping_until = now + PING_SNAPSHOT_SECS
+        return self._ping
 
-    def _status_body(self) -> bytes:
+    def _status_answer(self) -> Answer:
         now = time.monotonic()
         if self._status is None or now >= self._status_until:
-            self._status = dumps(status_answer(self.runtime))
+            self._status = _answer(dumps(status_answer(self.runtime)))
             self._status_until = now + self.snapshot_secs
         return self._status

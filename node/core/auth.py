@@ -19,11 +19,12 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pinkybrain.node.core.identity import IdentityError, validate_node_id
 from pinkybrain.node.core.identity import verify as ed25519_verify
+from pinkybrain.node.core.keyed_hmac import KeyedHmac
 from pinkybrain.node.core.principals import AuthContext, Principal
 
 SIG_HEADER = "x-pinkybrain-sig"
@@ -34,6 +35,7 @@ PEER_HEADER = "x-pinkybrain-peer"
 SCHEME = "PB1-HMAC-SHA256"
 ED25519_SCHEME = "PB1-ED25519"
 CREDENTIALS = ("mesh", "owner", "peer")
+_PRINCIPALS = {"mesh": Principal.MEMBER, "owner": Principal.OWNER, "peer": Principal.PUBLIC}
 _HMAC_SIG = re.compile(r"^[0-9a-fA-F]{64}$")
 _ED25519_SIG = re.compile(r"^[0-9a-fA-F]{128}$")
 MAX_SKEW_SECS = 60
@@ -112,17 +114,19 @@ class RequestVerifier:
     def __post_init__(self) -> None:
         self._secret_key = self.secret.encode()
         self._owner_key = self.owner_key.encode()
-        # Keyed once, copied per request: hmac.digest() looks the hash up and pads the key on every call,
-        # more than twice the cost of a copy (OpenSSL 3).
-        self._secret_mac = hmac.new(self._secret_key, digestmod="sha256")
-        self._owner_mac = hmac.new(self._owner_key, digestmod="sha256") if self._owner_key else None
+        # Keyed once (core/keyed_hmac.py): hmac.digest() pads and absorbs the key again on every call.
+        self._secret_mac = KeyedHmac(self._secret_key)
+        self._owner_mac = KeyedHmac(self._owner_key) if self._owner_key else None
 
-    def check_headers(self, headers: dict[str, str], now: float | None = None) -> Claim:
+    def check_headers(self, headers: Mapping[str, str], now: float | None = None) -> Claim:
         """Presence, shape and freshness of the signature headers: raise AuthError, else the Claim."""
+        return self.check_values(headers.get(SIG_HEADER), headers.get(TS_HEADER), headers.get(NONCE_HEADER),
+                                 headers.get(CREDENTIAL_HEADER), headers.get(PEER_HEADER), now)
+
+    def check_values(self, sig: str | None, ts: str | None, nonce: str | None, credential: str | None,
+                     peer: str | None, now: float | None = None) -> Claim:
+        """check_headers() on the five headers' values (None: absent), for a caller that has them already."""
         now = time.time() if now is None else now
-        sig = headers.get(SIG_HEADER)
-        ts = headers.get(TS_HEADER)
-        nonce = headers.get(NONCE_HEADER)
         if not sig:
             raise AuthError("missing_signature", f"request is not signed: {SIG_HEADER} header missing")
         if not ts or not nonce:
@@ -138,9 +142,9 @@ class RequestVerifier:
             raise AuthError(
                 "bad_nonce", f"{NONCE_HEADER} must be at most {MAX_NONCE_LEN} printable characters"
             )
-        credential = headers.get(CREDENTIAL_HEADER)
         credential = "mesh" if credential is None else credential.strip().lower()
-        if credential not in CREDENTIALS:
+        principal = _PRINCIPALS.get(credential)
+        if principal is None:
             raise AuthError("bad_credential", f"{CREDENTIAL_HEADER} must be one of {', '.join(CREDENTIALS)}")
         sig = sig.strip().lower()
         peer_id = None
@@ -148,7 +152,7 @@ class RequestVerifier:
             if self.peer_valid is None:
                 raise AuthError("bad_credential", "this node takes no requests from public peers")
             try:
-                peer_id = validate_node_id(headers.get(PEER_HEADER, ""))
+                peer_id = validate_node_id(peer or "")
             except IdentityError:
                 raise AuthError("bad_credential", f"a peer-signed request needs its node id in {PEER_HEADER}") from None
             if not _ED25519_SIG.match(sig):
@@ -164,7 +168,6 @@ class RequestVerifier:
                 f"timestamp is {abs(skew):.0f}s {'old' if skew > 0 else 'in the future'} "
                 f"(allowed ±{MAX_SKEW_SECS}s): check the clock",
             )
-        principal = {"mesh": Principal.MEMBER, "owner": Principal.OWNER, "peer": Principal.PUBLIC}[credential]
         return Claim(credential, principal, sig, ts, nonce, peer_id)
 
     def verify_claim(self, claim: Claim, method: str, path: str, query: str, body: bytes,
@@ -181,9 +184,9 @@ class RequestVerifier:
         else:
             owner = claim.credential == "owner"
             key = self._owner_key if owner else self._secret_key
-            mac = (self._owner_mac if owner else self._secret_mac).copy()
-            mac.update(canonical_string(method, path, query, claim.timestamp, claim.nonce, body))
-            if not hmac.compare_digest(mac.hexdigest().encode(), claim.sig.encode()):
+            expected = (self._owner_mac if owner else self._secret_mac).hexdigest(
+                canonical_string(method, path, query, claim.timestamp, claim.nonce, body))
+            if not hmac.compare_digest(expected.encode(), claim.sig.encode()):
                 which = "owner key" if claim.credential == "owner" else "secret"
                 raise AuthError("bad_signature", f"signature does not match: wrong {which} or altered request")
         if not self.nonces.check_and_add(claim.nonce, now):

@@ -36,7 +36,6 @@ reordered frame fail to open; the last-frame flag makes a cut-short answer visib
 from __future__ import annotations
 
 import base64
-import hmac
 import struct
 from collections import OrderedDict
 
@@ -44,6 +43,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PublicKey
 
 from pinkybrain.node.core.identity import Identity
+from pinkybrain.node.core.keyed_hmac import KeyedHmac
 
 NODE_HEADER = "x-pinkybrain-node"
 PROOF_HEADER = "x-pinkybrain-proof"
@@ -68,12 +68,6 @@ def proof_message(nonce: str, node_id: str) -> bytes:
     return PROOF_DOMAIN + nonce.encode() + b"\n" + node_id.encode()
 
 
-def _mac_hex(keyed: hmac.HMAC, message: bytes) -> bytes:
-    mac = keyed.copy()
-    mac.update(message)
-    return mac.hexdigest().encode()
-
-
 def frame_nonce(counter: int) -> bytes:
     return b"\x01" + counter.to_bytes(Box.NONCE_SIZE - 1, "big")
 
@@ -86,11 +80,10 @@ class SkillLink:
         self.node_id = identity.node_id
         self._node_id_bytes = self.node_id.encode()
         self._private = identity.signing_key.to_curve25519_private_key()
-        # HMAC states keyed once: copying one costs less than half of hmac.digest(), which looks the hash
-        # up and pads the key again on every call (OpenSSL 3). Caller key -> state under K, least recently
-        # used first; credential (the secret or the owner key) -> state under it.
-        self._shared: OrderedDict[bytes, hmac.HMAC] = OrderedDict()
-        self._credential_macs: dict[bytes, hmac.HMAC] = {}
+        # HMACs keyed once (core/keyed_hmac.py). Caller key -> MAC under K, least recently used first;
+        # credential (the secret or the owner key) -> MAC under it.
+        self._shared: OrderedDict[bytes, KeyedHmac] = OrderedDict()
+        self._credential_macs: dict[bytes, KeyedHmac] = {}
 
     def proof_headers(self, credential: bytes, nonce: str, client_key: bytes | None = None
                       ) -> list[tuple[bytes, bytes]]:
@@ -98,20 +91,20 @@ class SkillLink:
         x-pinkybrain-client-key header, if it had one (a malformed one gets the signature instead)."""
         message = proof_message(nonce, self.node_id)
         shared = self._shared_mac(client_key) if client_key else None
-        identity = ((_NODE_MAC, _mac_hex(shared, message)) if shared is not None
+        identity = ((_NODE_MAC, shared.hexdigest(message).encode()) if shared is not None
                     else (_NODE_SIG, base64.b64encode(self.identity.sign(message))))
-        return [(_NODE, self._node_id_bytes), (_PROOF, _mac_hex(self._credential_mac(credential), message)),
+        return [(_NODE, self._node_id_bytes), (_PROOF, self._credential_mac(credential).hexdigest(message).encode()),
                 identity]
 
-    def _credential_mac(self, credential: bytes) -> hmac.HMAC:
+    def _credential_mac(self, credential: bytes) -> KeyedHmac:
         mac = self._credential_macs.get(credential)
         if mac is None:
             if len(self._credential_macs) >= 8:  # the secret and the owner key; a reload changes them
                 self._credential_macs.clear()
-            mac = self._credential_macs[credential] = hmac.new(credential, digestmod="sha256")
+            mac = self._credential_macs[credential] = KeyedHmac(credential)
         return mac
 
-    def _shared_mac(self, client_key: bytes) -> hmac.HMAC | None:
+    def _shared_mac(self, client_key: bytes) -> KeyedHmac | None:
         mac = self._shared.get(client_key)
         if mac is not None:
             self._shared.move_to_end(client_key)
@@ -120,7 +113,7 @@ class SkillLink:
             shared = Box(self._private, PublicKey(base64.b64decode(client_key, validate=True))).shared_key()
         except (ValueError, TypeError, CryptoError):
             return None
-        mac = self._shared[client_key] = hmac.new(shared, digestmod="sha256")
+        mac = self._shared[client_key] = KeyedHmac(shared)
         if len(self._shared) > CLIENT_KEYS_KEPT:
             self._shared.popitem(last=False)
         return mac

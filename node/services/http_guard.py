@@ -19,8 +19,9 @@ Closing is an abort: a client that does not read cannot keep the socket open thr
 
 It also writes each answer in one piece: uvicorn writes a response's status line and headers, then its
 body, each at once, so a small answer costs two send() calls and two TCP segments. `CoalescingTransport`
-holds what is written during one step of the event loop and sends it together at the end of that step
-(a streamed answer's chunks still leave as they come, one loop step later). Measured on the bare
+holds what is written during one step of the event loop and sends it together when the answer is
+complete, or else at the end of that step (a streamed answer's chunks still leave as they come, one loop
+step later). Measured on the bare
 baseline of bench/api_load.py, this alone takes about 15 % off the server's CPU per request.
 """
 
@@ -69,6 +70,9 @@ class CoalescingTransport:
         if pending and not self.transport.is_closing():
             self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
+    def is_closing(self) -> bool:  # asked several times per request: not through __getattr__
+        return self.transport.is_closing()
+
     def close(self) -> None:
         self.flush()  # a close after the last write (Connection: close) sends that write first
         self.transport.close()
@@ -116,7 +120,8 @@ def guarded_protocol(limits: ConnectionLimits, base: type | None = None) -> type
             self._guard_cycle = None
             self._guard_done = False  # upgraded to a WebSocket: the connection is no longer ours
             self._guard_header_bytes = 0  # bytes of a request whose headers are not complete yet
-            super().connection_made(CoalescingTransport(transport, asyncio.get_running_loop()))
+            self._guard_out = CoalescingTransport(transport, asyncio.get_running_loop())
+            super().connection_made(self._guard_out)
             host = address_bucket(self.client[0]) if self.client else None
             if host is not None and _held_by(self.connections, host) > limits.per_address:
                 self._guard_close()
@@ -128,8 +133,8 @@ def guarded_protocol(limits: ConnectionLimits, base: type | None = None) -> type
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            waiting = self.cycle is None or self.cycle.response_complete
             cycle_before = self.cycle
+            waiting = cycle_before is None or cycle_before.response_complete
             super().data_received(data)
             if waiting and self.cycle is cycle_before and not self._guard_done:  # still no complete headers
                 self._guard_header_bytes += len(data)
@@ -140,14 +145,17 @@ def guarded_protocol(limits: ConnectionLimits, base: type | None = None) -> type
                     return
             else:
                 self._guard_header_bytes = 0
-            self._guard_watch(bytes_arrived=bool(data))
+            self._guard_watch(bool(data))
 
         def on_response_complete(self) -> None:
+            # The whole answer is written: it leaves now, not a loop step later (a step that, with few
+            # connections, is an extra turn of the loop per request).
+            self._guard_out.flush()
             self._guard_cancel()
             super().on_response_complete()  # may start a pipelined request already buffered
-            self._guard_watch(bytes_arrived=False)
+            self._guard_watch(False)
 
-        def _guard_watch(self, *, bytes_arrived: bool) -> None:
+        def _guard_watch(self, bytes_arrived: bool) -> None:
             if self._guard_done or self.transport.is_closing():
                 return
             cycle = self.cycle
