@@ -31,16 +31,16 @@ class KeyedHmac:
         self._inner = hashlib.sha256(key.translate(_INNER))
         self._outer = hashlib.sha256(key.translate(_OUTER))
 
-    def digest(self, message: bytes) -> bytes:
+    def _outer_of(self, message: bytes):
+        """The outer hash of `message`, ready to be read."""
         inner = self._inner.copy()
         inner.update(message)
         outer = self._outer.copy()
         outer.update(inner.digest())
-        return outer.digest()
+        return outer
+
+    def digest(self, message: bytes) -> bytes:
+        return self._outer_of(message).digest()
 
     def hexdigest(self, message: bytes) -> str:
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        return self._outer_of(message).hexdigest()
