@@ -7,6 +7,7 @@ several sends cross as one tunnel message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 
@@ -41,6 +42,18 @@ async def _tunnel_kind(a, b, port: int, kind: str = "echo"):
 
     b.mesh.register_tunnel(kind, join)
     return await a.mesh.connect(b.url)
+
+
+@contextlib.asynccontextmanager
+async def _echo_pair():
+    """Nodes A and B, linked, B joining every `echo` tunnel to a local echo server. Yields A, B, A's link
+    and the chunks the echo server received."""
+    server, port, seen = await _echo_server()
+    try:
+        async with Node("a") as a, Node("b") as b:
+            yield a, b, await _tunnel_kind(a, b, port), seen
+    finally:
+        server.close()
 
 
 async def _pumped_listener(a, b, framing=None):
@@ -167,9 +180,7 @@ def test_pumped_on_both_ends_a_stalled_local_reader_holds_the_stream_then_it_res
 
 def test_bytes_that_arrive_before_the_pump_starts_reach_its_socket_first():
     async def scenario():
-        server, port, _ = await _echo_server()
-        async with Node("a") as a, Node("b") as b:
-            await _tunnel_kind(a, b, port)
+        async with _echo_pair() as (a, b, _, _):
             tunnel = await a.mesh.open_tunnel(b.id, "echo")
             await tunnel.write(b"early ")
             await eventually(lambda: tunnel.bytes_in == 6)  # echoed, waiting in the tunnel: nobody read it
@@ -183,16 +194,13 @@ def test_bytes_that_arrive_before_the_pump_starts_reach_its_socket_first():
             writer.close()
             assert await asyncio.wait_for(pumping, 10) == "local"
             local.close()
-        server.close()
 
     run(scenario())
 
 
 def test_many_small_writes_wait_for_the_wire_once_the_link_has_a_backlog():
     async def scenario():
-        server, port, _ = await _echo_server()
-        async with Node("a") as a, Node("b") as b:
-            link = await _tunnel_kind(a, b, port)
+        async with _echo_pair() as (a, b, link, _):
             tunnel = await a.mesh.open_tunnel(b.id, "echo")
             peak, count = 0, MAX_QUEUED + 1000  # more messages than a link may queue
             for i in range(count):
@@ -204,7 +212,6 @@ def test_many_small_writes_wait_for_the_wire_once_the_link_has_a_backlog():
                 got += await asyncio.wait_for(tunnel.read(), 10)
             assert bytes(got) == b"".join(b"%09d;" % i for i in range(count))  # all of it, in order
             assert not link.closing
-        server.close()
 
     run(scenario())
 
@@ -230,9 +237,7 @@ def test_rpc_framing_finds_message_boundaries_however_the_bytes_are_cut():
 
 def test_an_rpc_command_sent_in_pieces_crosses_as_one_message_and_a_stream_that_is_not_rpc_still_flows():
     async def scenario():
-        server, port, seen = await _echo_server()
-        async with Node("a") as a, Node("b") as b:
-            await _tunnel_kind(a, b, port)
+        async with _echo_pair() as (a, b, _, seen):
             listener, accepted = await _pumped_listener(a, b, RpcFraming(commands=True))
             reader, writer = await asyncio.open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
             tunnel = None
@@ -255,6 +260,5 @@ def test_an_rpc_command_sent_in_pieces_crosses_as_one_message_and_a_stream_that_
             assert await asyncio.wait_for(reader.readexactly(9), 5) == b"then more"
             writer.close()
             listener.close()
-        server.close()
 
     run(scenario())
