@@ -85,7 +85,8 @@ _READS = frozenset(("GET", "HEAD"))
 Answer = tuple[list[tuple[bytes, bytes]], bytes]  # the answer's headers and its body
 
 
-def _answer(body: bytes) -> Answer:
+def json_answer(body: bytes) -> Answer:
+    """The headers a JSON body goes with, and the body."""
     return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
 
 
@@ -144,13 +145,13 @@ class HotRoutes:
         # at most PING_SNAPSHOT_SECS (the host name).
         cfg, now = self.runtime.cfg, time.monotonic()
         if self._ping is None or self._ping_cfg is not cfg or now >= self._ping_until:
-            self._ping, self._ping_cfg = _answer(dumps(ping_answer(self.runtime))), cfg
+            self._ping, self._ping_cfg = json_answer(dumps(ping_answer(self.runtime))), cfg
             self._ping_until = now + PING_SNAPSHOT_SECS
         return self._ping
 
     def _status_answer(self) -> Answer:
         now = time.monotonic()
         if self._status is None or now >= self._status_until:
-            self._status = _answer(dumps(status_answer(self.runtime)))
+            self._status = json_answer(dumps(status_answer(self.runtime)))
             self._status_until = now + self.snapshot_secs
         return self._status

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from pinkybrain.node.api.auth import read_body, replay_body
+from pinkybrain.node.api.hot_routes import json_answer
 from pinkybrain.node.api.responses import dumps
 
 if TYPE_CHECKING:
     from pinkybrain.node.services.runtime import NodeRuntime
 
 PATH = "/api/memory/set"
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 _FIELDS = frozenset(("key", "value", "network"))
 
 
@@ -96,7 +96,6 @@ class HotMemoryWrites:
             status, answer = refused
         else:
             status, answer = 200, {"key": key, "stored": True, "network": "private"}
-        payload = dumps(answer)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]})
+        headers, payload = json_answer(dumps(answer))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
